@@ -1,0 +1,140 @@
+"""The ``strfx`` command: a thin click layer over the Python API.
+
+Errors strfx can explain are printed as one line (``error: ...``) with exit status 2; anything
+else is an internal error (exit 1). ``--debug`` shows the traceback instead.
+"""
+
+from __future__ import annotations
+
+import functools
+import sys
+from pathlib import Path
+from typing import Any, Callable
+
+import click
+from rich.console import Console
+
+from strfx.errors import StrfxError
+
+console = Console()
+err_console = Console(stderr=True)
+
+
+def _fail(message: str, code: int) -> None:
+    err_console.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
+    sys.exit(code)
+
+
+def command(group: click.Group, name: str) -> Callable[[Callable[..., Any]], click.Command]:
+    """Register a subcommand with ``--debug`` and one-line error handling."""
+
+    def decorate(fn: Callable[..., Any]) -> click.Command:
+        @functools.wraps(fn)
+        def wrapper(*args: Any, debug: bool = False, **kwargs: Any) -> Any:
+            debug = debug or bool(click.get_current_context().find_root().params.get("debug"))
+            try:
+                return fn(*args, **kwargs)
+            except StrfxError as err:
+                if debug:
+                    raise
+                _fail(str(err), 2)
+            except KeyboardInterrupt:
+                _fail("interrupted", 130)
+            except Exception as err:  # noqa: BLE001 - unknown failures are reported, not swallowed
+                if debug:
+                    raise
+                first = str(err).strip().splitlines()[0] if str(err).strip() else ""
+                _fail(f"internal error: {type(err).__name__}: {first} (rerun with --debug for the traceback)", 1)
+
+        wrapper = click.option("--debug", is_flag=True, help="Show tracebacks.")(wrapper)
+        return group.command(name)(wrapper)
+
+    return decorate
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--debug", is_flag=True, help="Show tracebacks instead of one-line errors.")
+@click.version_option(package_name="strfx")
+def main(debug: bool) -> None:
+    """strfx: learnable sparsity (STR) for any torch.fx-traceable PyTorch model.
+
+    MODEL is a Python file defining build_model() (and optionally example_inputs()), or
+    torchvision:NAME for any torchvision.models builder (random init, nothing downloaded).
+    """
+
+
+MODE = click.option("--mode", type=click.Choice(["structured", "unstructured"]), default=None,
+                    help="Unstructured: STR on weights. Structured: STR-BN on BatchNorm γ and gates elsewhere. "
+                    "Default: the config's mode (unstructured).")
+CONFIG = click.option("--config", "config_path", type=click.Path(dir_okay=False), default=None,
+                      help="YAML configuration file (see docs/config.md).")
+
+
+def _resolve(model: str, mode: str | None, config_path: str | None) -> tuple[Any, Any]:
+    from strfx.config import StrfxConfig, load_config, parse_config
+    from strfx.loader import load_model
+
+    cfg = load_config(config_path) if config_path else parse_config({})
+    loaded = load_model(model)
+    data = cfg.model_dump()
+    data["model"] = loaded.spec
+    if mode:
+        data["sparsify"]["mode"] = mode
+    return loaded, StrfxConfig.model_validate(data)
+
+
+@command(main, "transform")
+@click.argument("model")
+@MODE
+@CONFIG
+@click.option("-o", "--output", type=click.Path(file_okay=False), default=None,
+              help="Run directory to write (default: runs/<model>-<mode>).")
+@click.option("--force", is_flag=True, help="Replace the output directory if it exists.")
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON instead of a table.")
+def transform(model: str, mode: str | None, config_path: str | None, output: str | None, force: bool,
+              as_json: bool) -> None:
+    """Trace MODEL, insert STR and save a run directory (weights, config, report)."""
+    from strfx.api import sparsify
+    from strfx.report import report
+    from strfx.rundir import atomic_dir, check_writable, write_run
+
+    loaded, cfg = _resolve(model, mode, config_path)
+    out = Path(output or f"runs/{loaded.name}-{cfg.sparsify.mode}")
+    check_writable(out, force)  # fail before the (possibly long) work
+    gm = sparsify(loaded.model, config=cfg.sparsify, example_inputs=loaded.example_inputs)
+    rep = report(gm, loaded.example_inputs, name=loaded.name)
+    with atomic_dir(out, force=force) as tmp:
+        write_run(tmp, gm, cfg, rep.model_dump_json(indent=2))
+    if as_json:
+        click.echo(rep.model_dump_json(indent=2))
+    else:
+        console.print(rep.table())
+        console.print(f"wrote {out}/ (weights.pt, config.yaml, report.json)", highlight=False)
+
+
+@command(main, "inspect")
+@click.argument("model")
+@CONFIG
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
+def inspect_cmd(model: str, config_path: str | None, as_json: bool) -> None:
+    """Show which layers STR would touch in each mode, and how."""
+    import json
+
+    from strfx.inspect import plan
+    from rich.table import Table
+
+    loaded, cfg = _resolve(model, None, config_path)
+    rows = plan(loaded.model, loaded.example_inputs, cfg.sparsify)
+    if as_json:
+        click.echo(json.dumps([r.model_dump() for r in rows], indent=2))
+        return
+    t = Table(title=f"what STR would touch in {loaded.name}")
+    for col in ("layer", "type", "weight shape", "unstructured", "structured"):
+        t.add_column(col)
+    for r in rows:
+        t.add_row(r.layer, r.type, "×".join(map(str, r.weight_shape)), r.unstructured, r.structured)
+    console.print(t)
+
+
+if __name__ == "__main__":
+    main()

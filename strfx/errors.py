@@ -1,0 +1,36 @@
+"""Errors users can act on.
+
+Every failure strfx can explain is a :class:`StrfxError` whose message is one line saying what
+went wrong, where, and how to fix it. The CLI prints that line and exits non-zero; a traceback is
+shown only with ``--debug``.
+"""
+
+from __future__ import annotations
+
+
+class StrfxError(Exception):
+    """A user-facing error: ``str(err)`` is the whole, one-line explanation."""
+
+
+class ModelLoadError(StrfxError):
+    """MODEL could not be turned into an ``nn.Module`` with example inputs."""
+
+
+class TraceError(StrfxError):
+    """torch.fx could not trace the model."""
+
+
+class ConfigError(StrfxError):
+    """A configuration file or value is invalid."""
+
+
+class NothingToSparsifyError(StrfxError):
+    """The chosen mode finds no layer to put STR on."""
+
+
+class VerificationError(StrfxError):
+    """A transformed model does not compute what it should."""
+
+
+class OutputExistsError(StrfxError):
+    """An output path exists and ``--force`` was not given."""

@@ -1,0 +1,130 @@
+"""Turn MODEL (a Python file or ``torchvision:NAME``) into a model and example inputs.
+
+A model file defines ``build_model()`` and may define ``example_inputs()`` (default: one
+1×3×224×224 tensor) and ``datasets()`` (train and validation datasets, for ``strfx train``).
+Every way this can fail becomes one :class:`~strfx.errors.ModelLoadError` line.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import sys
+import traceback
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import ModuleType
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+from strfx.errors import ModelLoadError
+
+TORCHVISION_PREFIX = "torchvision:"
+
+
+@dataclass
+class LoadedModel:
+    """A built model with its inputs and where it came from."""
+
+    model: nn.Module
+    example_inputs: tuple[Any, ...]
+    name: str
+    spec: str  # normalised MODEL: absolute file path or torchvision:NAME
+    module: ModuleType | None = field(default=None, repr=False)
+
+    def hook(self, name: str) -> Callable[..., Any] | None:
+        """An optional function the model file defines (``datasets``...)."""
+        fn = getattr(self.module, name, None) if self.module is not None else None
+        return fn if callable(fn) else None
+
+
+def _default_inputs() -> tuple[torch.Tensor, ...]:
+    return (torch.randn(1, 3, 224, 224, generator=torch.Generator().manual_seed(0)),)
+
+
+def _where(err: BaseException, path: Path) -> str:
+    frames = [f for f in traceback.extract_tb(err.__traceback__) if Path(f.filename) == path]
+    return f" (line {frames[-1].lineno})" if frames else ""
+
+
+def _import_file(path: Path) -> ModuleType:
+    digest = hashlib.sha1(str(path).encode()).hexdigest()[:10]
+    mod_name = f"strfx_user_model_{digest}"
+    spec = importlib.util.spec_from_file_location(mod_name, path)
+    if spec is None or spec.loader is None:
+        raise ModelLoadError(f"cannot import {path}: not a Python file")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[mod_name] = module  # dataclasses/pickling inside the file need it
+    try:
+        spec.loader.exec_module(module)
+    except SyntaxError as err:
+        sys.modules.pop(mod_name, None)
+        raise ModelLoadError(f"syntax error in {path} line {err.lineno}: {err.msg}; fix the file") from None
+    except Exception as err:  # noqa: BLE001 - the user's module code may raise anything
+        sys.modules.pop(mod_name, None)
+        raise ModelLoadError(
+            f"importing {path} raised {type(err).__name__}{_where(err, path)}: {err}; fix the file"
+        ) from err
+    return module
+
+
+def _call(fn: Callable[[], Any], what: str, path: Path) -> Any:
+    try:
+        return fn()
+    except Exception as err:  # noqa: BLE001 - the user's function may raise anything
+        raise ModelLoadError(f"{what} in {path} raised {type(err).__name__}{_where(err, path)}: {err}") from err
+
+
+def _as_inputs(value: Any, path: Path) -> tuple[Any, ...]:
+    if isinstance(value, torch.Tensor):
+        return (value,)
+    if isinstance(value, (tuple, list)) and value and all(isinstance(v, torch.Tensor) for v in value):
+        return tuple(value)
+    raise ModelLoadError(
+        f"example_inputs() in {path} returned {type(value).__name__}; return a tensor or a tuple of tensors"
+    )
+
+
+def load_from_file(path: str | Path) -> LoadedModel:
+    path = Path(path).expanduser().resolve()
+    if not path.exists():
+        raise ModelLoadError(f"model file not found: {path}")
+    if path.is_dir() or path.suffix != ".py":
+        raise ModelLoadError(f"MODEL must be a .py file defining build_model() or torchvision:NAME, got {path}")
+    module = _import_file(path)
+    build = getattr(module, "build_model", None)
+    if not callable(build):
+        raise ModelLoadError(f"{path} does not define build_model(); add a function that returns the nn.Module")
+    model = _call(build, "build_model()", path)
+    if not isinstance(model, nn.Module):
+        raise ModelLoadError(f"build_model() in {path} returned {type(model).__name__}, not a torch.nn.Module")
+    make_inputs = getattr(module, "example_inputs", None)
+    inputs = _as_inputs(_call(make_inputs, "example_inputs()", path), path) if callable(make_inputs) else _default_inputs()
+    return LoadedModel(model, inputs, path.stem, str(path), module)
+
+
+def load_from_torchvision(name: str) -> LoadedModel:
+    from strfx._torchvision import torchvision
+
+    available = torchvision.models.list_models()
+    if name not in available:
+        close = [n for n in available if name.lower() in n or n in name.lower()][:5]
+        hint = f"; did you mean {', '.join(close)}?" if close else "; see torchvision.models.list_models()"
+        raise ModelLoadError(f"unknown torchvision model {name!r}{hint}")
+    try:
+        model = torchvision.models.get_model(name, weights=None)
+    except Exception as err:  # noqa: BLE001
+        raise ModelLoadError(f"torchvision could not build {name!r}: {type(err).__name__}: {err}") from err
+    inputs = _default_inputs()
+    if name.startswith("inception") or name == "googlenet":
+        inputs = (torch.randn(1, 3, 299, 299, generator=torch.Generator().manual_seed(0)),)
+    return LoadedModel(model, inputs, name, TORCHVISION_PREFIX + name)
+
+
+def load_model(spec: str) -> LoadedModel:
+    """Build the model MODEL names; raises :class:`ModelLoadError` with one clear line."""
+    if spec.startswith(TORCHVISION_PREFIX):
+        return load_from_torchvision(spec[len(TORCHVISION_PREFIX):])
+    return load_from_file(spec)
