@@ -3,6 +3,7 @@
 from strfx.api import check_equivalent, param_groups, sparsify
 from strfx.config import SparsifyConfig, StrfxConfig, load_config
 from strfx.errors import StrfxError
+from strfx.export import ExportReport, export
 from strfx.report import Report, report
 
 __version__ = "0.1.0"
@@ -12,7 +13,9 @@ __all__ = [
     "SparsifyConfig",
     "StrfxConfig",
     "StrfxError",
+    "ExportReport",
     "check_equivalent",
+    "export",
     "load_config",
     "param_groups",
     "report",
