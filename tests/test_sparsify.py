@@ -220,3 +220,13 @@ def test_report_counts_flops_with_the_flop_counter() -> None:
     rep = strfx.report(strfx.sparsify(model, "unstructured", example_inputs=(x,)))
     assert rep.dense_flops == counter.get_total_flops() > 0
     assert rep.params == sum(p.numel() for p in model.parameters())
+
+
+def test_config_reference_is_up_to_date() -> None:
+    import importlib.util
+
+    root = Path(__file__).resolve().parent.parent
+    spec = importlib.util.spec_from_file_location("gen_config", root / "docs" / "gen_config.py")
+    gen = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(gen)
+    assert (root / "docs" / "config.md").read_text() == gen.render(), "run: python docs/gen_config.py > docs/config.md"
