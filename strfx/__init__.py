@@ -8,6 +8,7 @@ from strfx.config import SparsifyConfig, StrfxConfig, load_config
 from strfx.errors import StrfxError
 from strfx.export import ExportReport, export
 from strfx.report import Report, report
+from strfx.surgery import ShrinkReport, shrink
 
 __version__ = "0.1.0"
 
@@ -15,6 +16,7 @@ __all__ = [
     "Report",
     "SparsifyConfig",
     "StrfxConfig",
+    "ShrinkReport",
     "StrfxError",
     "ExportReport",
     "check_equivalent",
@@ -22,5 +24,6 @@ __all__ = [
     "load_config",
     "param_groups",
     "report",
+    "shrink",
     "sparsify",
 ]
