@@ -94,6 +94,10 @@ class ExportReport(BaseModel):
         row("FLOPs", lambda s: s.flops, lambda v: f"{v / 1e6:,.2f}M")
         row("torch latency", lambda s: s.torch_latency_ms, lambda v: f"{v:.2f} ms")
         row("onnxruntime latency", lambda s: s.ort_latency_ms, lambda v: f"{v:.2f} ms")
+        return t
+
+    def summary(self) -> str:
+        """The numeric checks and the files, one line each (printed under the table)."""
         checks = [f"ORT vs torch {self.onnx_max_error:.2g}"]
         if self.pt2_max_error is not None:
             checks.append(f"pt2 vs torch {self.pt2_max_error:.2g}")
@@ -102,8 +106,7 @@ class ExportReport(BaseModel):
         files = [f"{self.onnx_path} ({self.onnx_bytes / 1e6:.2f} MB, {self.exporter} exporter)"]
         if self.pt2_path:
             files.append(f"{self.pt2_path} ({(self.pt2_bytes or 0) / 1e6:.2f} MB)")
-        t.caption = f"max relative error (≤ {self.tolerance:g}): {', '.join(checks)}\nwrote {'; '.join(files)}"
-        return t
+        return f"max relative error (≤ {self.tolerance:g}): {', '.join(checks)}\nwrote {'; '.join(files)}"
 
 
 # ----------------------------------------------------------------------------------------- helpers
