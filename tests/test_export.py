@@ -18,23 +18,11 @@ from torch import nn
 import strfx
 from strfx.errors import OutputExistsError, VerificationError
 from strfx.loader import load_model
-from strfx.modules import STRBatchNorm, STRGate, str_channel_modules
+from strfx.modules import STRGate, str_channel_modules, threshold_parameters
+from strfx.testing import kill_channels
 from strfx.verify import max_rel_error
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
-
-
-def kill_some_channels(gm: nn.Module, fraction: float = 0.4, seed: int = 0) -> int:
-    """Zero γ / gate entries of the STR modules, so the model under test is not the identity of the original."""
-    g = torch.Generator().manual_seed(seed)
-    killed = 0
-    with torch.no_grad():
-        for mod in str_channel_modules(gm).values():
-            assert isinstance(mod, (STRBatchNorm, STRGate))
-            dead = torch.rand(mod.weight.shape, generator=g) < fraction
-            mod.weight[dead] = 0.0
-            killed += int(dead.sum())
-    return killed
 
 
 def ort_outputs(path: Path, inputs: tuple[torch.Tensor, ...]) -> list[np.ndarray]:
@@ -56,55 +44,62 @@ def _torchvision(name: str, size: int) -> tuple[nn.Module, tuple[torch.Tensor]]:
 
 
 CASES = ["examples/lenet5.py", "examples/resnet20.py", "examples/custom_residual.py",
-         "torchvision:shufflenet_v2_x0_5", "torchvision:mnasnet0_5"]
+         "torchvision:shufflenet_v2_x0_5"]
 
 
 @pytest.mark.parametrize("spec", CASES)
-def test_export_matches_torch_in_onnxruntime_and_pt2(spec: str, tmp_path: Path) -> None:
+def test_shrunk_export_matches_torch_in_onnxruntime_and_pt2(spec: str, tmp_path: Path) -> None:
     if spec.startswith("torchvision:"):
         model, inputs = _torchvision(spec.split(":")[1], 64)
     else:
         loaded = load_model(str(EXAMPLES.parent / spec))
         model, inputs = loaded.model.eval(), loaded.example_inputs
-    gm = strfx.sparsify(model, "structured", example_inputs=inputs)
-    assert kill_some_channels(gm) > 0
+    masked = strfx.sparsify(model, "structured", example_inputs=inputs)
+    assert kill_channels(masked, (0.3, 0.5), seed=0)["channels"] > 0
+    shrunk = strfx.shrink(masked, inputs)
     with torch.no_grad():
-        expected = gm.eval()(*inputs)
-        dense = model(*inputs)
-    assert max_rel_error(expected, dense) > 1e-3  # killing channels changed the function
+        expected = masked.eval()(*inputs)
+        assert max_rel_error(expected, model(*inputs)) > 1e-3  # killing channels changed the function
 
-    reference = None if spec.startswith("torchvision:") else model  # before → after costs a second export
-    rep = strfx.export(gm, tmp_path / "m.onnx", pt2_path=tmp_path / "m.pt2", reference=reference, repeats=2)
+    rep = strfx.export(shrunk, tmp_path / "m.onnx", inputs, pt2_path=tmp_path / "m.pt2", reference=masked, repeats=2)
 
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m.onnx", "m.pt2"]  # no temp files left
     onnx.checker.check_model(str(tmp_path / "m.onnx"))
-    got = ort_outputs(tmp_path / "m.onnx", inputs)
-    assert max_rel_error(torch.from_numpy(got[0]), expected) <= 1e-4
-    assert rep.onnx_max_error <= 1e-4 and rep.pt2_max_error is not None and rep.pt2_max_error <= 1e-4
-    ep = torch.export.load(str(tmp_path / "m.pt2"))
+    fresh = tuple(torch.randn(x.shape, generator=torch.Generator().manual_seed(5)) for x in inputs)
     with torch.no_grad():
-        assert max_rel_error(ep.module()(*inputs), expected) <= 1e-4
+        fresh_expected = masked(*fresh)
+    assert max_rel_error(torch.from_numpy(ort_outputs(tmp_path / "m.onnx", fresh)[0]), fresh_expected) <= 1e-4
+    with torch.no_grad():
+        assert max_rel_error(torch.export.load(str(tmp_path / "m.pt2")).module()(*fresh), fresh_expected) <= 1e-4
+    assert rep.onnx_max_error <= 1e-4 and rep.pt2_max_error is not None and rep.pt2_max_error <= 1e-4
+    assert rep.reference_max_error is not None and rep.reference_max_error <= 1e-4
     assert rep.onnx_bytes == (tmp_path / "m.onnx").stat().st_size
     assert rep.pt2_bytes == (tmp_path / "m.pt2").stat().st_size
+    assert rep.model.params == sum(p.numel() for p in shrunk.parameters())
+    assert rep.reference is not None
+    assert rep.reference.params == sum(p.numel() for p in masked.parameters()) - len(threshold_parameters(masked))
+    assert rep.model.params < rep.reference.params
+    assert 0 < rep.model.flops < rep.reference.flops
+    assert rep.model.torch_latency_ms and rep.model.ort_latency_ms and rep.reference.ort_latency_ms
+
+
+def test_export_of_sparsified_model_counts_gates_not_thresholds(tmp_path: Path) -> None:
+    loaded = load_model(str(EXAMPLES / "custom_residual.py"))
+    gm = strfx.sparsify(loaded.model, "structured", example_inputs=loaded.example_inputs)
+    rep = strfx.export(gm, tmp_path / "m.onnx", repeats=1)  # inputs recorded by sparsify
     gates = sum(m.weight.numel() for m in str_channel_modules(gm).values() if isinstance(m, STRGate))
-    assert rep.model.params == sum(p.numel() for p in model.parameters()) + gates  # thresholds s not counted
-    assert rep.model.flops and rep.model.flops > 0
-    assert rep.model.torch_latency_ms and rep.model.ort_latency_ms
-    if reference is None:
-        assert rep.reference is None and rep.reference_max_error is None
-        return
-    assert rep.reference_max_error == pytest.approx(max_rel_error(expected, dense), rel=1e-3)
-    assert rep.reference is not None and rep.reference.params == sum(p.numel() for p in model.parameters())
-    assert rep.reference.flops == rep.model.flops  # nothing shrunk yet: same dense FLOPs
-    assert rep.reference.ort_latency_ms
+    assert gates > 0
+    assert rep.model.params == sum(p.numel() for p in loaded.model.parameters()) + gates
+    assert rep.onnx_max_error <= 1e-4 and rep.reference is None
 
 
 def test_pt2_reloads_without_strfx_or_model_source(tmp_path: Path) -> None:
     loaded = load_model(str(EXAMPLES / "custom_residual.py"))
     gm = strfx.sparsify(loaded.model, "structured", example_inputs=loaded.example_inputs)
-    kill_some_channels(gm)
-    strfx.export(gm, tmp_path / "m.onnx", pt2_path=tmp_path / "m.pt2", repeats=1)
-    x = loaded.example_inputs[0]
+    kill_channels(gm, 0.4, seed=0)
+    shrunk = strfx.shrink(gm)
+    strfx.export(shrunk, tmp_path / "m.onnx", loaded.example_inputs, pt2_path=tmp_path / "m.pt2", repeats=1)
+    x = torch.randn(loaded.example_inputs[0].shape, generator=torch.Generator().manual_seed(3))
     torch.save({"x": x, "y": gm.eval()(x).detach()}, tmp_path / "io.pt")
     script = textwrap.dedent(f"""
         import sys
