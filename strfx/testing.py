@@ -79,3 +79,37 @@ def kill_channels(
                     mod.offset[idx] = 0.0
                 entries += 1
     return {"groups": touched, "channels": killed, "carriers": entries}
+
+
+@torch.no_grad()
+def randomize_(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
+    """Give a freshly built model non-trivial parameters, in place, so equality checks mean something.
+
+    torchvision zero-initialises some heads (ViT) and every BatchNorm starts as the identity
+    (μ = 0, σ² = 1, γ = 1, β = 0); an all-zero output, a 1e-6 layer scale or an identity norm
+    hides wrong cuts. Weights
+    that are all zero get small random values; norms get random γ, β and running statistics.
+    """
+    gen = torch.Generator().manual_seed(seed)
+
+    def rand(t: torch.Tensor, scale: float, offset: float = 0.0) -> torch.Tensor:
+        return (torch.randn(t.shape, generator=gen) * scale + offset).to(t.dtype)
+
+    for mod in model.modules():
+        if isinstance(mod, torch.nn.modules.batchnorm._BatchNorm):
+            if mod.affine:
+                mod.weight.copy_(rand(mod.weight, 0.2, 1.0))
+                mod.bias.copy_(rand(mod.bias, 0.2))
+            if mod.running_mean is not None:
+                mod.running_mean.copy_(rand(mod.running_mean, 0.2))
+                mod.running_var.copy_(rand(mod.running_var, 0.2, 1.0).abs() + 0.05)
+        elif isinstance(mod, (torch.nn.LayerNorm, torch.nn.GroupNorm)) and getattr(mod, "weight", None) is not None:
+            mod.weight.copy_(rand(mod.weight, 0.2, 1.0))
+            if mod.bias is not None:
+                mod.bias.copy_(rand(mod.bias, 0.2))
+        for name, p in mod.named_parameters(recurse=False):
+            if p.numel() > 1 and not p.any():
+                p.copy_(rand(p, 0.02))
+            elif p.numel() > 1 and (p == p.flatten()[0]).all() and 0 < p.flatten()[0].abs() < 1e-3:
+                p.copy_(rand(p, 0.1, 1.0))  # ConvNeXt-style layer scale (1e-6) would hide the blocks
+    return model
