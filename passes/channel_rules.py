@@ -414,6 +414,8 @@ def _reshape(ctx: Ctx, node: fx.Node) -> Any:
     if blocks is None:
         ctx.block(x, f"reshape strfx cannot follow ({node.name})")
         return out
+    found = _shape_args(node)
+    dynamic = {k for k, v in enumerate(found[1]) if isinstance(v, fx.Node)} if found and len(found[1]) == len(shape) else set()
     for ii, jj in blocks:
         labelled = [d for d in ii if d in x.labels]
         if not labelled:
@@ -438,14 +440,55 @@ def _reshape(ctx: Ctx, node: fx.Node) -> Any:
         if not varying:
             ctx.block_ids(x.labels[d], f"reshape folding a channel dim away ({node.name})")
             continue
-        a = max(varying, key=lambda k: (T.shape[k], k))
+        dyn_varying = [k for k in varying if jj[k] in dynamic]
+        a = max(dyn_varying or varying, key=lambda k: (T.shape[k], k))
         Tm = np.moveaxis(T, a, 0).reshape(T.shape[a], -1)
         Zm = np.moveaxis(Z, a, 0).reshape(T.shape[a], -1)
         if len(varying) > 1:
             for row in Tm:
                 ctx.uf.union_all(row)
         out.set(jj[a], Tm[:, 0].copy(), Zm.all(axis=1))
+    # A size computed at run time (``c // g`` from ``x.size()``) follows the cut only where the cut is.
+    for k in sorted(dynamic):
+        dep = _depends_on_channels(ctx, found[1][k])
+        if dep and k not in out.labels:
+            ctx.block(x, f"reshape with a size computed from channels ({node.name})")
+            ctx.block(out, f"reshape with a size computed from channels ({node.name})")
+            return TInfo(shape)
+        if not dep and k in out.labels:
+            ctx.block_ids(out.labels.pop(k), f"reshape with a fixed computed size ({node.name})")
+            out.zero.pop(k)
     return out
+
+
+def _depends_on_channels(ctx: Ctx, n: Any, depth: int = 0) -> bool:
+    """Whether a run-time int is computed from the size of a channel dim (unknown: assume yes)."""
+    if not isinstance(n, fx.Node):
+        return False
+    if depth > 12:
+        return True
+    v = ctx.values.get(n)
+    if isinstance(v, TInfo):
+        return bool(v.labels)
+    if n.op == "call_function" and n.target is operator.getitem and isinstance(n.args[1], int):
+        src = n.args[0]
+        if isinstance(src, fx.Node) and _is_size_of(src):
+            t = ctx.info(src.args[0])
+            return t is not None and ndim_dim(n.args[1], t.ndim) in t.labels
+    if n.op == "call_method" and n.target == "size" and isinstance(arg(n, 1, "dim"), int):
+        t = ctx.info(n.args[0])
+        return t is not None and ndim_dim(arg(n, 1, "dim"), t.ndim) in t.labels
+    if _is_size_of(n):
+        t = ctx.info(n.args[0])
+        return t is None or bool(t.labels)
+    if n.op == "placeholder":
+        return False
+    return any(_depends_on_channels(ctx, a, depth + 1) for a in n.all_input_nodes)
+
+
+def _is_size_of(n: fx.Node) -> bool:
+    return (n.op == "call_method" and n.target == "size" and len(n.args) == 1 and not n.kwargs) or (
+        n.op == "call_function" and n.target is builtins.getattr and n.args[1:] == ("shape",))
 
 
 def _shape_args(node: fx.Node) -> tuple[int, list[Any]] | None:
