@@ -45,7 +45,7 @@ from strfx.verify import max_rel_error
 Exporter = Literal["torchscript", "dynamo"]
 ONNX_OPSET = 18
 # Above this many parameter bytes the ONNX protobuf (2 GiB limit) needs an external data file.
-_EXTERNAL_DATA_BYTES = 1 << 30
+_EXTERNAL_DATA_BYTES = 3 << 29  # 1.5 GiB
 
 
 class ModelStats(BaseModel):
