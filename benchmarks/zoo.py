@@ -36,6 +36,7 @@ from __future__ import annotations
 import argparse
 import collections
 import datetime as _dt
+import functools
 import json
 import os
 import platform
@@ -242,14 +243,19 @@ def _mem_available() -> int:
     return 1 << 62
 
 
+@functools.lru_cache(maxsize=None)
 def _param_bytes_on_meta(name: str) -> int:
+    """fp32 parameter bytes without building the model: the weights' metadata (no download), else a meta build."""
     import torch
 
     from strfx._torchvision import torchvision
 
-    with torch.device("meta"):
-        m = torchvision.models.get_model(name, weights=None)
-    return sum(p.numel() * 4 for p in m.parameters())
+    try:
+        return int(torchvision.models.get_model_weights(name).DEFAULT.meta["num_params"]) * 4
+    except Exception:  # noqa: BLE001 - no published weights: count on the meta device
+        with torch.device("meta"):
+            m = torchvision.models.get_model(name, weights=None)
+        return sum(p.numel() * 4 for p in m.parameters())
 
 
 def _atomic_write(path: Path, text: str) -> None:
