@@ -51,6 +51,11 @@ class ShrinkReport(BaseModel):
     shrink_s: float
 
 
+def _has_shapes(model: nn.Module) -> bool:
+    return isinstance(model, fx.GraphModule) and all(
+        "tensor_meta" in n.meta for n in model.graph.nodes if n.op not in ("output",))
+
+
 def _example_inputs(model: nn.Module, example_inputs: Any) -> tuple[Any, ...]:
     inputs = _as_tuple(example_inputs)
     if inputs is None and isinstance(model, fx.GraphModule):
@@ -78,18 +83,23 @@ def _params(m: nn.Module) -> int:
     return sum(p.numel() for p in m.parameters() if id(p) not in skip)
 
 
-def prepare(model: nn.Module, inputs: Sequence[Any]) -> fx.GraphModule:
-    """A traced deep copy of ``model`` with shapes recorded (the user's model is never touched)."""
+def prepare(model: nn.Module, inputs: Sequence[Any], reuse_shapes: bool = False) -> fx.GraphModule:
+    """A traced deep copy of ``model`` with shapes recorded (the user's model is never touched).
+
+    With ``reuse_shapes`` the shapes :func:`strfx.sparsify` recorded for its own example inputs are
+    kept (recording them again on fake tensors costs more than the whole analysis).
+    """
     work = copy.deepcopy(model)
     gm = work if isinstance(work, fx.GraphModule) else trace(work)
-    record_shapes(gm, inputs)
+    if not (reuse_shapes and _has_shapes(gm)):
+        record_shapes(gm, inputs)
     return gm
 
 
 def analyze(model: nn.Module, example_inputs: Any = None) -> tuple[fx.GraphModule, ChannelAnalysis]:
     """Channel groups of ``model`` (on a traced copy, returned with the analysis)."""
     inputs = _example_inputs(model, example_inputs)
-    gm = prepare(model, inputs)
+    gm = prepare(model, inputs, reuse_shapes=example_inputs is None)
     return gm, analyze_channels(gm)
 
 
@@ -105,7 +115,7 @@ def shrink(model: nn.Module, example_inputs: Sequence[torch.Tensor] | torch.Tens
     """
     inputs = _example_inputs(model, example_inputs)
     t0 = time.perf_counter()
-    gm = prepare(model, inputs)
+    gm = prepare(model, inputs, reuse_shapes=example_inputs is None)
     analysis = analyze_channels(gm)
     t1 = time.perf_counter()
     masked = copy.deepcopy(gm)
