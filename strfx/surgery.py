@@ -46,6 +46,8 @@ class ShrinkReport(BaseModel):
     prunable_groups: int
     blocked_groups: int
     unknown_ops: dict[str, str] = Field(description="Op kind → first node of it that blocked channels.")
+    weight_sparsity: float = Field(description="Fraction of exact zeros left in the shrunk conv/linear weights "
+                                   "(unstructured STR: zeros that are not whole channels stay in dense weights).")
     max_error: float = Field(description="Max relative error, shrunk vs masked, over all checked inputs.")
     analysis_s: float
     shrink_s: float
@@ -81,6 +83,12 @@ def _params(m: nn.Module) -> int:
     skip = {id(p) for s in str_weights(m).values() for p in s.parameters()}
     skip |= {id(mod.s) for mod in m.modules() if isinstance(mod, STR_MODULES)}
     return sum(p.numel() for p in m.parameters() if id(p) not in skip)
+
+
+def _weight_sparsity(m: nn.Module) -> float:
+    weights = [mod.weight for mod in m.modules() if isinstance(mod, (nn.modules.conv._ConvNd, nn.Linear))]
+    total = sum(w.numel() for w in weights)
+    return sum(int((w == 0).sum()) for w in weights) / total if total else 0.0
 
 
 def prepare(model: nn.Module, inputs: Sequence[Any], reuse_shapes: bool = False) -> fx.GraphModule:
@@ -135,7 +143,7 @@ def shrink(model: nn.Module, example_inputs: Sequence[torch.Tensor] | torch.Tens
         channels=sum(g.channels for g in groups), channels_removed=analysis.dead_channels(),
         groups=len(groups), prunable_groups=sum(g.prunable for g in groups),
         blocked_groups=sum(not g.prunable for g in groups), unknown_ops=analysis.unknown_ops,
-        max_error=err, analysis_s=t1 - t0, shrink_s=t2 - t1,
+        weight_sparsity=_weight_sparsity(gm), max_error=err, analysis_s=t1 - t0, shrink_s=t2 - t1,
     )
     gm.meta = {"strfx_shrink": rep.model_dump()}
     for node in gm.graph.nodes:  # analysis facts are not part of the exported model

@@ -64,6 +64,7 @@ def test_unstructured_removes_whole_zero_filters_only():
     assert small.get_submodule("conv1").out_channels == 17
     assert small.get_submodule("conv2").in_channels == 17
     assert (small.get_submodule("conv1").weight == 0).sum() == 1
+    assert small.meta["strfx_shrink"]["weight_sparsity"] > 0
     assert _no_strfx(small)
 
 
@@ -75,3 +76,18 @@ def test_shrunk_model_state_dict_reloads_with_weights_only(tmp_path):
     torch.save(small.state_dict(), tmp_path / "w.pt")
     state = torch.load(tmp_path / "w.pt", weights_only=True)
     assert set(state) == set(small.state_dict())
+
+
+def test_structured_report_effective_flops_are_the_shrunk_models():
+    from torch.utils.flop_counter import FlopCounterMode
+
+    loaded = load_model(str(EXAMPLES / "resnet20.py"))
+    gm = strfx.sparsify(loaded.model, "structured", example_inputs=loaded.example_inputs)
+    assert strfx.report(gm).effective_flops == strfx.report(gm).dense_flops
+    kill_channels(gm, 0.5, seed=0)
+    rep = strfx.report(gm)
+    small = strfx.shrink(gm).eval()
+    counter = FlopCounterMode(display=False)
+    with torch.no_grad(), counter:
+        small(*loaded.example_inputs)
+    assert rep.effective_flops == counter.get_total_flops() < rep.dense_flops
