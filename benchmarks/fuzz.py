@@ -63,7 +63,7 @@ def run_case(seed: int) -> dict[str, Any]:
         return {**out, "outcome": "CRASH", "why": f"{type(err).__name__}: {str(err)[:160]}", "s": time.perf_counter() - t0}
 
 
-def render(results: list[dict[str, Any]], wall: float, workers: int) -> str:
+def render(results: list[dict[str, Any]], wall: float, workers: int, requested: int | None = None) -> str:
     counts = collections.Counter(r["outcome"] for r in results)
     exact = [r for r in results if r["outcome"] == "exact"]
     shrunk = [r for r in exact if r["after"] < r["before"]]
@@ -78,7 +78,9 @@ def render(results: list[dict[str, Any]], wall: float, workers: int) -> str:
         "random 10–90% of every prunable channel group through the STR parameters, shrinks it and compares the shrunk "
         "model with the masked model on fresh random inputs — independently of shrink's own verification.",
         "",
-        f"- cases: **{len(results):,}** (seeds {min(r['seed'] for r in results)}–{max(r['seed'] for r in results)})",
+        f"- cases: **{len(results):,}** (seeds {min(r['seed'] for r in results)}–{max(r['seed'] for r in results)})"
+        + (f" — stopped by the time budget after {len(results):,} of {requested:,} requested"
+           if requested and len(results) < requested else ""),
         f"- exact: **{counts['exact']:,}** (max relative error over all of them: {worst:.2e})",
         f"- clear refusals (StrfxError): **{counts['refused']:,}**",
         f"- not applicable (nothing to gate: every channel blocked): {counts['not applicable']:,}",
@@ -104,25 +106,37 @@ def main() -> int:
     ap.add_argument("--start", type=int, default=0, help="first seed")
     ap.add_argument("--workers", type=int, default=1)
     ap.add_argument("--out", default=str(Path(__file__).resolve().parent.parent / "docs" / "fuzz.md"))
+    ap.add_argument("--time-budget", type=float, default=None,
+                    help="stop after this many seconds and report the cases done (the report says so)")
     args = ap.parse_args()
+    from strfx.rundir import atomic_write
+
     seeds = range(args.start, args.start + args.n)
     t0 = time.perf_counter()
     results: list[dict[str, Any]] = []
+
+    def progress(i: int) -> bool:
+        """Print and save partial results every 500 cases; False once the time budget is spent."""
+        if (i + 1) % 500 == 0:
+            print(f"{i + 1}/{args.n} {collections.Counter(x['outcome'] for x in results)}", flush=True)
+            atomic_write(args.out, render(sorted(results, key=lambda r: r["seed"]), time.perf_counter() - t0,
+                                          args.workers, args.n))
+        return args.time_budget is None or time.perf_counter() - t0 < args.time_budget
+
     if args.workers > 1:
         with mp.get_context("spawn").Pool(args.workers) as pool:
-            for i, r in enumerate(pool.imap_unordered(run_case, seeds, chunksize=8)):
+            for i, r in enumerate(pool.imap(run_case, seeds, chunksize=4)):
                 results.append(r)
-                if (i + 1) % 500 == 0:
-                    print(f"{i + 1}/{args.n} {collections.Counter(x['outcome'] for x in results)}", flush=True)
+                if not progress(i):
+                    pool.terminate()
+                    break
     else:
         for i, seed in enumerate(seeds):
             results.append(run_case(seed))
-            if (i + 1) % 500 == 0:
-                print(f"{i + 1}/{args.n} {collections.Counter(x['outcome'] for x in results)}", flush=True)
+            if not progress(i):
+                break
     results.sort(key=lambda r: r["seed"])
-    text = render(results, time.perf_counter() - t0, args.workers)
-    from strfx.rundir import atomic_write
-
+    text = render(results, time.perf_counter() - t0, args.workers, args.n)
     atomic_write(args.out, text)
     print(text)
     counts = collections.Counter(r["outcome"] for r in results)
