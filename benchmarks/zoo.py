@@ -317,7 +317,7 @@ def render_markdown(data: dict[str, Any]) -> str:
         lines += [f"> **Partial run: {len(rows)} of {n_all} models measured.** Not measured yet: "
                   f"{', '.join(missing)}. Run `python benchmarks/zoo.py --resume` to complete it.", ""]
     lines += [
-        f"- Date: {meta['date']}; machine: {meta['machine']}; torch threads per model: {meta['threads']}.",
+        f"- Date: {meta['date']}; strfx commit {meta.get('commit', 'unknown')}; machine: {meta['machine']}; torch threads per model: {meta['threads']}.",
         f"- Versions: {', '.join(f'{k} {v}' for k, v in meta['versions'].items())}.",
         f"- Recipe: random init + `strfx.testing.randomize_`, `sparsify(structured)`, kill a random "
         f"{int(FRACTION[0] * 100)}–{int(FRACTION[1] * 100)}% of the channels of every prunable group, `shrink` "
@@ -415,7 +415,12 @@ def main() -> None:
     done = {r["model"] for r in results}
     # vit_l_16 first (its peak memory is a headline number), then small models first
     todo = sorted((n for n in names if n not in done), key=lambda n: (n != "vit_l_16", _param_bytes_on_meta(n)))
-    meta = {"date": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True,
+                                timeout=10).stdout.strip() or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        commit = "unknown"
+    meta = {"date": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), "commit": commit,
             "machine": f"{platform.machine()}, {os.cpu_count()} CPUs (shared)", "threads": args.threads,
             "versions": _versions(), "all_models": names, "fraction": FRACTION, "seed": SEED}
     for name in todo:

@@ -46,9 +46,16 @@ class ShrinkReport(BaseModel):
     prunable_groups: int
     blocked_groups: int
     unknown_ops: dict[str, str] = Field(description="Op kind → first node of it that blocked channels.")
+    weight_sparsity: float = Field(description="Fraction of exact zeros left in the shrunk conv/linear weights "
+                                   "(unstructured STR: zeros that are not whole channels stay in dense weights).")
     max_error: float = Field(description="Max relative error, shrunk vs masked, over all checked inputs.")
     analysis_s: float
     shrink_s: float
+
+
+def _has_shapes(model: nn.Module) -> bool:
+    return isinstance(model, fx.GraphModule) and all(
+        "tensor_meta" in n.meta for n in model.graph.nodes if n.op not in ("output",))
 
 
 def _example_inputs(model: nn.Module, example_inputs: Any) -> tuple[Any, ...]:
@@ -78,18 +85,29 @@ def _params(m: nn.Module) -> int:
     return sum(p.numel() for p in m.parameters() if id(p) not in skip)
 
 
-def prepare(model: nn.Module, inputs: Sequence[Any]) -> fx.GraphModule:
-    """A traced deep copy of ``model`` with shapes recorded (the user's model is never touched)."""
+def _weight_sparsity(m: nn.Module) -> float:
+    weights = [mod.weight for mod in m.modules() if isinstance(mod, (nn.modules.conv._ConvNd, nn.Linear))]
+    total = sum(w.numel() for w in weights)
+    return sum(int((w == 0).sum()) for w in weights) / total if total else 0.0
+
+
+def prepare(model: nn.Module, inputs: Sequence[Any], reuse_shapes: bool = False) -> fx.GraphModule:
+    """A traced deep copy of ``model`` with shapes recorded (the user's model is never touched).
+
+    With ``reuse_shapes`` the shapes :func:`strfx.sparsify` recorded for its own example inputs are
+    kept (recording them again on fake tensors costs more than the whole analysis).
+    """
     work = copy.deepcopy(model)
     gm = work if isinstance(work, fx.GraphModule) else trace(work)
-    record_shapes(gm, inputs)
+    if not (reuse_shapes and _has_shapes(gm)):
+        record_shapes(gm, inputs)
     return gm
 
 
 def analyze(model: nn.Module, example_inputs: Any = None) -> tuple[fx.GraphModule, ChannelAnalysis]:
     """Channel groups of ``model`` (on a traced copy, returned with the analysis)."""
     inputs = _example_inputs(model, example_inputs)
-    gm = prepare(model, inputs)
+    gm = prepare(model, inputs, reuse_shapes=example_inputs is None)
     return gm, analyze_channels(gm)
 
 
@@ -105,7 +123,7 @@ def shrink(model: nn.Module, example_inputs: Sequence[torch.Tensor] | torch.Tens
     """
     inputs = _example_inputs(model, example_inputs)
     t0 = time.perf_counter()
-    gm = prepare(model, inputs)
+    gm = prepare(model, inputs, reuse_shapes=example_inputs is None)
     analysis = analyze_channels(gm)
     t1 = time.perf_counter()
     masked = copy.deepcopy(gm)
@@ -125,7 +143,7 @@ def shrink(model: nn.Module, example_inputs: Sequence[torch.Tensor] | torch.Tens
         channels=sum(g.channels for g in groups), channels_removed=analysis.dead_channels(),
         groups=len(groups), prunable_groups=sum(g.prunable for g in groups),
         blocked_groups=sum(not g.prunable for g in groups), unknown_ops=analysis.unknown_ops,
-        max_error=err, analysis_s=t1 - t0, shrink_s=t2 - t1,
+        weight_sparsity=_weight_sparsity(gm), max_error=err, analysis_s=t1 - t0, shrink_s=t2 - t1,
     )
     gm.meta = {"strfx_shrink": rep.model_dump()}
     for node in gm.graph.nodes:  # analysis facts are not part of the exported model
