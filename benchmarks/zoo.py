@@ -415,8 +415,9 @@ def main() -> None:
     done = {r["model"] for r in results}
     # vit_l_16 first (its peak memory is a headline number), then small models first
     todo = sorted((n for n in names if n not in done), key=lambda n: (n != "vit_l_16", _param_bytes_on_meta(n)))
+    commit = os.environ.get("STRFX_COMMIT", "")  # set when running from an exported snapshot without .git
     try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True,
+        commit = commit or subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True,
                                 timeout=10).stdout.strip() or "unknown"
     except (OSError, subprocess.SubprocessError):
         commit = "unknown"
