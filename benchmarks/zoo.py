@@ -405,7 +405,9 @@ def render_markdown(data: dict[str, Any]) -> str:
             f"- Peak memory of analyse+shrink (`strfx.shrink`: copy, trace, analysis, cut and verification) on "
             f"vit_l_16, beyond the model already in memory: {_peak(vit) / 2**20:,.0f} MiB for a "
             f"{vit['model_bytes'] / 2**20:,.0f} MiB model = **{_peak(vit) / vit['model_bytes']:.2f}×** the model's "
-            f"size (target ≤ 1.5×), measured as peak malloc'ed bytes (glibc mallinfo2, sampled every 5 ms){rss_txt}.")
+            f"size (target ≤ 1.5×), measured as "
+            + ("peak malloc'ed bytes (glibc mallinfo2, sampled every 5 ms)" if vit.get("shrink_peak_alloc_extra_bytes")
+               else "peak RSS growth (VmHWM after resetting it)") + f"{rss_txt}.")
     else:
         lines.append("- Peak memory on vit_l_16: not measured in this run.")
     lines += [
