@@ -283,11 +283,13 @@ def _write_onnx(model: nn.Module | torch.export.ExportedProgram, inputs: tuple[t
     module = _runnable(model)
     large = sum(p.numel() * p.element_size() for p in module.parameters()) > _EXTERNAL_DATA_BYTES
     failures: list[str] = []
+    if large:  # only the torch.export-based exporter writes weights beyond the 2 GiB protobuf limit
+        exporters = ["dynamo"]
     for exporter in exporters:
         for f in staged.iterdir():
             f.unlink()
         try:
-            if exporter == "torchscript" and not large:
+            if exporter == "torchscript":
                 _export_torchscript(module, inputs, staged / "model.onnx")
             else:
                 _export_dynamo(model, inputs, staged / "model.onnx", large)
