@@ -377,6 +377,7 @@ def render_markdown(data: dict[str, Any]) -> str:
     lines += [
         f"- Date: {meta['date']}; strfx commit {meta.get('commit', 'unknown')}; machine: {meta['machine']}; torch threads per model: {meta['threads']}.",
         f"- Versions: {', '.join(f'{k} {v}' for k, v in meta['versions'].items())}.",
+        *([f"- Note: {meta['note']}."] if meta.get("note") else []),
         f"- Recipe: random init + `strfx.testing.randomize_`, `sparsify(structured)`, kill a random "
         f"{int(FRACTION[0] * 100)}–{int(FRACTION[1] * 100)}% of the channels of every prunable group, `shrink` "
         "(verified vs the masked model on the example and 2 random inputs), `export` to ONNX, onnxruntime vs the "
