@@ -136,5 +136,9 @@ def inspect_cmd(model: str, config_path: str | None, as_json: bool) -> None:
     console.print(t)
 
 
-if __name__ == "__main__":
-    main()
+import strfx.train_cli  # noqa: E402,F401 - registers `strfx train` (kept in its own module)
+
+if __name__ == "__main__":  # `python -m strfx.cli`: use the registered copy of the group
+    from strfx.cli import main as _main
+
+    _main()
