@@ -24,7 +24,7 @@ Controller (documented in the README, "Target sparsity"):
 * Every ``interval_steps`` optimizer steps, a PI controller sets the effort
   ``u = clip(Kp·e + I, -max_reverse, 1)``, ``I += Ki·e·Δt``, with ``e = (schedule - measured) / X``
   (relative error) and Δt the fraction of training since the last update, in percent (so it is
-  indifferent to run length); the integral is clamped too (anti-windup).
+  indifferent to run length); the integral only moves while the effort is not saturated (anti-windup).
 
 Structured mode: a channel dies when its STR-BN/gate ``|γ|`` falls below ``g(s)``, but decay can
 raise ``g(s)`` only towards ``g(0) = 0.5`` while γ starts near 1, so there the same λ is also set
@@ -123,7 +123,10 @@ class ThresholdDecayController:
             self.decay = self.base_decay
             return self.decay
         err = (self.schedule(step) - measured) / max(self.target, 0.05)  # relative to the target
-        self.integral = min(max(self.integral + cfg.integral * err * dt, -cfg.max_reverse), 1.0)
+        raw = cfg.proportional * err + self.integral
+        saturated = (raw >= 1.0 and err > 0) or (raw <= -cfg.max_reverse and err < 0)
+        if not saturated:  # conditional integration: no wind-up while the effort is already at its limit
+            self.integral = min(max(self.integral + cfg.integral * err * dt, -cfg.max_reverse), 1.0)
         self.effort = min(max(cfg.proportional * err + self.integral, -cfg.max_reverse), 1.0)
         lr_eff = lr / (1.0 - self.momentum)  # SGD with momentum moves a parameter lr/(1-μ) per unit gradient
         self.decay = self.effort * self.max_rate / max(lr_eff, 1e-12)

@@ -133,6 +133,10 @@ def launch(job: dict[str, Any], options: LaunchOptions) -> None:
     argv = options.argv() + ["--module", "strfx.distributed", json.dumps(job)]
     args = get_args_parser().parse_args(argv)
     os.environ.setdefault("OMP_NUM_THREADS", "1")  # torchrun's own default for >1 process, minus its warning
+    # By default the workers share the agent's rendezvous TCPStore across restarts without a per-attempt
+    # key prefix, so a restarted gloo group can read the dead worker's address and fail with "Connection
+    # refused" (seen here on the first restart). Opting out gives every attempt a fresh store.
+    os.environ.setdefault("TORCH_DISABLE_SHARE_RDZV_TCP_STORE", "1")
     try:
         run(args)
     except ChildFailedError as err:

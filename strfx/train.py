@@ -74,7 +74,13 @@ def resolve_config(loaded: LoadedModel, mode: str | None, config: StrfxConfig | 
         data["sparsify"]["mode"] = mode
     data["train"] = data.get("train") or {}
     data["train"].update({k: v for k, v in train_overrides.items() if v is not None})
-    return parse_config(data, "(resolved)")
+    resolved = parse_config(data, "(resolved)")
+    assert resolved.train is not None
+    s_init = resolved.train.s_init.get(resolved.sparsify.mode)
+    if s_init is not None and "s_init" not in cfg.sparsify.model_fields_set:  # an explicit sparsify.s_init wins
+        data["sparsify"]["s_init"] = s_init
+        resolved = parse_config(data, "(resolved)")
+    return resolved
 
 
 def _class_check(loaded: LoadedModel, data: Data) -> None:
@@ -341,13 +347,6 @@ class Trainer:
         self.loaded = load_model(job.model)
         self.example_inputs = tuple(self.loaded.example_inputs)
         gm = sparsify(self.loaded.model, config=self.cfg.sparsify, example_inputs=self.example_inputs)
-        s_init = tc.s_init.get(self.mode)
-        if s_init is not None:
-            from strfx.modules import threshold_parameters
-
-            with torch.no_grad():
-                for s in threshold_parameters(gm):
-                    s.fill_(s_init)
         self.before = report(gm, self.example_inputs, name=self.loaded.name)  # dense params/FLOPs
         self.gm = gm
         self.meter = SparsityMeter(gm, self.mode, self.example_inputs)

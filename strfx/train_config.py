@@ -61,8 +61,8 @@ class TrainConfig(_Strict):
     norm_decay: float | None = Field(None, ge=0, description="Decay on STR-BN γ and gate vectors (default weight_decay).")
     s_init: dict[Literal["unstructured", "structured"], float] = Field(
         default_factory=lambda: {"unstructured": -10.0, "structured": -5.0},
-        description="Initial s per mode for training (STR is inserted exactly at sparsify.s_init, then s is set "
-        "to this): sigmoid(-10)≈5e-5 is below almost every weight; sigmoid(-5)≈7e-3 is far below γ≈1.")
+        description="sparsify.s_init used by `strfx train` in each mode, unless the config sets sparsify.s_init "
+        "itself: sigmoid(-10)≈5e-5 is below almost every weight; sigmoid(-5)≈7e-3 is far below γ≈1.")
     target_sparsity: float | None = Field(None, gt=0, lt=1, description="Unstructured: fraction of STR weights that "
                                           "end at zero. Structured: fraction of FLOPs removed. None: plain STR.")
     controller: ControllerConfig = Field(default_factory=ControllerConfig)
