@@ -116,7 +116,8 @@ def transform(model: str, mode: str | None, config_path: str | None, output: str
 @click.argument("model")
 @CONFIG
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
-def inspect_cmd(model: str, config_path: str | None, as_json: bool) -> None:
+@click.option("--groups", is_flag=True, help="Print the channel groups (size, members, blocked-by) instead.")
+def inspect_cmd(model: str, config_path: str | None, as_json: bool, groups: bool = False) -> None:
     """Show which layers STR would touch in each mode, and how."""
     import json
 
@@ -124,6 +125,9 @@ def inspect_cmd(model: str, config_path: str | None, as_json: bool) -> None:
     from rich.table import Table
 
     loaded, cfg = _resolve(model, None, config_path)
+    if groups:
+        _print_groups(loaded, as_json)
+        return
     rows = plan(loaded.model, loaded.example_inputs, cfg.sparsify)
     if as_json:
         click.echo(json.dumps([r.model_dump() for r in rows], indent=2))
@@ -134,6 +138,68 @@ def inspect_cmd(model: str, config_path: str | None, as_json: bool) -> None:
     for r in rows:
         t.add_row(r.layer, r.type, "×".join(map(str, r.weight_shape)), r.unstructured, r.structured)
     console.print(t)
+
+
+def _print_groups(loaded: Any, as_json: bool) -> None:
+    import json
+
+    from rich.table import Table
+
+    from strfx.inspect import channel_groups
+
+    rows = channel_groups(loaded.model, loaded.example_inputs)
+    if as_json:
+        click.echo(json.dumps([r.model_dump() for r in rows], indent=2))
+        return
+    t = Table(title=f"channel groups of {loaded.name}")
+    for col in ("group", "channels", "dead", "members", "blocked by"):
+        t.add_column(col)
+    for r in rows:
+        members = ", ".join(r.members[:6]) + (f", … (+{len(r.members) - 6})" if len(r.members) > 6 else "")
+        t.add_row(str(r.group), str(r.channels), str(r.dead), members, "; ".join(r.blocked_by[:3]) or "—")
+    console.print(t)
+    n_blocked = sum(bool(r.blocked_by) for r in rows)
+    console.print(f"{len(rows)} groups, {len(rows) - n_blocked} prunable, {n_blocked} blocked", highlight=False)
+
+
+@command(main, "shrink")
+@click.argument("run_dir", type=click.Path())
+@click.option("-o", "--output", type=click.Path(file_okay=False), required=True,
+              help="Directory to write: model.pt2 (a torch.export program) and shrink.json.")
+@click.option("--force", is_flag=True, help="Replace the output directory if it exists.")
+@click.option("--json", "as_json", is_flag=True, help="Print shrink.json instead of a table.")
+def shrink_cmd(run_dir: str, output: str, force: bool, as_json: bool) -> None:
+    """Remove the dead channels of RUN_DIR's model, verify, and save it as a torch.export program."""
+    from strfx.deploy import shrink_run
+
+    summary = shrink_run(run_dir, output, force=force)
+    if as_json:
+        click.echo(summary.model_dump_json(indent=2))
+        return
+    console.print(summary.table())
+    console.print(summary.summary(), highlight=False)
+    console.print(f"wrote {output}/ (model.pt2, shrink.json)", highlight=False)
+
+
+@command(main, "export")
+@click.argument("source", type=click.Path())
+@click.option("--onnx", "onnx_path", type=click.Path(dir_okay=False), required=True, help="ONNX file to write.")
+@click.option("--pt2", "pt2_path", type=click.Path(dir_okay=False), default=None,
+              help="Also write a torch.export program (.pt2).")
+@click.option("--force", is_flag=True, help="Replace existing output files.")
+@click.option("--repeats", type=click.IntRange(1), default=10, show_default=True,
+              help="Timed runs per latency measurement.")
+@click.option("--json", "as_json", is_flag=True, help="Print the export report as JSON.")
+def export_cmd(source: str, onnx_path: str, pt2_path: str | None, force: bool, repeats: int, as_json: bool) -> None:
+    """Export SOURCE to ONNX (verified in onnxruntime): a run directory (shrunk first) or a `strfx shrink` output."""
+    from strfx.deploy import export_source
+
+    rep = export_source(source, onnx_path, pt2_path, force=force, repeats=repeats)
+    if as_json:
+        click.echo(rep.model_dump_json(indent=2))
+    else:
+        console.print(rep.table(f"strfx export: {source}"))
+        console.print(rep.summary(), highlight=False)
 
 
 import strfx.train_cli  # noqa: E402,F401 - registers `strfx train` (kept in its own module)

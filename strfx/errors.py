@@ -46,3 +46,7 @@ class CheckpointError(StrfxError):
 
 class TrainError(StrfxError):
     """A training run could not start or finish (distributed launch, worker failure...)."""
+
+
+class ExportError(StrfxError):
+    """No exporter could turn the model into a file that loads and runs."""

@@ -689,21 +689,56 @@ class Trainer:
         self.print_summary(summary)
 
     def export(self) -> dict[str, Any]:
-        raise TrainError("--export is not wired up yet on this branch (needs strfx.shrink/strfx.export)")
+        """Shrink away the dead channels and export ONNX (+ .pt2), each verified against the trained model."""
+        import copy
+
+        from strfx.export import export
+        from strfx.surgery import shrink
+
+        masked = copy.deepcopy(self.gm).to("cpu", memory_format=torch.contiguous_format).eval()
+        inputs = tuple(t.cpu() for t in self.example_inputs)
+        shrunk = shrink(masked, inputs)
+        info = shrunk.meta["strfx_shrink"]
+        rep = export(shrunk, self.run_dir / "model.onnx", inputs, pt2_path=self.run_dir / "model.pt2",
+                     reference=masked, force=True)
+        return {
+            "onnx": rep.onnx_path, "pt2": rep.pt2_path, "exporter": rep.exporter,
+            "channels": info["channels"], "channels_removed": info["channels_removed"],
+            "params_after": rep.model.params, "flops_after": rep.model.flops,
+            "params_before": rep.reference.params if rep.reference else None,
+            "flops_before": rep.reference.flops if rep.reference else None,
+            "shrink_max_error": info["max_error"], "onnx_max_error": rep.onnx_max_error,
+            "pt2_max_error": rep.pt2_max_error, "reference_max_error": rep.reference_max_error,
+            "tolerance": rep.tolerance,
+        }
 
     def print_summary(self, s: dict[str, Any]) -> None:
         what = "of STR weights are zero" if self.mode == "unstructured" else "of FLOPs removed"
         measure = s["sparsity"] if self.mode == "unstructured" else s["flops_removed"]
         target = f" (target {s['target_sparsity']:.0%})" if s["target_sparsity"] else ""
+        elements = "weights" if self.mode == "unstructured" else "channels"
         lines = [
             f"[bold]done[/]: {s['model']} {self.mode} STR, {s['epochs']} epochs on {s['data']}",
             f"  accuracy   val top-1 {s['val_top1']:.2%}",
-            f"  sparsity   {measure:.2%} {what}{target}; {s['sparsity']:.2%} of STR elements zero",
-            f"  params     {s['params_before']:,} → {s['params_after']:,} non-zero",
+            f"  sparsity   {measure:.2%} {what}{target}; {s['sparsity']:.2%} of STR {elements} zero",
         ]
+        if self.mode == "unstructured":
+            lines.append(f"  params     {s['params_before']:,} → {s['params_after']:,} non-zero")
         if s["flops_before"]:
             lines.append(f"  FLOPs      {s['flops_before'] / 1e6:,.2f}M → {s['flops_after'] / 1e6:,.2f}M effective "
-                         f"({s['flops_before'] / max(s['flops_after'], 1):.2f}×)")
-        lines.append(f"  wrote      {self.run_dir}/ (weights.pt, report.json, metrics.jsonl, {PLOT_FILE}, checkpoints/)")
+                         f"({s['flops_before'] / max(s['flops_after'], 1):.2f}×, on the example inputs)")
+        ex = s.get("export")
+        if ex:
+            lines.append(f"  shrink     {ex['channels_removed']:,} of {ex['channels']:,} channels removed: params "
+                         f"{ex['params_before']:,} → {ex['params_after']:,}"
+                         + (f", FLOPs {ex['flops_before'] / 1e6:,.2f}M → {ex['flops_after'] / 1e6:,.2f}M"
+                            if ex["flops_before"] and ex["flops_after"] else ""))
+            checks = f"ORT vs torch {ex['onnx_max_error']:.2g}, shrunk vs trained {ex['shrink_max_error']:.2g}"
+            if ex["pt2_max_error"] is not None:
+                checks += f", .pt2 vs torch {ex['pt2_max_error']:.2g}"
+            lines.append(f"  export     {ex['onnx']} ({ex['exporter']}) · max relative error {checks} "
+                         f"(≤ {ex['tolerance']:g}) [green]OK[/]")
+        lines.append(f"  plot       {self.run_dir / PLOT_FILE} (layer-wise sparsity STR learned)")
+        lines.append(f"  wrote      {self.run_dir}/ (weights.pt, report.json, summary.json, metrics.jsonl, checkpoints/)")
         for ln in lines:
             self.log.print(ln)

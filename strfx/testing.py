@@ -1,0 +1,253 @@
+"""Helpers for tests and benchmarks: make channels dead the way training would, through STR.
+
+``kill_channels`` plays the end of STR training: for a random fraction of the channels of every
+prunable group it sets the raw γ of every STR-BN (and its frozen offset β₀) and the raw weight of
+every gate on that channel to exactly 0, so γ' = 0 there. Which channels belong together comes
+from the channel analysis, so a killed channel is dead in every coupled layer (e.g. the whole
+residual stream of a ResNet stage).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+import torch.fx as fx
+
+from strfx.modules import STRBatchNorm, STRGate
+from strfx.passes.channel_analysis import META_KEY, TInfo
+
+
+@torch.no_grad()
+def kill_channels(
+    gm: fx.GraphModule,
+    fraction: float | tuple[float, float] = 0.5,
+    seed: int = 0,
+    example_inputs: Sequence[Any] | None = None,
+) -> dict[str, int]:
+    """Zero the STR parameters of a random ``fraction`` of each prunable group's channels, in place.
+
+    ``gm`` is a structured model from :func:`strfx.sparsify`. ``fraction`` is a number or a
+    ``(low, high)`` range drawn per group. At least one channel of each group is left alive.
+    Returns counts: ``groups`` touched, ``channels`` killed, ``carriers`` (STR-BN/gate entries set).
+    """
+    from strfx.surgery import analyze
+
+    rng = np.random.default_rng(seed)
+    traced, analysis = analyze(gm, example_inputs)
+    roots = analysis.roots
+    # which STR carriers (module name, entry) sit on each channel
+    carriers: dict[int, list[tuple[str, int]]] = {}
+    for node in traced.graph.nodes:
+        if node.op != "call_module":
+            continue
+        mod = traced.get_submodule(node.target)
+        if not isinstance(mod, (STRBatchNorm, STRGate)):
+            continue
+        x = node.args[0].meta.get(META_KEY) if isinstance(node.args[0], fx.Node) else None
+        if not isinstance(x, TInfo):
+            continue
+        cdim = mod.channel_dim % x.ndim if isinstance(mod, STRGate) else 1
+        if cdim not in x.labels:
+            continue
+        for idx, r in enumerate(roots[x.labels[cdim]].tolist()):
+            carriers.setdefault(r, []).append((node.target, idx))
+    touched = killed = entries = 0
+    modules = dict(gm.named_modules())
+    members: dict[int, list[int]] = {}
+    for r, g in analysis.group_of_root.items():
+        members.setdefault(g, []).append(r)
+    for group in analysis.groups:
+        if not group.prunable:
+            continue
+        chans = sorted(members.get(group.id, []))
+        killable = [r for r in chans if r in carriers]
+        if not killable or len(chans) < 2:
+            continue
+        frac = rng.uniform(*fraction) if isinstance(fraction, tuple) else float(fraction)
+        n = min(int(round(frac * len(chans))), len(chans) - 1, len(killable))
+        if n <= 0:
+            continue
+        touched += 1
+        for r in rng.choice(killable, size=n, replace=False).tolist():
+            killed += 1
+            for name, idx in carriers[r]:
+                mod = modules[name]
+                mod.weight[idx] = 0.0
+                if isinstance(mod, STRBatchNorm):
+                    mod.offset[idx] = 0.0
+                entries += 1
+    return {"groups": touched, "channels": killed, "carriers": entries}
+
+
+@torch.no_grad()
+def randomize_(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
+    """Give a freshly built model non-trivial parameters, in place, so equality checks mean something.
+
+    torchvision zero-initialises some heads (ViT) and every BatchNorm starts as the identity
+    (μ = 0, σ² = 1, γ = 1, β = 0); an all-zero output, a 1e-6 layer scale or an identity norm
+    hides wrong cuts. Weights
+    that are all zero get small random values; norms get random γ, β and running statistics.
+    """
+    gen = torch.Generator().manual_seed(seed)
+
+    def rand(t: torch.Tensor, scale: float, offset: float = 0.0) -> torch.Tensor:
+        return (torch.randn(t.shape, generator=gen) * scale + offset).to(t.dtype)
+
+    for mod in model.modules():
+        if isinstance(mod, torch.nn.modules.batchnorm._BatchNorm):
+            if mod.affine:
+                mod.weight.copy_(rand(mod.weight, 0.2, 1.0))
+                mod.bias.copy_(rand(mod.bias, 0.2))
+            if mod.running_mean is not None:
+                mod.running_mean.copy_(rand(mod.running_mean, 0.2))
+                mod.running_var.copy_(rand(mod.running_var, 0.2, 1.0).abs() + 0.05)
+        elif isinstance(mod, (torch.nn.LayerNorm, torch.nn.GroupNorm)) and getattr(mod, "weight", None) is not None:
+            mod.weight.copy_(rand(mod.weight, 0.2, 1.0))
+            if mod.bias is not None:
+                mod.bias.copy_(rand(mod.bias, 0.2))
+        for name, p in mod.named_parameters(recurse=False):
+            if p.numel() > 1 and not p.any():
+                p.copy_(rand(p, 0.02))
+            elif p.numel() > 1 and (p == p.flatten()[0]).all() and 0 < p.flatten()[0].abs() < 1e-3:
+                p.copy_(rand(p, 0.1, 1.0))  # ConvNeXt-style layer scale (1e-6) would hide the blocks
+    return model
+
+
+# ---------------------------------------------------------------------------------------------
+# random DAG CNNs for property tests and benchmarks/fuzz.py
+# ---------------------------------------------------------------------------------------------
+class RandomNet(torch.nn.Module):
+    """A CNN whose forward is a random program over a pool of same-resolution feature maps.
+
+    ``program`` is a list of (op, args) steps; each step reads earlier values by index and
+    appends its result. The ops are the couplings channel analysis must get right: residual
+    adds, concat, chunk, depthwise/grouped conv, channel shuffle, SE, GroupNorm, channels-last
+    LayerNorm+MLP blocks, and a flatten→linear or pooled head.
+    """
+
+    def __init__(self, program: list[tuple[str, tuple[Any, ...]]], layers: dict[str, torch.nn.Module]) -> None:
+        super().__init__()
+        self.program = program
+        self.layers = torch.nn.ModuleDict(layers)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        vals = [x]
+        for op, a in self.program:
+            if op == "seq":
+                vals.append(self.layers[a[1]](vals[a[0]]))
+            elif op == "act":
+                vals.append(torch.relu(vals[a[0]]) if a[1] == "relu" else torch.nn.functional.silu(vals[a[0]]))
+            elif op == "add":
+                vals.append(vals[a[0]] + vals[a[1]])
+            elif op == "mul":
+                vals.append(vals[a[0]] * vals[a[1]])
+            elif op == "cat":
+                vals.append(torch.cat([vals[i] for i in a[0]], dim=1))
+            elif op == "chunk":
+                first, second = vals[a[0]].chunk(2, dim=1)
+                vals.append(first)
+                vals.append(second)
+            elif op == "shuffle":
+                v = vals[a[0]]
+                b, c, h, w = v.size()
+                v = v.view(b, a[1], c // a[1], h, w).transpose(1, 2).contiguous()
+                vals.append(v.view(b, -1, h, w))
+            elif op == "se":
+                v = vals[a[0]]
+                s = v.mean((2, 3), keepdim=True)
+                s = torch.sigmoid(self.layers[a[2]](torch.relu(self.layers[a[1]](s))))
+                vals.append(v * s)
+            elif op == "cl_mlp":
+                v = vals[a[0]].permute(0, 2, 3, 1)
+                v = self.layers[a[2]](torch.nn.functional.gelu(self.layers[a[1]](v)))
+                if a[3]:
+                    v = self.layers[a[3]](v)
+                vals.append(v.permute(0, 3, 1, 2))
+            elif op == "head":
+                v = vals[a[0]]
+                v = torch.flatten(v, 1) if a[2] else v.mean((2, 3))
+                vals.append(self.layers[a[1]](v))
+        return vals[-1]
+
+
+def random_cnn(seed: int, max_steps: int = 8) -> tuple[torch.nn.Module, tuple[torch.Tensor]]:
+    """A small random :class:`RandomNet` and an input for it, fully determined by ``seed``."""
+    import random
+
+    from torch import nn
+
+    r = random.Random(seed)
+    torch.manual_seed(seed)
+    hw = r.choice([4, 6])
+    cin = r.choice([1, 3])
+    chans = [cin]
+    program: list[tuple[str, tuple[Any, ...]]] = []
+    layers: dict[str, nn.Module] = {}
+
+    def add_layer(mod: nn.Module) -> str:
+        name = f"l{len(layers)}"
+        layers[name] = mod
+        return name
+
+    def push(op: str, args: tuple[Any, ...], c: int) -> None:
+        program.append((op, args))
+        chans.append(c)
+
+    def conv_block(src: int, cout: int) -> None:
+        cin_ = chans[src]
+        groups = 1
+        kind = r.random()
+        if kind < 0.2 and cin_ > 1:
+            groups, cout = cin_, cin_ * r.choice([1, 1, 2])  # depthwise (multiplier 1 or 2)
+        elif kind < 0.35:
+            common = [g for g in (2, 3, 4) if cin_ % g == 0 and cout % g == 0]
+            groups = r.choice(common) if common else 1
+        k = r.choice([1, 3])
+        norm = r.random()
+        bias = norm >= 0.6 or r.random() < 0.3
+        mods: list[nn.Module] = [nn.Conv2d(cin_, cout, k, padding=k // 2, groups=groups, bias=bias)]
+        if norm < 0.45:
+            mods.append(nn.BatchNorm2d(cout))
+        elif norm < 0.6 and cout % 2 == 0:
+            mods.append(nn.GroupNorm(2, cout))
+        if r.random() < 0.7:
+            mods.append(r.choice([nn.ReLU(), nn.Hardswish(), nn.SiLU()]))
+        push("seq", (src, add_layer(nn.Sequential(*mods))), cout)
+
+    conv_block(0, r.choice([4, 6, 8]))
+    for _ in range(r.randint(2, max_steps)):
+        last = len(chans) - 1
+        src = r.choice([last, last, r.randrange(1, len(chans))])
+        c = chans[src]
+        op = r.random()
+        same = [i for i in range(1, len(chans)) if chans[i] == c and i != src]
+        if op < 0.3:
+            conv_block(src, r.choice([2, 4, 6, 8]))
+        elif op < 0.45 and same:
+            push(r.choice(["add", "add", "mul"]), (src, r.choice(same)), c)
+        elif op < 0.55:
+            other = r.randrange(1, len(chans))
+            push("cat", ([src, other],), c + chans[other])
+        elif op < 0.62 and c % 2 == 0 and c >= 2:
+            program.append(("chunk", (src,)))
+            chans.extend([c // 2, c // 2])
+        elif op < 0.72 and c % 2 == 0:
+            push("shuffle", (src, 2), c)
+        elif op < 0.8:
+            hidden = max(1, c // 2)
+            push("se", (src, add_layer(nn.Conv2d(c, hidden, 1)), add_layer(nn.Conv2d(hidden, c, 1))), c)
+        elif op < 0.9:
+            norm = add_layer(nn.LayerNorm(c)) if r.random() < 0.5 else None
+            push("cl_mlp", (src, add_layer(nn.Linear(c, 2 * c)), add_layer(nn.Linear(2 * c, c)), norm), c)
+        else:
+            push("act", (src, r.choice(["relu", "silu"])), c)
+    last = len(chans) - 1
+    flat = r.random() < 0.5
+    feats = chans[last] * (hw * hw if flat else 1)
+    push("head", (last, add_layer(nn.Linear(feats, r.choice([3, 5]))), flat), 0)
+    model = RandomNet(program, layers)
+    randomize_(model, seed)
+    model.eval()
+    return model, (torch.randn(2, cin, hw, hw, generator=torch.Generator().manual_seed(seed)),)
