@@ -8,8 +8,8 @@ is and only turn the one global knob it already has: the weight decay λ of the 
 
 The decay is set through the learning rate it will be multiplied with: SGD with momentum μ moves
 ``s`` by about ``lr/(1-μ)·λ·|s|`` per step, so the controller decides an *effort* u in [-1, 1]
-and sets ``λ = u·r/(lr/(1-μ))`` where r (``max_rate`` over the ramp's steps) is the fastest
-relative pace it lets ``|s|`` shrink. Bounding the pace is what keeps the thresholds from running
+and sets ``λ = u·r/(lr/(1-μ))`` where r (``max_rate`` over the ramp's steps, at most
+``max_step_rate`` per step) is the fastest relative pace it lets ``|s|`` shrink. Bounding the pace is what keeps the thresholds from running
 away through the dense bulk of the weight distribution (a runaway prunes everything and the run
 never recovers); negative effort (when ahead) lowers thresholds again.
 
@@ -97,7 +97,8 @@ class ThresholdDecayController:
         self.base_decay, self.momentum = float(base_decay), float(momentum)
         self.interval = config.interval_steps or max(1, self.total_steps // 400)
         ramp_steps = max((config.ramp_end - config.ramp_start) * self.total_steps, 1.0)
-        self.max_rate = config.max_rate / ramp_steps  # relative shrink of |s| per step at full speed
+        # relative shrink of |s| per step at full effort; capped per step so short runs cannot lurch either
+        self.max_rate = min(config.max_rate / ramp_steps, config.max_step_rate)
         self.integral = 0.0
         self.decay = self.base_decay
         self.effort = 0.0

@@ -229,7 +229,7 @@ class TrainResult:
 def train(model: str, data: str | None = None, mode: str | None = None, *,
           config: StrfxConfig | dict[str, Any] | str | Path | None = None, run_dir: str | Path | None = None,
           resume: bool = False, force: bool = False, export: bool = False, epochs: int | None = None,
-          target_sparsity: float | None = None, launch_options: LaunchOptions | None = None,
+          batch_size: int | None = None, target_sparsity: float | None = None, launch_options: LaunchOptions | None = None,
           progress: bool | None = None) -> TrainResult:
     """Train MODEL with STR; one process, or ``launch_options.nproc_per_node`` through torchrun.
 
@@ -237,7 +237,8 @@ def train(model: str, data: str | None = None, mode: str | None = None, *,
     """
     opts = launch_options
     job = prepare(model, data, mode, config, run_dir, resume, force, export,
-                  world_size=opts.world_size() if opts else 1, epochs=epochs, target_sparsity=target_sparsity)
+                  world_size=opts.world_size() if opts else 1, epochs=epochs, batch_size=batch_size,
+                  target_sparsity=target_sparsity)
     job.progress = progress
     if opts is None:
         run_job(job.to_dict())

@@ -14,6 +14,8 @@ from strfx.cli import CONFIG, MODE, command, main
               help="demo | npz:PATH | mnist:PATH | cifar10:PATH | imagefolder:PATH; omit to use the model "
               "file's datasets(). Nothing is ever downloaded.")
 @click.option("--epochs", type=click.IntRange(min=1), default=None, help="Override train.epochs.")
+@click.option("--batch-size", type=click.IntRange(min=1), default=None,
+              help="Override train.batch_size (global; lr follows as 0.256 × batch/256 unless train.lr is set).")
 @CONFIG
 @click.option("--target-sparsity", type=click.FloatRange(0, 1, min_open=True, max_open=True), default=None,
               help="End the run at this sparsity (unstructured: fraction of weights zero; structured: fraction "
@@ -34,7 +36,8 @@ from strfx.cli import CONFIG, MODE, command, main
 @click.option("--force", is_flag=True, help="Delete the output directory first if it exists.")
 @click.option("--export", is_flag=True, help="After training, shrink the model and export it (with verification).")
 @click.option("--progress/--no-progress", default=None, help="Progress bar (default: only on a terminal).")
-def train_cmd(model: str, mode: str | None, data: str | None, epochs: int | None, config_path: str | None,
+def train_cmd(model: str, mode: str | None, data: str | None, epochs: int | None, batch_size: int | None,
+              config_path: str | None,
               target_sparsity: float | None, nproc_per_node: int | None, nnodes: str | None, node_rank: int | None,
               rdzv_endpoint: str | None, rdzv_id: str | None, rdzv_backend: str, max_restarts: int | None,
               output: str | None, resume: bool, force: bool, export: bool, progress: bool | None) -> None:
@@ -57,4 +60,5 @@ def train_cmd(model: str, mode: str | None, data: str | None, epochs: int | None
     elif node_rank is not None or rdzv_id is not None:
         raise StrfxError("--node-rank/--rdzv-id only make sense with --nnodes and --rdzv-endpoint")
     train(model, data, mode, config=config_path, run_dir=output, resume=resume, force=force, export=export,
-          epochs=epochs, target_sparsity=target_sparsity, launch_options=opts, progress=progress)
+          epochs=epochs, batch_size=batch_size, target_sparsity=target_sparsity, launch_options=opts,
+          progress=progress)

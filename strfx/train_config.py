@@ -27,6 +27,8 @@ class ControllerConfig(_Strict):
                                        "total_steps/400, at least 1.")
     max_rate: float = Field(4.0, gt=0, description="At full effort the decay shrinks |s| by e^-max_rate over the "
                             "ramp; bounds how fast thresholds can rise, so they cannot run away.")
+    max_step_rate: float = Field(0.02, gt=0, description="Cap on that pace per optimizer step (momentum makes the "
+                                 "response lag ~1/(1-μ) steps, so very short runs must not move faster).")
     proportional: float = Field(10.0, ge=0, description="Effort per unit of relative sparsity error "
                                 "((schedule - measured) / target): 10% behind the schedule = full effort.")
     integral: float = Field(0.05, ge=0, description="Integral gain per unit relative error per percent of training.")
