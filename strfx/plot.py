@@ -20,7 +20,8 @@ def plot_budget(rep: Report, path: str | Path, title: str | None = None) -> Path
     layers = rep.layers
     fig, ax = plt.subplots(figsize=(max(6.0, 0.45 * len(layers) + 2), 4.2))
     xs = range(len(layers))
-    ax.bar(xs, [100 * lr.sparsity for lr in layers], color="tab:blue", label="sparsity (%)")
+    ax.bar(xs, [100 * lr.sparsity for lr in layers], color="tab:blue",
+           label="sparsity (%)" if rep.mode != "structured" else "channels removed (%)")
     ax.set_ylim(0, 100)
     ax.set_ylabel("sparsity (%)" if rep.mode != "structured" else "channels removed (%)")
     ax.set_xticks(list(xs))
