@@ -244,3 +244,30 @@ def test_checkpoint_of_another_configuration_is_refused(tmp_path: Path) -> None:
     other = parse_config({"model": "x.py", "train": FAST})
     with pytest.raises(CheckpointError, match="different configuration"):
         load_checkpoint(ckpt, other)
+
+
+def test_imagefolder_layout(tmp_path: Path) -> None:
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for split in ("train", "val"):
+        for cls in ("cat", "dog"):
+            (tmp_path / split / cls).mkdir(parents=True)
+            for i in range(2):
+                Image.fromarray(rng.integers(0, 255, (12, 12, 3), dtype=np.uint8)).save(tmp_path / split / cls / f"{i}.png")
+    d = load_data(f"imagefolder:{tmp_path}", image_size=(8, 8))
+    assert (len(d.train), len(d.val), d.num_classes) == (4, 4, 2)
+    assert d.train[0][0].shape == (3, 8, 8) and d.val[3][1] == 1
+    (tmp_path / "val" / "dog").rename(tmp_path / "val" / "bird")
+    with pytest.raises(DataError, match="both splits need the same class folders"):
+        load_data(f"imagefolder:{tmp_path}", image_size=(8, 8))
+
+
+def test_structured_run_with_export_is_verified(tmp_path: Path) -> None:
+    res = train(TINY, None, "structured", config=_config(tmp_path, target_sparsity=0.3, batch_size=32),
+                run_dir=tmp_path / "s", epochs=15, export=True)
+    ex = res.summary["export"]
+    assert (tmp_path / "s" / "model.onnx").is_file() and (tmp_path / "s" / "model.pt2").is_file()
+    assert ex["onnx_max_error"] <= ex["tolerance"] and ex["shrink_max_error"] <= ex["tolerance"]
+    assert ex["params_after"] <= ex["params_before"]
+    assert ex["channels_removed"] > 0  # the controller made it prune, and shrink removed what was dead
