@@ -635,9 +635,7 @@ class Trainer:
             stats = self.train_epoch(epoch)
             stats |= self.evaluate()
             last = epoch + 1 == tc.epochs
-            if (epoch + 1) % tc.checkpoint_every == 0 or last:
-                self.save_checkpoint(epoch + 1)
-            if self.env.is_main:
+            if self.env.is_main:  # metrics first: a resume drops lines past its checkpoint, so none is lost
                 row = self._metrics(epoch + 1, stats, time.perf_counter() - t0)
                 with open(self.run_dir / METRICS_FILE, "a") as f:
                     f.write(json.dumps(row) + "\n")
@@ -645,6 +643,8 @@ class Trainer:
                     os.fsync(f.fileno())
                 self._log_epoch(row)
                 self._tensorboard(row)
+            if (epoch + 1) % tc.checkpoint_every == 0 or last:
+                self.save_checkpoint(epoch + 1)
         if self.tb:
             self.tb.close()
         if not stats:  # resumed a run whose epochs were all done: measure it again (all ranks take part)
