@@ -713,6 +713,14 @@ class Trainer:
             "tolerance": rep.tolerance,
         }
 
+    @staticmethod
+    def _show(path: str | Path) -> str:
+        """A path as the user would type it: relative to the working directory when inside it."""
+        try:
+            return str(Path(path).resolve().relative_to(Path.cwd()))
+        except ValueError:
+            return str(path)
+
     def print_summary(self, s: dict[str, Any]) -> None:
         what = "of STR weights are zero" if self.mode == "unstructured" else "of FLOPs removed"
         measure = s["sparsity"] if self.mode == "unstructured" else s["flops_removed"]
@@ -737,9 +745,9 @@ class Trainer:
             checks = f"ORT vs torch {ex['onnx_max_error']:.2g}, shrunk vs trained {ex['shrink_max_error']:.2g}"
             if ex["pt2_max_error"] is not None:
                 checks += f", .pt2 vs torch {ex['pt2_max_error']:.2g}"
-            lines.append(f"  export     {ex['onnx']} ({ex['exporter']}) · max relative error {checks} "
+            lines.append(f"  export     {self._show(ex['onnx'])} ({ex['exporter']}) · max relative error {checks} "
                          f"(≤ {ex['tolerance']:g}) [green]OK[/]")
-        lines.append(f"  plot       {self.run_dir / PLOT_FILE} (layer-wise sparsity STR learned)")
-        lines.append(f"  wrote      {self.run_dir}/ (weights.pt, report.json, summary.json, metrics.jsonl, checkpoints/)")
+        lines.append(f"  plot       {self._show(self.run_dir / PLOT_FILE)} (layer-wise sparsity STR learned)")
+        lines.append(f"  wrote      {self._show(self.run_dir)}/ (weights.pt, report.json, summary.json, metrics.jsonl, checkpoints/)")
         for ln in lines:
             self.log.print(ln)
