@@ -25,7 +25,7 @@ class ControllerConfig(_Strict):
                             "the rest of the run holds it while the learning rate anneals.")
     interval_steps: int | None = Field(None, ge=1, description="Optimizer steps between two updates; None: "
                                        "total_steps/400, at least 1.")
-    max_rate: float = Field(4.0, gt=0, description="At full effort the decay shrinks |s| by e^-max_rate over the "
+    max_rate: float = Field(8.0, gt=0, description="At full effort the decay shrinks |s| by e^-max_rate over the "
                             "ramp; bounds how fast thresholds can rise, so they cannot run away.")
     max_step_rate: float = Field(0.02, gt=0, description="Cap on that pace per optimizer step (momentum makes the "
                                  "response lag ~1/(1-μ) steps, so very short runs must not move faster).")
