@@ -133,7 +133,7 @@ class ThresholdDecayController:
         self.decay = self.effort * self.max_rate / max(lr_eff, 1e-12)
         if self.effort > 0:
             self.decay = max(self.decay, self.base_decay)
-        self.decay = min(self.decay, cfg.max_decay)
+        self.decay = min(max(self.decay, -cfg.max_decay), cfg.max_decay)  # lr → 0 at the end must not blow λ up
         return self.decay
 
     def state_dict(self) -> dict[str, float]:

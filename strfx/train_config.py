@@ -35,7 +35,8 @@ class ControllerConfig(_Strict):
     max_reverse: float = Field(0.5, ge=0, le=1, description="Largest negative effort when ahead of the schedule: the "
                                "decay then turns negative and lowers thresholds (pruned weights keep their values, "
                                "so they come back); 0 keeps the decay non-negative.")
-    max_decay: float = Field(1.0, gt=0, description="Upper clamp of the threshold decay.")
+    max_decay: float = Field(1.0, gt=0, description="Clamp of |threshold decay| (the lr-compensated decay would "
+                             "grow without bound as the cosine schedule reaches 0).")
 
     @model_validator(mode="after")
     def _ordered(self) -> "ControllerConfig":
