@@ -68,6 +68,9 @@ def test_controller_pushes_when_behind_and_backs_off_when_ahead() -> None:
     # the decay compensates the learning rate, so |s| moves at the same pace whatever lr is
     c2 = ThresholdDecayController(0.8, 1000, ControllerConfig(interval_steps=10), 1e-5, 0.875)
     assert c2.update(300, 0.0, lr=0.05) == pytest.approx(2 * behind)
+    # as the cosine schedule reaches lr = 0 the compensated decay stays within ±max_decay
+    assert c2.update(999, 0.0, lr=1e-12) == 1.0
+    assert c2.update(1000, 0.99, lr=1e-12) == -1.0
 
 
 @pytest.mark.parametrize("mode", ["unstructured", "structured"])
