@@ -75,7 +75,6 @@ def test_controller_pushes_when_behind_and_backs_off_when_ahead() -> None:
 
 @pytest.mark.parametrize("mode", ["unstructured", "structured"])
 def test_meter_measures_what_the_report_says(mode: str) -> None:
-    loaded = strfx.api.copy.deepcopy  # noqa: F841 - keep import order simple
     from strfx.loader import load_model
     from strfx.modules import threshold_parameters
 
