@@ -168,6 +168,15 @@ class Ctx:
         return ids
 
 
+def _in_place(node: fx.Node) -> bool:
+    import operator
+
+    if node.op == "call_method":
+        return node.target.endswith("_") and not node.target.startswith("_")
+    return node.op == "call_function" and node.target in (operator.iadd, operator.isub, operator.imul,
+                                                           operator.itruediv)
+
+
 def _unlabelled(tm: Any) -> Any:
     if tm is None:
         return None
@@ -252,7 +261,11 @@ def analyze_channels(gm: fx.GraphModule, keep_one: bool = True) -> ChannelAnalys
             rule = lookup(ctx, node)
             if rule is None:
                 rule = unknown_rule
-            ctx.values[node] = rule.analyze(ctx, node)
+            value = rule.analyze(ctx, node)
+            ctx.values[node] = value
+            if _in_place(node) and isinstance(value, TInfo) and isinstance(ctx.info(node.args[0]), TInfo):
+                # later readers of the mutated tensor see the new values (zero-ness included)
+                ctx.values[node.args[0]] = value
 
     roots = ctx.uf.roots()
     n_ids = len(roots)

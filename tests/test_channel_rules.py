@@ -378,3 +378,36 @@ def test_verification_failure_names_the_node(monkeypatch):
 def test_shrink_needs_example_inputs():
     with pytest.raises(StrfxError, match="example inputs"):
         strfx.shrink(Chain())
+
+
+def test_in_place_add_updates_what_later_readers_see():
+    class InPlace(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a, self.bn = nn.Conv2d(3, 4, 1, bias=False), nn.BatchNorm2d(4)
+            self.b, self.c = nn.Conv2d(3, 4, 1), nn.Conv2d(4, 2, 1)
+
+        def forward(self, x):
+            y, z = self.bn(self.a(x)), self.b(x)
+            y.add_(z)  # y is no longer zero where bn's output was
+            return self.c(y).mean((2, 3))
+
+    m = InPlace().eval()
+    kill_bn(m.bn, [1])
+    small = shrink_checked(m, torch.randn(2, 3, 4, 4))
+    assert sub(small, "c").in_channels == 4 and small.meta["strfx_shrink"]["channels_removed"] == 0
+
+
+def test_adding_a_broadcast_tensor_keeps_zero_channels_alive():
+    class Bias(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a, self.c = conv_bn(3, 4), nn.Conv2d(4, 2, 1)
+
+        def forward(self, x):
+            y = self.a(x)
+            return self.c(y + x[0, 0, 0]).mean((2, 3))  # a rank-1 tensor broadcast over channels
+
+    m = Bias().eval()
+    kill_bn(m.a[1], [1])
+    assert sub(shrink_checked(m, torch.randn(2, 3, 4, 4)), "c").in_channels == 4

@@ -91,3 +91,18 @@ def test_structured_report_effective_flops_are_the_shrunk_models():
     with torch.no_grad(), counter:
         small(*loaded.example_inputs)
     assert rep.effective_flops == counter.get_total_flops() < rep.dense_flops
+
+
+@pytest.mark.parametrize("mode", ["structured", "unstructured"])
+def test_shrink_leaves_the_input_model_untouched_and_shares_nothing(mode):
+    model, x = random_cnn(5)
+    gm = strfx.sparsify(model, mode, example_inputs=x)
+    if mode == "structured":
+        kill_channels(gm, 0.5, seed=5)
+    before = {k: v.clone() for k, v in gm.state_dict().items()}
+    small = strfx.shrink(gm)
+    after = gm.state_dict()
+    assert before.keys() == after.keys()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    ours = {t.data_ptr() for t in [*gm.parameters(), *gm.buffers()] if t.numel()}
+    assert not any(t.data_ptr() in ours for t in [*small.parameters(), *small.buffers()] if t.numel())
