@@ -24,15 +24,7 @@ from strfx.modules import STR_MODULES, str_weights
 from strfx.passes.channel_analysis import META_KEY, ChannelAnalysis, TInfo, analyze_channels
 from strfx.passes.shrink import shrink_graph
 from strfx.passes.trace import record_shapes, trace
-from strfx.verify import flatten_outputs, max_rel_error
-
-
-class GroupSummary(BaseModel):
-    id: int
-    channels: int
-    dead: int
-    members: list[str]
-    blocked_by: list[str]
+from strfx.verify import max_rel_error
 
 
 class ShrinkReport(BaseModel):
@@ -258,4 +250,4 @@ def _first_divergence(shrunk: fx.GraphModule, reference: nn.Module, inputs: Sequ
     return failed
 
 
-__all__ = ["ShrinkReport", "analyze", "flatten_outputs", "shrink"]
+__all__ = ["ShrinkReport", "analyze", "random_like", "shrink", "structural_copy"]
