@@ -6,6 +6,7 @@ import strfx._torchvision  # noqa: F401,I001
 from strfx.api import check_equivalent, param_groups, sparsify
 from strfx.config import SparsifyConfig, StrfxConfig, load_config
 from strfx.errors import StrfxError
+from strfx.export import ExportReport, export
 from strfx.report import Report, report
 from strfx.surgery import ShrinkReport, shrink
 
@@ -17,7 +18,9 @@ __all__ = [
     "StrfxConfig",
     "ShrinkReport",
     "StrfxError",
+    "ExportReport",
     "check_equivalent",
+    "export",
     "load_config",
     "param_groups",
     "report",

@@ -162,5 +162,45 @@ def _print_groups(loaded: Any, as_json: bool) -> None:
     console.print(f"{len(rows)} groups, {len(rows) - n_blocked} prunable, {n_blocked} blocked", highlight=False)
 
 
+@command(main, "shrink")
+@click.argument("run_dir", type=click.Path())
+@click.option("-o", "--output", type=click.Path(file_okay=False), required=True,
+              help="Directory to write: model.pt2 (a torch.export program) and shrink.json.")
+@click.option("--force", is_flag=True, help="Replace the output directory if it exists.")
+@click.option("--json", "as_json", is_flag=True, help="Print shrink.json instead of a table.")
+def shrink_cmd(run_dir: str, output: str, force: bool, as_json: bool) -> None:
+    """Remove the dead channels of RUN_DIR's model, verify, and save it as a torch.export program."""
+    from strfx.deploy import shrink_run
+
+    summary = shrink_run(run_dir, output, force=force)
+    if as_json:
+        click.echo(summary.model_dump_json(indent=2))
+        return
+    console.print(summary.table())
+    console.print(summary.summary(), highlight=False)
+    console.print(f"wrote {output}/ (model.pt2, shrink.json)", highlight=False)
+
+
+@command(main, "export")
+@click.argument("source", type=click.Path())
+@click.option("--onnx", "onnx_path", type=click.Path(dir_okay=False), required=True, help="ONNX file to write.")
+@click.option("--pt2", "pt2_path", type=click.Path(dir_okay=False), default=None,
+              help="Also write a torch.export program (.pt2).")
+@click.option("--force", is_flag=True, help="Replace existing output files.")
+@click.option("--repeats", type=click.IntRange(1), default=10, show_default=True,
+              help="Timed runs per latency measurement.")
+@click.option("--json", "as_json", is_flag=True, help="Print the export report as JSON.")
+def export_cmd(source: str, onnx_path: str, pt2_path: str | None, force: bool, repeats: int, as_json: bool) -> None:
+    """Export SOURCE to ONNX (verified in onnxruntime): a run directory (shrunk first) or a `strfx shrink` output."""
+    from strfx.deploy import export_source
+
+    rep = export_source(source, onnx_path, pt2_path, force=force, repeats=repeats)
+    if as_json:
+        click.echo(rep.model_dump_json(indent=2))
+    else:
+        console.print(rep.table(f"strfx export: {source}"))
+        console.print(rep.summary(), highlight=False)
+
+
 if __name__ == "__main__":
     main()

@@ -34,3 +34,7 @@ class VerificationError(StrfxError):
 
 class OutputExistsError(StrfxError):
     """An output path exists and ``--force`` was not given."""
+
+
+class ExportError(StrfxError):
+    """No exporter could turn the model into a file that loads and runs."""

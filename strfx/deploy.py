@@ -1,0 +1,169 @@
+"""From a run directory to deployable files: what ``strfx shrink`` and ``strfx export`` do.
+
+A *shrink output* directory (``strfx shrink RUN_DIR -o OUT``) holds:
+
+* ``model.pt2``   — the shrunk model as a ``torch.export`` program (with its example inputs). It loads
+  with ``torch.export.load`` alone: no strfx, no model source code;
+* ``shrink.json`` — a :class:`ShrinkOutput`: params/FLOPs before → after and the numeric checks.
+
+The directory is assembled under a temporary name and renamed into place only after the saved
+program has been reloaded and compared with the masked model, so it is never half-written.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+from pydantic import BaseModel, Field
+from torch import nn
+from torch.utils._pytree import tree_leaves
+
+from strfx.api import TOLERANCE
+from strfx.errors import StrfxError, VerificationError
+from strfx.export import ExportReport, ModelStats, _quiet, count_flops, count_params, export
+from strfx.rundir import CONFIG_FILE, atomic_dir, check_writable, load_run
+from strfx.verify import max_rel_error
+
+PT2_FILE = "model.pt2"
+SHRINK_FILE = "shrink.json"
+
+
+class ShrinkOutput(BaseModel):
+    """What ``strfx shrink`` wrote and how it checked it (``shrink.json``)."""
+
+    model: str = Field(description="MODEL the run was built from.")
+    run_dir: str
+    input_shapes: list[list[int]]
+    params_before: int
+    params_after: int
+    flops_before: int | None
+    flops_after: int | None
+    channels: int = Field(description="Channels over all channel groups.")
+    channels_removed: int
+    groups: int
+    blocked_groups: int
+    unknown_ops: dict[str, str] = Field(description="Op kind → first node of it that blocked channels.")
+    shrink_max_error: float = Field(description="Shrunk vs masked model in torch (example + random inputs).")
+    pt2_max_error: float = Field(description="Reloaded model.pt2 vs the masked model.")
+    tolerance: float = TOLERANCE
+
+    def table(self) -> Any:
+        from rich.table import Table
+
+        t = Table(title=f"strfx shrink: {self.model}")
+        for col, justify in (("", "left"), ("before", "right"), ("after", "right"), ("ratio", "right")):
+            t.add_column(col, justify=justify)  # type: ignore[arg-type]
+        t.add_row("params", f"{self.params_before:,}", f"{self.params_after:,}",
+                  f"{self.params_before / max(self.params_after, 1):.2f}×")
+        if self.flops_before and self.flops_after:
+            t.add_row("FLOPs", f"{self.flops_before / 1e6:,.2f}M", f"{self.flops_after / 1e6:,.2f}M",
+                      f"{self.flops_before / max(self.flops_after, 1):.2f}×")
+        t.add_row("channels", f"{self.channels:,}", f"{self.channels - self.channels_removed:,}",
+                  f"-{self.channels_removed:,}")
+        return t
+
+    def summary(self) -> str:
+        """Groups and the numeric checks, one line (printed under the table)."""
+        blocked = f", {self.blocked_groups} blocked" if self.blocked_groups else ""
+        return (f"{self.groups} channel groups{blocked} · max relative error vs masked model: "
+                     f"torch {self.shrink_max_error:.2g}, reloaded .pt2 {self.pt2_max_error:.2g} (≤ {self.tolerance:g})")
+
+
+def _flops(model: nn.Module, inputs: tuple[torch.Tensor, ...]) -> int | None:
+    try:
+        return count_flops(model, inputs)
+    except Exception:  # noqa: BLE001 - an op without a FLOP formula must not fail shrinking
+        return None
+
+
+def shrink_run(run_dir: str | Path, out: str | Path, force: bool = False) -> ShrinkOutput:
+    """Shrink the model of ``run_dir`` and write ``out`` (model.pt2 + shrink.json), verified."""
+    from strfx.surgery import shrink
+
+    run_dir, out = Path(run_dir), Path(out)
+    _require_dir(run_dir)
+    check_writable(out, force)  # fail before the work
+    masked, loaded, config = load_run(run_dir)
+    masked.eval()
+    inputs = tuple(loaded.example_inputs)
+    shrunk = shrink(masked, inputs).eval()
+    rep = shrunk.meta["strfx_shrink"]
+    with torch.no_grad():
+        expected = masked(*inputs)
+    try:
+        with _quiet():
+            program = torch.export.export(shrunk, inputs)
+    except Exception as err:  # noqa: BLE001
+        raise StrfxError(f"torch.export could not capture the shrunk model: {type(err).__name__}: "
+                         f"{str(err).strip().splitlines()[0] if str(err).strip() else ''}") from err
+    with atomic_dir(out, force=force) as tmp:
+        torch.export.save(program, str(tmp / PT2_FILE))
+        reloaded = torch.export.load(str(tmp / PT2_FILE))
+        with torch.no_grad():
+            pt2_err = max_rel_error(list(tree_leaves(reloaded.module()(*inputs))), list(tree_leaves(expected)))
+        if pt2_err > TOLERANCE:
+            raise VerificationError(f"the saved model.pt2 differs from the masked model: max relative error "
+                                    f"{pt2_err:.3g} > {TOLERANCE:g}; nothing written")
+        summary = ShrinkOutput(
+            model=config.model or loaded.spec, run_dir=str(run_dir), input_shapes=[list(x.shape) for x in inputs],
+            params_before=count_params(masked), params_after=count_params(shrunk),
+            flops_before=_flops(masked, inputs), flops_after=_flops(shrunk, inputs),
+            channels=rep["channels"], channels_removed=rep["channels_removed"], groups=rep["groups"],
+            blocked_groups=rep["blocked_groups"], unknown_ops=rep["unknown_ops"], shrink_max_error=rep["max_error"],
+            pt2_max_error=pt2_err,
+        )
+        (tmp / SHRINK_FILE).write_text(summary.model_dump_json(indent=2))
+    return summary
+
+
+def _require_dir(path: Path) -> None:
+    if not path.exists():
+        raise StrfxError(f"{path} does not exist; give a run directory written by `strfx transform` or `strfx train`")
+    if not path.is_dir():
+        raise StrfxError(f"{path} is not a directory; give a run directory or a `strfx shrink` output")
+
+
+def load_shrunk(out_dir: str | Path) -> torch.export.ExportedProgram:
+    """The program of a ``strfx shrink`` output directory (carries its example inputs)."""
+    path = Path(out_dir) / PT2_FILE
+    try:
+        program = torch.export.load(str(path))
+    except FileNotFoundError:
+        raise StrfxError(f"{path} is missing; the shrink output is incomplete") from None
+    except Exception as err:  # noqa: BLE001 - a corrupt or foreign file
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise StrfxError(f"cannot load {path}: {first}") from err
+    if program.example_inputs is None:
+        raise StrfxError(f"{path} carries no example inputs; re-create it with `strfx shrink`")
+    return program
+
+
+def export_source(source: str | Path, onnx_path: str | Path, pt2_path: str | Path | None = None,
+                  force: bool = False, repeats: int = 10) -> ExportReport:
+    """Export a run directory (shrunk first; the masked model is the "before") or a shrink output."""
+    from strfx.surgery import shrink
+
+    source = Path(source)
+    _require_dir(source)
+    check_writable(Path(onnx_path), force)
+    if pt2_path is not None:
+        check_writable(Path(pt2_path), force)
+    if (source / CONFIG_FILE).is_file():
+        masked, loaded, _ = load_run(source)
+        masked.eval()
+        shrunk = shrink(masked, loaded.example_inputs).eval()
+        return export(shrunk, onnx_path, loaded.example_inputs, pt2_path, reference=masked, force=force,
+                      repeats=repeats)
+    if (source / PT2_FILE).is_file():
+        program = load_shrunk(source)
+        rep = export(program, onnx_path, None, pt2_path, force=force, repeats=repeats)
+        if (source / SHRINK_FILE).is_file():  # the un-shrunk model is gone; its size is on record
+            try:
+                before = ShrinkOutput.model_validate_json((source / SHRINK_FILE).read_text())
+                rep.reference = ModelStats(params=before.params_before, flops=before.flops_before)
+            except ValueError:
+                pass  # an unreadable shrink.json only costs the "before" column
+        return rep
+    raise StrfxError(f"{source} is neither a run directory ({CONFIG_FILE}) nor a `strfx shrink` output ({PT2_FILE})")

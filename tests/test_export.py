@@ -1,0 +1,188 @@
+"""strfx.export: the ONNX file runs in onnxruntime like torch, the .pt2 reloads without strfx, failures leave nothing."""
+
+from __future__ import annotations
+
+import importlib
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+from torch import nn
+
+import strfx
+from strfx.errors import OutputExistsError, VerificationError
+from strfx.loader import load_model
+from strfx.modules import STRGate, str_channel_modules, threshold_parameters
+from strfx.testing import kill_channels
+from strfx.verify import max_rel_error
+
+EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
+
+
+def ort_outputs(path: Path, inputs: tuple[torch.Tensor, ...]) -> list[np.ndarray]:
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = torch.get_num_threads()  # the thread count strfx.export verified with
+    sess = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+    return sess.run(None, {i.name: x.numpy() for i, x in zip(sess.get_inputs(), inputs)})
+
+
+def _torchvision(name: str, size: int) -> tuple[nn.Module, tuple[torch.Tensor]]:
+    from strfx._torchvision import torchvision
+
+    torch.manual_seed(0)
+    model = torchvision.models.get_model(name, weights=None).eval()
+    for mod in model.modules():  # at random init the classifier's bias dominates the output: drop it
+        if isinstance(mod, nn.Linear) and mod.bias is not None:
+            nn.init.zeros_(mod.bias)
+    return model, (torch.randn(1, 3, size, size, generator=torch.Generator().manual_seed(0)),)
+
+
+CASES = ["examples/lenet5.py", "examples/resnet20.py", "examples/custom_residual.py",
+         "torchvision:shufflenet_v2_x0_5"]
+
+
+@pytest.mark.parametrize("spec", CASES)
+def test_shrunk_export_matches_torch_in_onnxruntime_and_pt2(spec: str, tmp_path: Path) -> None:
+    if spec.startswith("torchvision:"):
+        model, inputs = _torchvision(spec.split(":")[1], 64)
+    else:
+        loaded = load_model(str(EXAMPLES.parent / spec))
+        model, inputs = loaded.model.eval(), loaded.example_inputs
+    masked = strfx.sparsify(model, "structured", example_inputs=inputs)
+    assert kill_channels(masked, (0.3, 0.5), seed=0)["channels"] > 0
+    shrunk = strfx.shrink(masked, inputs)
+    with torch.no_grad():
+        expected = masked.eval()(*inputs)
+        assert max_rel_error(expected, model(*inputs)) > 1e-3  # killing channels changed the function
+
+    rep = strfx.export(shrunk, tmp_path / "m.onnx", inputs, pt2_path=tmp_path / "m.pt2", reference=masked, repeats=2)
+
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.onnx", "m.pt2"]  # no temp files left
+    onnx.checker.check_model(str(tmp_path / "m.onnx"))
+    fresh = tuple(torch.randn(x.shape, generator=torch.Generator().manual_seed(5)) for x in inputs)
+    with torch.no_grad():
+        fresh_expected = masked(*fresh)
+    assert max_rel_error(torch.from_numpy(ort_outputs(tmp_path / "m.onnx", fresh)[0]), fresh_expected) <= 1e-4
+    with torch.no_grad():
+        assert max_rel_error(torch.export.load(str(tmp_path / "m.pt2")).module()(*fresh), fresh_expected) <= 1e-4
+    assert rep.onnx_max_error <= 1e-4 and rep.pt2_max_error is not None and rep.pt2_max_error <= 1e-4
+    assert rep.reference_max_error is not None and rep.reference_max_error <= 1e-4
+    assert rep.onnx_bytes == (tmp_path / "m.onnx").stat().st_size
+    assert rep.pt2_bytes == (tmp_path / "m.pt2").stat().st_size
+    assert rep.model.params == sum(p.numel() for p in shrunk.parameters())
+    assert rep.reference is not None
+    assert rep.reference.params == sum(p.numel() for p in masked.parameters()) - len(threshold_parameters(masked))
+    assert rep.model.params < rep.reference.params
+    assert 0 < rep.model.flops < rep.reference.flops
+    assert rep.model.torch_latency_ms and rep.model.ort_latency_ms and rep.reference.ort_latency_ms
+
+
+def test_export_of_sparsified_model_counts_gates_not_thresholds(tmp_path: Path) -> None:
+    loaded = load_model(str(EXAMPLES / "custom_residual.py"))
+    gm = strfx.sparsify(loaded.model, "structured", example_inputs=loaded.example_inputs)
+    rep = strfx.export(gm, tmp_path / "m.onnx", repeats=1)  # inputs recorded by sparsify
+    gates = sum(m.weight.numel() for m in str_channel_modules(gm).values() if isinstance(m, STRGate))
+    assert gates > 0
+    assert rep.model.params == sum(p.numel() for p in loaded.model.parameters()) + gates
+    assert rep.onnx_max_error <= 1e-4 and rep.reference is None
+
+
+def test_pt2_reloads_without_strfx_or_model_source(tmp_path: Path) -> None:
+    loaded = load_model(str(EXAMPLES / "custom_residual.py"))
+    gm = strfx.sparsify(loaded.model, "structured", example_inputs=loaded.example_inputs)
+    kill_channels(gm, 0.4, seed=0)
+    shrunk = strfx.shrink(gm)
+    strfx.export(shrunk, tmp_path / "m.onnx", loaded.example_inputs, pt2_path=tmp_path / "m.pt2", repeats=1)
+    x = torch.randn(loaded.example_inputs[0].shape, generator=torch.Generator().manual_seed(3))
+    torch.save({"x": x, "y": gm.eval()(x).detach()}, tmp_path / "io.pt")
+    script = textwrap.dedent(f"""
+        import sys
+        class Block:  # any import of strfx or of the example's module fails
+            def find_spec(self, name, path=None, target=None):
+                if name.split(".")[0] in ("strfx", "custom_residual") or name.startswith("strfx_user_model"):
+                    raise ImportError("blocked: " + name)
+        sys.meta_path.insert(0, Block())
+        import torch
+        io = torch.load({str(tmp_path / 'io.pt')!r}, weights_only=True)
+        y = torch.export.load({str(tmp_path / 'm.pt2')!r}).module()(io["x"])
+        err = ((y - io["y"]).abs().max() / io["y"].abs().max()).item()
+        assert not any(m.startswith("strfx") for m in sys.modules), "strfx was imported"
+        print(err)
+    """)
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=tmp_path, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert float(out.stdout.strip().splitlines()[-1]) <= 1e-4
+
+
+def test_dynamo_exporter_and_exported_program_input(tmp_path: Path) -> None:
+    loaded = load_model(str(EXAMPLES / "lenet5.py"))
+    model = loaded.model.eval()
+    ep = torch.export.export(model, loaded.example_inputs)
+    rep = strfx.export(ep, tmp_path / "m.onnx", exporters=("dynamo",), repeats=1)  # inputs come from the program
+    assert rep.exporter == "dynamo" and rep.onnx_max_error <= 1e-4
+    with torch.no_grad():
+        expected = model(*loaded.example_inputs)
+    got = ort_outputs(tmp_path / "m.onnx", loaded.example_inputs)
+    assert max_rel_error(torch.from_numpy(got[0]), expected) <= 1e-4
+
+
+def test_mismatch_raises_and_writes_nothing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """If onnxruntime disagreed with torch (simulated: its outputs are perturbed), nothing is published."""
+    ex = importlib.import_module("strfx.export")  # the module; strfx.export is the function
+    real = ex._ort_session
+
+    class Perturbed:
+        def __init__(self, sess):
+            self.sess = sess
+
+        def get_inputs(self):
+            return self.sess.get_inputs()
+
+        def run(self, names, feed):
+            return [o + 1e-2 * np.abs(o).max() for o in self.sess.run(names, feed)]
+
+    monkeypatch.setattr(ex, "_ort_session", lambda path, threads: Perturbed(real(path, threads)))
+    loaded = load_model(str(EXAMPLES / "lenet5.py"))
+    with pytest.raises(VerificationError, match="max relative error"):
+        strfx.export(loaded.model, tmp_path / "m.onnx", loaded.example_inputs, pt2_path=tmp_path / "m.pt2")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_refuses_to_overwrite_without_force(tmp_path: Path) -> None:
+    loaded = load_model(str(EXAMPLES / "lenet5.py"))
+    target = tmp_path / "m.onnx"
+    target.write_text("user data")
+    with pytest.raises(OutputExistsError):
+        strfx.export(loaded.model, target, loaded.example_inputs)
+    assert target.read_text() == "user data"
+    (tmp_path / "m.pt2").write_text("user pt2")
+    target.unlink()
+    with pytest.raises(OutputExistsError):
+        strfx.export(loaded.model, target, loaded.example_inputs, pt2_path=tmp_path / "m.pt2")
+    assert not target.exists() and (tmp_path / "m.pt2").read_text() == "user pt2"
+    rep = strfx.export(loaded.model, target, loaded.example_inputs, pt2_path=tmp_path / "m.pt2", force=True, repeats=1)
+    assert rep.onnx_max_error <= 1e-4
+    onnx.checker.check_model(str(target))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.onnx", "m.pt2"]
+
+
+def test_large_models_get_external_data_next_to_the_onnx_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Over the protobuf limit (simulated by lowering the threshold) weights go to NAME.data, renamed with NAME."""
+    ex = importlib.import_module("strfx.export")
+    monkeypatch.setattr(ex, "_EXTERNAL_DATA_BYTES", 0)
+    loaded = load_model(str(EXAMPLES / "lenet5.py"))
+    rep = strfx.export(loaded.model, tmp_path / "net.onnx", loaded.example_inputs, repeats=1)
+    assert rep.exporter == "dynamo"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["net.onnx", "net.onnx.data"]
+    assert (tmp_path / "net.onnx").stat().st_size < 100_000 < (tmp_path / "net.onnx.data").stat().st_size
+    assert rep.onnx_bytes == sum(p.stat().st_size for p in tmp_path.iterdir())
+    with torch.no_grad():
+        expected = loaded.model.eval()(*loaded.example_inputs)
+    got = ort_outputs(tmp_path / "net.onnx", loaded.example_inputs)
+    assert max_rel_error(torch.from_numpy(got[0]), expected) <= 1e-4
