@@ -16,7 +16,8 @@ $(STAMP): pyproject.toml constraints.txt
 venv: $(STAMP)
 
 demo: venv
-	$(BIN)/strfx transform torchvision:resnet18 --mode structured -o runs/demo --force
+	$(BIN)/strfx train examples/lenet5.py --mode structured --data demo --epochs 3 --batch-size 64 \
+		--target-sparsity 0.5 --export -o runs/demo --force
 
 test: venv
 	$(BIN)/python -m pytest -n 2 $(PYTEST_ARGS)

@@ -5,16 +5,26 @@
 
 from __future__ import annotations
 
+import typing
+
 from pydantic import BaseModel
 
 from strfx.config import StrfxConfig
 
 
+def _model_of(annotation: object) -> type[BaseModel] | None:
+    """The pydantic model of a field, also through ``X | None`` (the optional ``train`` section)."""
+    for t in (annotation, *typing.get_args(annotation)):
+        if isinstance(t, type) and issubclass(t, BaseModel):
+            return t
+    return None
+
+
 def _sections(model: type[BaseModel], prefix: str) -> list[tuple[str, type[BaseModel]]]:
     found = [(prefix, model)]
     for name, field in model.model_fields.items():
-        sub = field.annotation
-        if isinstance(sub, type) and issubclass(sub, BaseModel):
+        sub = _model_of(field.annotation)
+        if sub is not None:
             found += _sections(sub, f"{prefix}.{name}" if prefix else name)
     return found
 
@@ -32,8 +42,7 @@ def render() -> str:
             continue
         lines += [f"## `{title}`", "", (model.__doc__ or "").strip(), "", "| field | default | meaning |", "|---|---|---|"]
         for name, field in model.model_fields.items():
-            sub = field.annotation
-            if isinstance(sub, type) and issubclass(sub, BaseModel):
+            if _model_of(field.annotation) is not None:
                 default = f"see `{title}.{name}`"
             else:
                 default = f"`{field.default_factory() if field.default_factory else field.default}`"

@@ -202,5 +202,9 @@ def export_cmd(source: str, onnx_path: str, pt2_path: str | None, force: bool, r
         console.print(rep.summary(), highlight=False)
 
 
-if __name__ == "__main__":
-    main()
+import strfx.train_cli  # noqa: E402,F401 - registers `strfx train` (kept in its own module)
+
+if __name__ == "__main__":  # `python -m strfx.cli`: use the registered copy of the group
+    from strfx.cli import main as _main
+
+    _main()

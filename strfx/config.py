@@ -20,6 +20,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from .errors import ConfigError
+from .train_config import TrainConfig
 
 Mode = Literal["unstructured", "structured"]
 
@@ -78,11 +79,11 @@ class SparsifyConfig(_Strict):
 
 
 class StrfxConfig(_Strict):
-    """A whole configuration file. The `train` section is defined by strfx.train."""
+    """A whole configuration file. The `train` section is :class:`strfx.train_config.TrainConfig`."""
 
     model: str | None = Field(None, description="MODEL, as on the command line (a .py file or torchvision:NAME).")
     sparsify: SparsifyConfig = Field(default_factory=SparsifyConfig)
-    train: dict[str, Any] | None = Field(None, description="Training recipe (see `strfx train --help`).")
+    train: TrainConfig | None = Field(None, description="Training recipe (strfx.train_config); written by `strfx train`.")
 
 
 def _format_validation_error(err: ValidationError, source: str) -> str:

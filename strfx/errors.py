@@ -36,5 +36,17 @@ class OutputExistsError(StrfxError):
     """An output path exists and ``--force`` was not given."""
 
 
+class DataError(StrfxError):
+    """Training data is missing, laid out wrongly, or does not fit the model."""
+
+
+class CheckpointError(StrfxError):
+    """A training checkpoint is corrupt, or belongs to a different run or configuration."""
+
+
+class TrainError(StrfxError):
+    """A training run could not start or finish (distributed launch, worker failure...)."""
+
+
 class ExportError(StrfxError):
     """No exporter could turn the model into a file that loads and runs."""

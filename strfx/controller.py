@@ -1,0 +1,145 @@
+"""``--target-sparsity``: land a run at a chosen sparsity while STR still decides where it goes.
+
+Plain STR cannot be told "end at 90%": its sparsity emerges from ``s_init`` and the decay on the
+thresholds ``s`` (that decay pulls every ``s`` towards 0, i.e. raises every threshold ``g(s)``,
+while the task loss pushes back on layers that need their weights). So we keep STR exactly as it
+is and only turn the one global knob it already has: the weight decay λ of the optimizer's
+``"thresholds"`` parameter group.
+
+The decay is set through the learning rate it will be multiplied with: SGD with momentum μ moves
+``s`` by about ``lr/(1-μ)·λ·|s|`` per step, so the controller decides an *effort* u in [-1, 1]
+and sets ``λ = u·r/(lr/(1-μ))`` where r (``max_rate`` over the ramp's steps, at most
+``max_step_rate`` per step) is the fastest relative pace it lets ``|s|`` shrink. Bounding the pace is what keeps the thresholds from running
+away through the dense bulk of the weight distribution (a runaway prunes everything and the run
+never recovers); negative effort (when ahead) lowers thresholds again.
+
+Controller (documented in the README, "Target sparsity"):
+
+* The *measured* sparsity is what the final report will say: unstructured, the fraction of STR
+  weights that are exactly zero; structured, the fraction of FLOPs removed
+  (``1 - effective_flops / dense_flops`` of :func:`strfx.report.report`).
+* A *schedule* rises from 0 to the target X with the cubic curve of Zhu & Gupta (2017),
+  ``X·(1-(1-p)^3)``, between ``ramp_start`` and ``ramp_end`` (fractions of training, default
+  5%→60%), then holds X while the learning rate anneals, so the last 40% settle the weights.
+* Every ``interval_steps`` optimizer steps, a PI controller sets the effort
+  ``u = clip(Kp·e + I, -max_reverse, 1)``, ``I += Ki·e·Δt``, with ``e = (schedule - measured) / X``
+  (relative error) and Δt the fraction of training since the last update, in percent (so it is
+  indifferent to run length); the integral only moves while the effort is not saturated (anti-windup).
+
+Structured mode: a channel dies when its STR-BN/gate ``|γ|`` falls below ``g(s)``, but decay can
+raise ``g(s)`` only towards ``g(0) = 0.5`` while γ starts near 1, so there the same λ is also set
+on the ``"norms"`` group (γ of STR-BN and gates): thresholds rise and γ shrinks together, and the
+task loss keeps up the γ of the channels it needs.
+
+Because all layers share λ, *which* layers become sparse is still decided by each layer's
+loss gradient on its own ``s`` — the layer-wise budget is learned, not imposed. The measurement is
+a pure function of the parameters, which DDP keeps identical on every rank, so every rank
+computes the same λ without communicating (rank 0's value is broadcast anyway as a safeguard).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Sequence
+
+import torch
+import torch.fx as fx
+
+from strfx.modules import str_channel_modules, str_weights
+from strfx.report import _per_module_flops, _structured_producers
+from strfx.train_config import ControllerConfig
+
+
+class SparsityMeter:
+    """Measures the quantity ``--target-sparsity`` refers to, cheaply enough to call every few steps."""
+
+    def __init__(self, gm: fx.GraphModule, mode: str, example_inputs: Sequence[Any]):
+        self.gm, self.mode = gm, mode
+        self.weights = list(str_weights(gm).items())
+        self.channels = list(str_channel_modules(gm).items())
+        self.flops: dict[str, float] = {}
+        self.dense_flops = 0.0
+        if mode == "structured":
+            dense, per_module = _per_module_flops(gm, example_inputs)
+            self.dense_flops = float(dense)
+            producers = _structured_producers(gm)
+            self.flops = {name: float(per_module.get(producers[name], 0)) for name, _ in self.channels if name in producers}
+
+    @torch.no_grad()
+    def layer_zeros(self) -> dict[str, tuple[int, int]]:
+        """Layer name → (zeros, elements) after thresholding."""
+        out: dict[str, tuple[int, int]] = {}
+        for name, strw in self.weights:
+            owner, _, attr = name.rpartition(".")
+            original = self.gm.get_submodule(owner).parametrizations[attr].original
+            thr = strw.threshold()
+            out[name] = (int((original.abs() <= thr).sum()), original.numel())
+        for name, mod in self.channels:
+            g = mod.effective_weight()
+            out[name] = (int((g == 0).sum()), g.numel())
+        return out
+
+    @torch.no_grad()
+    def __call__(self) -> float:
+        zeros = self.layer_zeros()
+        if self.mode == "unstructured":
+            total = sum(n for _, n in zeros.values())
+            return sum(z for z, _ in zeros.values()) / max(total, 1)
+        removed = sum(self.flops.get(name, 0.0) * z / max(n, 1) for name, (z, n) in zeros.items())
+        return removed / max(self.dense_flops, 1.0)
+
+
+class ThresholdDecayController:
+    """Sets the thresholds' weight decay from the sparsity error; see the module docstring."""
+
+    def __init__(self, target: float, total_steps: int, config: ControllerConfig, base_decay: float, momentum: float):
+        self.target, self.total_steps, self.cfg = float(target), max(int(total_steps), 1), config
+        self.base_decay, self.momentum = float(base_decay), float(momentum)
+        self.interval = config.interval_steps or max(1, self.total_steps // 400)
+        ramp_steps = max((config.ramp_end - config.ramp_start) * self.total_steps, 1.0)
+        # relative shrink of |s| per step at full effort; capped per step so short runs cannot lurch either
+        self.max_rate = min(config.max_rate / ramp_steps, config.max_step_rate)
+        self.integral = 0.0
+        self.decay = self.base_decay
+        self.effort = 0.0
+        self.last_step = 0
+        self.last_measured = 0.0
+
+    def schedule(self, step: int) -> float:
+        """Sparsity the run should have reached after ``step`` optimizer steps."""
+        p = step / self.total_steps
+        a, b = self.cfg.ramp_start, self.cfg.ramp_end
+        frac = min(max((p - a) / (b - a), 0.0), 1.0)
+        return self.target * (1.0 - (1.0 - frac) ** 3)
+
+    def due(self, step: int) -> bool:
+        return step - self.last_step >= self.interval or step >= self.total_steps
+
+    def update(self, step: int, measured: float, lr: float) -> float:
+        """Feed the sparsity measured after ``step`` steps and the current lr; returns the new decay."""
+        cfg = self.cfg
+        dt = 100.0 * (step - self.last_step) / self.total_steps  # percent of training since the last update
+        self.last_step, self.last_measured = step, measured
+        if step < cfg.ramp_start * self.total_steps:
+            self.decay = self.base_decay
+            return self.decay
+        err = (self.schedule(step) - measured) / max(self.target, 0.05)  # relative to the target
+        raw = cfg.proportional * err + self.integral
+        saturated = (raw >= 1.0 and err > 0) or (raw <= -cfg.max_reverse and err < 0)
+        if not saturated:  # conditional integration: no wind-up while the effort is already at its limit
+            self.integral = min(max(self.integral + cfg.integral * err * dt, -cfg.max_reverse), 1.0)
+        self.effort = min(max(cfg.proportional * err + self.integral, -cfg.max_reverse), 1.0)
+        lr_eff = lr / (1.0 - self.momentum)  # SGD with momentum moves a parameter lr/(1-μ) per unit gradient
+        self.decay = self.effort * self.max_rate / max(lr_eff, 1e-12)
+        if self.effort > 0:
+            self.decay = max(self.decay, self.base_decay)
+        self.decay = min(max(self.decay, -cfg.max_decay), cfg.max_decay)  # lr → 0 at the end must not blow λ up
+        return self.decay
+
+    def state_dict(self) -> dict[str, float]:
+        return {"integral": self.integral, "decay": self.decay, "effort": self.effort, "last_step": self.last_step,
+                "last_measured": self.last_measured, "target": self.target}
+
+    def load_state_dict(self, state: dict[str, float]) -> None:
+        self.integral, self.decay, self.effort = float(state["integral"]), float(state["decay"]), float(state["effort"])
+        self.last_step, self.last_measured = int(state["last_step"]), float(state["last_measured"])

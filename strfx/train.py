@@ -1,0 +1,753 @@
+"""STR training: ``strfx.train(...)`` (the launcher) and :class:`Trainer` (what each process runs).
+
+A run goes through three stages:
+
+1. :func:`prepare` (the launching process): load MODEL and DATA, check they fit each other,
+   resolve the configuration, create or check the run directory. Every user mistake surfaces
+   here as one line, before any worker starts.
+2. :class:`Trainer` (one process, or each torchrun worker): DDP over gloo (CPU) or nccl (CUDA),
+   ``DistributedSampler`` shards, optional SyncBatchNorm, bf16 autocast + channels_last +
+   ``torch.compile`` on GPU; an atomic checkpoint every epoch; the threshold-decay controller when a
+   target sparsity is set (strfx.controller).
+3. The end of the run (rank 0): final report, ``weights.pt``, the layer-wise budget plot and, with
+   ``export``, shrink + export with their checks.
+
+SyncBatchNorm: ``sync_batchnorm: true`` converts the ``nn`` BatchNorms left in the model (in
+unstructured mode, all of them). STR-BN (:class:`~strfx.modules.STRBatchNorm`, structured mode) is
+not an ``nn`` BatchNorm and keeps per-process batch statistics, like plain DDP does for BN; its
+running statistics are kept identical by DDP's buffer broadcast.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import re
+import shutil
+import sys
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.utils.data import BatchSampler, DataLoader, DistributedSampler, Subset
+
+from strfx.config import StrfxConfig, dump_config, load_config, parse_config
+from strfx.controller import SparsityMeter, ThresholdDecayController
+from strfx.data import Data, load_data
+from strfx.distributed import DistEnv, LaunchOptions, init_distributed, launch, maybe_inject_fault, shutdown
+from strfx.errors import CheckpointError, DataError, OutputExistsError, StrfxError, TrainError
+from strfx.loader import LoadedModel, load_model
+from strfx.rundir import CONFIG_FILE, REPORT_FILE, WEIGHTS_FILE, atomic_torch_save, atomic_write
+from strfx.train_config import TrainConfig
+
+CHECKPOINT_DIR = "checkpoints"
+METRICS_FILE = "metrics.jsonl"
+SUMMARY_FILE = "summary.json"
+PLOT_FILE = "budget.png"
+CHECKPOINT_FORMAT = "strfx-train-checkpoint/1"
+_CKPT_RE = re.compile(r"^epoch-(\d{4,})\.pt$")
+
+
+# --------------------------------------------------------------------------------------------- prepare
+
+
+def resolve_config(loaded: LoadedModel, mode: str | None, config: StrfxConfig | dict[str, Any] | str | Path | None,
+                   **train_overrides: Any) -> StrfxConfig:
+    """The run's full configuration: file/dict + command-line overrides, ``train`` always present."""
+    if isinstance(config, (str, Path)):
+        cfg = load_config(config)
+    elif isinstance(config, StrfxConfig):
+        cfg = config
+    else:
+        cfg = parse_config(config or {})
+    data = cfg.model_dump()
+    data["model"] = loaded.spec
+    if mode:
+        data["sparsify"]["mode"] = mode
+    data["train"] = data.get("train") or {}
+    data["train"].update({k: v for k, v in train_overrides.items() if v is not None})
+    resolved = parse_config(data, "(resolved)")
+    assert resolved.train is not None
+    s_init = resolved.train.s_init.get(resolved.sparsify.mode)
+    if s_init is not None and "s_init" not in cfg.sparsify.model_fields_set:  # an explicit sparsify.s_init wins
+        data["sparsify"]["s_init"] = s_init
+        resolved = parse_config(data, "(resolved)")
+    return resolved
+
+
+def _class_check(loaded: LoadedModel, data: Data) -> None:
+    """Run the model on two training images: shapes must fit and outputs must match the classes."""
+    sample = data.train[[0, 1]] if data.batched else tuple(
+        torch.stack([torch.as_tensor(data.train[i][k]) for i in range(min(2, len(data.train)))]) for k in (0, 1))
+    x = sample[0]
+    model = loaded.model
+    was = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            out = model(x)
+    except Exception as err:  # noqa: BLE001 - any shape/type error of the user's model
+        raise DataError(f"{loaded.name} cannot run on {data.source} images of shape {tuple(x.shape[1:])}: "
+                        f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}; "
+                        f"use data that matches the model's input") from None
+    finally:
+        model.train(was)
+    if not isinstance(out, torch.Tensor) or out.dim() != 2:
+        raise DataError(f"{loaded.name} returns {type(out).__name__}{tuple(out.shape) if isinstance(out, torch.Tensor) else ''}; "
+                        "strfx train needs a classifier returning logits of shape (batch, classes)")
+    if data.num_classes is not None and out.shape[1] != data.num_classes:
+        raise DataError(f"{loaded.name} outputs {out.shape[1]} classes but {data.source} has {data.num_classes} "
+                        f"(labels 0..{data.num_classes - 1}); change the model's number of classes or the data")
+
+
+def _latest_checkpoint(run_dir: Path) -> Path | None:
+    folder = run_dir / CHECKPOINT_DIR
+    if not folder.is_dir():
+        return None
+    found = sorted((int(m.group(1)), p) for p in folder.iterdir() if (m := _CKPT_RE.match(p.name)))
+    return found[-1][1] if found else None
+
+
+def _config_diff(a: dict[str, Any], b: dict[str, Any], prefix: str = "") -> str | None:
+    for key in sorted(set(a) | set(b)):
+        va, vb = a.get(key), b.get(key)
+        if isinstance(va, dict) and isinstance(vb, dict):
+            sub = _config_diff(va, vb, f"{prefix}{key}.")
+            if sub:
+                return sub
+        elif va != vb:
+            return f"{prefix}{key}: run has {va!r}, now {vb!r}"
+    return None
+
+
+def load_checkpoint(path: Path, config: StrfxConfig) -> dict[str, Any]:
+    """Read a checkpoint with ``weights_only=True`` and check it belongs to this configuration."""
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # noqa: BLE001 - truncated, corrupt, or not a torch file
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise CheckpointError(f"checkpoint {path} is corrupt or unreadable ({first[:160]}); delete it to resume "
+                              f"from the one before, or start over with --force") from None
+    if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
+        raise CheckpointError(f"{path} is not a strfx training checkpoint; delete it or start over with --force")
+    diff = _config_diff(json.loads(ckpt["config"]), config.model_dump(mode="json"))
+    if diff:
+        raise CheckpointError(f"checkpoint {path} was made with a different configuration ({diff}); resume with "
+                              f"the run's own settings or start a new run")
+    return ckpt
+
+
+@dataclass
+class Job:
+    """A validated training job: what a worker needs (serialised as JSON for torchrun workers)."""
+
+    model: str
+    data: str | None
+    run_dir: str
+    config: dict[str, Any]
+    resume: bool = False
+    export: bool = False
+    progress: bool | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+
+def _export_available() -> bool:
+    import strfx
+
+    return callable(getattr(strfx, "shrink", None)) and callable(getattr(strfx, "export", None))
+
+
+def prepare(model: str, data: str | None, mode: str | None = None,
+            config: StrfxConfig | dict[str, Any] | str | Path | None = None, run_dir: str | Path | None = None,
+            resume: bool = False, force: bool = False, export: bool = False, world_size: int | None = 1,
+            **train_overrides: Any) -> Job:
+    """Validate everything a run needs and set up its directory (see the module docstring)."""
+    if resume and force:
+        raise StrfxError("--resume and --force contradict each other: --resume continues RUN_DIR, --force deletes it")
+    if export and not _export_available():
+        raise StrfxError("--export needs strfx.shrink and strfx.export, which this installation does not have yet; "
+                         "train without --export, then shrink/export the run directory once they are available")
+    loaded = load_model(model)
+    cfg = resolve_config(loaded, mode, config, **train_overrides)
+    tc = cfg.train
+    assert tc is not None
+    if world_size and tc.batch_size % world_size:
+        raise StrfxError(f"train.batch_size {tc.batch_size} is the global batch and must divide evenly over "
+                         f"{world_size} processes; pick a multiple of {world_size}")
+    in_shape = tuple(loaded.example_inputs[0].shape) if loaded.example_inputs else ()
+    datasets_hook = loaded.hook("datasets")
+    d = load_data(data, datasets_hook, image_size=tuple(in_shape[-2:]) if len(in_shape) == 4 else (224, 224),
+                  channels=in_shape[1] if len(in_shape) == 4 else 3, model_file=loaded.spec)
+    _class_check(loaded, d)
+    if len(d.train) < tc.batch_size:
+        raise DataError(f"{d.source} has {len(d.train)} training images, fewer than one batch "
+                        f"(train.batch_size {tc.batch_size}); lower the batch size")
+
+    out = Path(run_dir or f"runs/{loaded.name}-{cfg.sparsify.mode}-train").expanduser().resolve()
+    if resume:
+        if not (out / CONFIG_FILE).is_file():
+            raise StrfxError(f"nothing to resume in {out} (no {CONFIG_FILE}); start the run without --resume")
+        saved = load_config(out / CONFIG_FILE)
+        diff = _config_diff(saved.model_dump(mode="json"), cfg.model_dump(mode="json"))
+        if diff:
+            raise CheckpointError(f"{out} was started with other settings ({diff}); pass the run's original "
+                                  f"options to --resume, or start a new run")
+        latest = _latest_checkpoint(out)
+        if latest is not None:
+            load_checkpoint(latest, cfg)  # fail now, in one line, rather than in every worker
+    else:
+        if out.exists():
+            if not force:
+                raise OutputExistsError(f"{out} already exists; pass --resume to continue it, --force to replace it, "
+                                        f"or choose another -o")
+            trash = out.with_name(f".{out.name}.old-{os.getpid()}")
+            os.replace(out, trash)
+            shutil.rmtree(trash, ignore_errors=True)
+        out.mkdir(parents=True)
+        atomic_write(out / CONFIG_FILE, dump_config(cfg))
+    return Job(loaded.spec, data, str(out), cfg.model_dump(mode="json"), resume=resume, export=export)
+
+
+@dataclass
+class TrainResult:
+    """What a finished run reports (also in RUN_DIR/summary.json)."""
+
+    run_dir: Path
+    summary: dict[str, Any] = field(default_factory=dict)
+
+
+def train(model: str, data: str | None = None, mode: str | None = None, *,
+          config: StrfxConfig | dict[str, Any] | str | Path | None = None, run_dir: str | Path | None = None,
+          resume: bool = False, force: bool = False, export: bool = False, epochs: int | None = None,
+          batch_size: int | None = None, target_sparsity: float | None = None, launch_options: LaunchOptions | None = None,
+          progress: bool | None = None) -> TrainResult:
+    """Train MODEL with STR; one process, or ``launch_options.nproc_per_node`` through torchrun.
+
+    ``model`` and ``data`` are the CLI's MODEL and ``--data`` strings. Returns the run's summary.
+    """
+    opts = launch_options
+    job = prepare(model, data, mode, config, run_dir, resume, force, export,
+                  world_size=opts.world_size() if opts else 1, epochs=epochs, batch_size=batch_size,
+                  target_sparsity=target_sparsity)
+    job.progress = progress
+    if opts is None:
+        run_job(job.to_dict())
+    else:
+        launch(job.to_dict(), opts)
+    summary_path = Path(job.run_dir) / SUMMARY_FILE
+    summary = json.loads(summary_path.read_text()) if summary_path.is_file() else {}
+    return TrainResult(Path(job.run_dir), summary)
+
+
+# --------------------------------------------------------------------------------------------- workers
+
+
+def run_job(job: dict[str, Any]) -> None:
+    """What each process runs: join the group, train, leave the group cleanly."""
+    env = init_distributed()
+    ok = False
+    try:
+        Trainer(Job(**job), env).fit()
+        ok = True
+    finally:
+        if ok:
+            shutdown(env)
+        elif env.distributed and dist.is_initialized():
+            dist.destroy_process_group()  # no barrier: the other ranks may be gone
+
+
+class WarmupCosine:
+    """lr factor per step: linear warm-up, then cosine to 0. A class (not a lambda) so LambdaLR saves it."""
+
+    def __init__(self, warmup_steps: int, total_steps: int):
+        self.warmup_steps, self.total_steps = int(warmup_steps), max(int(total_steps), 1)
+
+    def __call__(self, step: int) -> float:
+        if step < self.warmup_steps:
+            return (step + 1) / (self.warmup_steps + 1)
+        p = (step - self.warmup_steps) / max(self.total_steps - self.warmup_steps, 1)
+        return 0.5 * (1.0 + math.cos(math.pi * min(p, 1.0)))
+
+
+def _rng_state() -> dict[str, Any]:
+    np_state = np.random.get_state()
+    return {
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        "numpy": [torch.from_numpy(np_state[1].astype(np.int64)), int(np_state[2]), int(np_state[3]), float(np_state[4])],
+        "python": [random.getstate()[0], list(random.getstate()[1]), random.getstate()[2]],
+    }
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+    keys, pos, has_gauss, gauss = state["numpy"]
+    np.random.set_state(("MT19937", keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
+    version, internal, gauss_next = state["python"]
+    random.setstate((version, tuple(internal), gauss_next))
+
+
+class _Log:
+    """Rank-0 output: a rich progress bar on a terminal, plain lines otherwise."""
+
+    def __init__(self, env: DistEnv, progress: bool | None):
+        from rich.console import Console
+
+        self.console = Console()
+        self.on = env.is_main
+        self.bar = self.on and (self.console.is_terminal if progress is None else progress)
+
+    def print(self, msg: str) -> None:
+        if self.on:
+            self.console.print(msg, highlight=False, soft_wrap=True)
+
+    def epoch_progress(self, epoch: int, epochs: int, steps: int) -> Any:
+        if not self.bar:
+            return None
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+        prog = Progress(TextColumn(f"epoch {epoch}/{epochs}"), BarColumn(), MofNCompleteColumn(),
+                        TimeRemainingColumn(), TextColumn("{task.fields[info]}"), console=self.console, transient=True)
+        prog.start()
+        prog.add_task("train", total=steps, info="")
+        return prog
+
+
+class Trainer:
+    """STR training of one job on this process (one of ``env.world_size``)."""
+
+    def __init__(self, job: Job, env: DistEnv):
+        from strfx.api import param_groups, sparsify
+        from strfx.report import report
+
+        self.job, self.env = job, env
+        self.cfg = StrfxConfig.model_validate(job.config)
+        self.tc: TrainConfig = self.cfg.train or TrainConfig()
+        self.run_dir = Path(job.run_dir)
+        self.mode = self.cfg.sparsify.mode
+        self.log = _Log(env, job.progress)
+        tc = self.tc
+        if tc.deterministic:
+            torch.use_deterministic_algorithms(True)
+        torch.manual_seed(tc.seed)  # same initial weights on every rank
+        random.seed(tc.seed)
+        np.random.seed(tc.seed)
+
+        self.loaded = load_model(job.model)
+        self.example_inputs = tuple(self.loaded.example_inputs)
+        gm = sparsify(self.loaded.model, config=self.cfg.sparsify, example_inputs=self.example_inputs)
+        self.before = report(gm, self.example_inputs, name=self.loaded.name)  # dense params/FLOPs
+        self.gm = gm
+        self.meter = SparsityMeter(gm, self.mode, self.example_inputs)
+
+        dev = env.device
+        self.cuda = dev.type == "cuda"
+        self.autocast_dtype = torch.bfloat16 if (tc.precision == "bf16" or (tc.precision == "auto" and self.cuda)) else None
+        four_d = bool(self.example_inputs) and self.example_inputs[0].dim() == 4
+        self.channels_last = tc.channels_last if tc.channels_last is not None else (self.cuda and four_d)
+        if tc.sync_batchnorm and env.distributed:
+            gm = nn.SyncBatchNorm.convert_sync_batchnorm(gm)
+        gm.to(dev)
+        if self.channels_last:
+            gm.to(memory_format=torch.channels_last)
+        self.gm = gm
+        self.data = load_data(job.data, self.loaded.hook("datasets"),
+                              image_size=tuple(self.example_inputs[0].shape[-2:]) if four_d else (224, 224),
+                              channels=self.example_inputs[0].shape[1] if four_d else 3, model_file=self.loaded.spec)
+        self.per_rank_batch = tc.batch_size // env.world_size
+        self.train_loader, self.train_sampler = self._train_loader()
+        self.val_loader = self._val_loader()
+        self.steps_per_epoch = len(self.train_loader)
+        if tc.max_steps_per_epoch:
+            self.steps_per_epoch = min(self.steps_per_epoch, tc.max_steps_per_epoch)
+        if self.steps_per_epoch == 0:
+            raise DataError(f"{self.data.source}: no full batch of {self.per_rank_batch} per process; lower train.batch_size")
+        self.total_steps = self.steps_per_epoch * tc.epochs
+
+        self.optimizer = torch.optim.SGD(
+            param_groups(gm, tc.weight_decay, tc.threshold_decay, tc.norm_decay),
+            lr=tc.peak_lr(), momentum=tc.momentum, nesterov=tc.nesterov)
+        warmup = int(round(tc.warmup_epochs_for() * self.steps_per_epoch))
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, WarmupCosine(warmup, self.total_steps))
+        self.scaler = torch.amp.GradScaler(dev.type, enabled=False)  # bf16 needs no loss scaling; kept for fp16 forks
+        self.loss_fn = nn.CrossEntropyLoss(label_smoothing=tc.label_smoothing)
+        self.controller: ThresholdDecayController | None = None
+        thr_group = self._group("thresholds")
+        if tc.target_sparsity is not None:
+            if thr_group is None:
+                raise TrainError("--target-sparsity needs STR thresholds in the model, and there are none")
+            self.controller = ThresholdDecayController(tc.target_sparsity, self.total_steps, tc.controller,
+                                                       thr_group["weight_decay"], tc.momentum)
+
+        # Structured: a channel dies when |γ| < g(s), but decay can lift g(s) only to g(0) = 0.5 while γ starts
+        # at 1; so the controller drives the decay of γ ("norms") together with that of s.
+        self.steered_groups = ["thresholds"] + (["norms"] if self.mode == "structured" else [])
+        self.model: nn.Module = gm
+        if env.distributed:
+            self.model = nn.parallel.DistributedDataParallel(gm, device_ids=[dev.index] if self.cuda else None)
+        if tc.compile:
+            self.model = torch.compile(self.model)
+        self.start_epoch, self.step = 0, 0
+        self.tb = None
+
+    # ---------------------------------------------------------------------------------------- data
+    def _train_loader(self) -> tuple[DataLoader, DistributedSampler]:
+        tc, env, d = self.tc, self.env, self.data
+        sampler = DistributedSampler(d.train, num_replicas=env.world_size, rank=env.rank, shuffle=True, seed=tc.seed)
+        workers = tc.workers if tc.workers is not None else (4 if self.cuda else (0 if d.batched else 2))
+        common: dict[str, Any] = {"num_workers": workers, "pin_memory": self.cuda, "persistent_workers": False}
+        if d.batched:  # whole batches straight from the in-memory arrays
+            loader = DataLoader(d.train, sampler=BatchSampler(sampler, self.per_rank_batch, drop_last=True),
+                                batch_size=None, **common)
+        else:
+            loader = DataLoader(d.train, sampler=sampler, batch_size=self.per_rank_batch, drop_last=True, **common)
+        return loader, sampler
+
+    def _val_loader(self) -> DataLoader:
+        env, d = self.env, self.data
+        indices = list(range(env.rank, len(d.val), env.world_size))  # no padding: every image counted once
+        bs = max(self.per_rank_batch, 256)
+        workers = self.tc.workers if self.tc.workers is not None else (4 if self.cuda else (0 if d.batched else 2))
+        if d.batched:
+            return DataLoader(d.val, sampler=BatchSampler(indices, bs, drop_last=False), batch_size=None,
+                              num_workers=workers, pin_memory=self.cuda)
+        return DataLoader(Subset(d.val, indices), batch_size=bs, num_workers=workers, pin_memory=self.cuda)
+
+    def _to_device(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        x = x.to(self.env.device, non_blocking=True)
+        if self.channels_last and x.dim() == 4:
+            x = x.contiguous(memory_format=torch.channels_last)
+        return x, y.to(self.env.device, non_blocking=True)
+
+    def _group(self, name: str) -> dict[str, Any] | None:
+        return next((g for g in self.optimizer.param_groups if g.get("name") == name), None)
+
+    def _autocast(self) -> Any:
+        if self.autocast_dtype is None:
+            return nullcontext()
+        return torch.autocast(self.env.device.type, dtype=self.autocast_dtype)
+
+    def _allreduce(self, values: list[float]) -> list[float]:
+        t = torch.tensor(values, dtype=torch.float64, device=self.env.device)
+        if self.env.distributed:
+            dist.all_reduce(t)
+        return t.tolist()
+
+    # ---------------------------------------------------------------------------------- checkpoints
+    def _checkpoint_path(self, epoch: int) -> Path:
+        return self.run_dir / CHECKPOINT_DIR / f"epoch-{epoch:04d}.pt"
+
+    def save_checkpoint(self, epoch: int) -> None:
+        rng = _rng_state()
+        per_rank = [rng["torch"]]
+        if self.env.distributed:  # every rank's torch RNG, so a resumed worker continues its own stream
+            per_rank = [None] * self.env.world_size
+            dist.all_gather_object(per_rank, rng["torch"])
+        if not self.env.is_main:
+            return
+        rng["torch_per_rank"] = per_rank
+        state = {
+            "format": CHECKPOINT_FORMAT, "epoch": epoch, "step": self.step, "world_size": self.env.world_size,
+            "model": self.gm.state_dict(), "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict(),
+            "controller": self.controller.state_dict() if self.controller else {},
+            "rng": rng, "config": json.dumps(self.cfg.model_dump(mode="json"), sort_keys=True),
+        }
+        folder = self.run_dir / CHECKPOINT_DIR
+        folder.mkdir(exist_ok=True)
+        atomic_torch_save(state, self._checkpoint_path(epoch))
+        keep = self.tc.keep_checkpoints
+        if keep is not None:
+            found = sorted((int(m.group(1)), p) for p in folder.iterdir() if (m := _CKPT_RE.match(p.name)))
+            for _, old in found[:-keep]:
+                old.unlink(missing_ok=True)
+
+    def maybe_resume(self) -> None:
+        """Continue from the newest checkpoint when asked to, or after a torchrun restart."""
+        if not (self.job.resume or self.env.restart_count > 0):
+            return
+        if self.env.is_main:  # leftovers of a save that was killed half-way
+            for tmp in (self.run_dir / CHECKPOINT_DIR).glob(".epoch-*.tmp-*"):
+                tmp.unlink(missing_ok=True)
+        latest = _latest_checkpoint(self.run_dir)
+        if latest is None:
+            self.log.print("no checkpoint yet: starting at epoch 1")
+            return
+        ckpt = load_checkpoint(latest, self.cfg)
+        try:
+            self.gm.load_state_dict(ckpt["model"])
+            self.optimizer.load_state_dict(ckpt["optimizer"])
+        except (RuntimeError, ValueError, KeyError) as err:
+            raise CheckpointError(f"checkpoint {latest} does not fit this model: {str(err).splitlines()[0]}; "
+                                  f"start over with --force") from None
+        self.scheduler.load_state_dict(ckpt["scheduler"])
+        self.scaler.load_state_dict(ckpt["scaler"])
+        if self.controller and ckpt["controller"]:
+            self.controller.load_state_dict(ckpt["controller"])
+        rng = ckpt["rng"]
+        if ckpt["world_size"] == self.env.world_size:
+            rng["torch"] = rng["torch_per_rank"][self.env.rank]
+            _set_rng_state(rng)
+        else:
+            torch.manual_seed(self.tc.seed + 1000 * ckpt["epoch"] + self.env.rank)
+        self.start_epoch, self.step = int(ckpt["epoch"]), int(ckpt["step"])
+        if self.env.is_main:
+            self._truncate_metrics(self.start_epoch)
+        self.log.print(f"resumed from {latest} (epoch {self.start_epoch}/{self.tc.epochs} done)")
+
+    def _truncate_metrics(self, epochs_done: int) -> None:
+        path = self.run_dir / METRICS_FILE
+        if not path.is_file():
+            return
+        lines = [ln for ln in path.read_text().splitlines() if ln.strip() and json.loads(ln)["epoch"] <= epochs_done]
+        atomic_write(path, "".join(ln + "\n" for ln in lines))
+
+    # ------------------------------------------------------------------------------------- training
+    def _controller_step(self) -> None:
+        c = self.controller
+        if c is None or not c.due(self.step):
+            return
+        group = self._group("thresholds")
+        assert group is not None
+        decay = c.update(self.step, self.meter(), group["lr"])
+        if self.env.distributed:  # identical on every rank already; broadcast guards against float drift
+            t = torch.tensor([decay], dtype=torch.float64, device=self.env.device)
+            dist.broadcast(t, 0)
+            decay = c.decay = float(t.item())
+        for name in self.steered_groups:
+            g = self._group(name)
+            if g is not None:
+                g["weight_decay"] = decay
+
+    def train_epoch(self, epoch: int) -> dict[str, float]:
+        self.model.train()
+        self.train_sampler.set_epoch(epoch)
+        prog = self.log.epoch_progress(epoch + 1, self.tc.epochs, self.steps_per_epoch)
+        loss_sum = torch.zeros((), dtype=torch.float64, device=self.env.device)
+        correct = torch.zeros((), dtype=torch.float64, device=self.env.device)
+        seen = 0
+        try:
+            for i, (x, y) in enumerate(self.train_loader):
+                if i >= self.steps_per_epoch:
+                    break
+                maybe_inject_fault(self.env, epoch + 1, i)
+                x, y = self._to_device(x, y)
+                with self._autocast():
+                    out = self.model(x)
+                    loss = self.loss_fn(out.float(), y)
+                self.optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                self.optimizer.step()
+                self.scheduler.step()
+                self.step += 1
+                self._controller_step()
+                loss_sum += loss.detach().double() * len(y)
+                correct += (out.detach().argmax(1) == y).sum().double()
+                seen += len(y)
+                if prog is not None:
+                    prog.update(0, advance=1, info=f"loss {loss.item():.3f}")
+        finally:
+            if prog is not None:
+                prog.stop()
+        total_loss, total_correct, total = self._allreduce([loss_sum.item(), correct.item(), float(seen)])
+        return {"train_loss": total_loss / max(total, 1), "train_top1": total_correct / max(total, 1)}
+
+    @torch.no_grad()
+    def evaluate(self) -> dict[str, float]:
+        self.gm.eval()
+        loss_fn = nn.CrossEntropyLoss(reduction="sum")
+        loss_sum, correct, seen = 0.0, 0.0, 0
+        for x, y in self.val_loader:
+            x, y = self._to_device(x, y)
+            with self._autocast():
+                out = self.gm(x).float()
+            loss_sum += float(loss_fn(out, y))
+            correct += float((out.argmax(1) == y).sum())
+            seen += len(y)
+        self.gm.train()
+        loss_sum, correct, total = self._allreduce([loss_sum, correct, float(seen)])
+        return {"val_loss": loss_sum / max(total, 1), "val_top1": correct / max(total, 1)}
+
+    def _report(self) -> Any:
+        from strfx.report import report
+
+        inputs = tuple(t.to(self.env.device) for t in self.example_inputs)
+        return report(self.gm, inputs, name=self.loaded.name)
+
+    def _metrics(self, epoch: int, stats: dict[str, float], seconds: float) -> dict[str, Any]:
+        rep = self._report()
+        flops_removed = 1 - (rep.effective_flops or 0) / rep.dense_flops if rep.dense_flops else None
+        row: dict[str, Any] = {"epoch": epoch, "step": self.step, "lr": self.scheduler.get_last_lr()[0], **stats,
+                               "sparsity": rep.sparsity, "flops_removed": flops_removed,
+                               "nonzero_params": rep.nonzero_params, "seconds": round(seconds, 3)}
+        if self.controller is not None:
+            row["target_now"] = self.controller.schedule(self.step)
+            row["threshold_decay"] = self.controller.decay
+        row["layers"] = {lr.name: {"sparsity": lr.sparsity, "threshold": lr.threshold} for lr in rep.layers}
+        return row
+
+    def _log_epoch(self, row: dict[str, Any]) -> None:
+        target = f" (target {self.tc.target_sparsity:.0%})" if self.tc.target_sparsity else ""
+        measure = row["sparsity"] if self.mode == "unstructured" else row["flops_removed"]
+        what = "weights zero" if self.mode == "unstructured" else "FLOPs removed"
+        self.log.print(f"epoch {row['epoch']}/{self.tc.epochs}: loss {row['train_loss']:.4f} · "
+                       f"train top-1 {row['train_top1']:.2%} · val top-1 {row['val_top1']:.2%} · "
+                       f"{what} {measure:.2%}{target} · lr {row['lr']:.4g} · {row['seconds']:.1f}s")
+
+    def _tensorboard(self, row: dict[str, Any]) -> None:
+        if not self.env.is_main:
+            return
+        if self.tb is None:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError:  # tensorboard not installed: metrics.jsonl is the record
+                self.tb = False
+                return
+            self.tb = SummaryWriter(str(self.run_dir / "tensorboard"))
+        if self.tb:
+            for key, value in row.items():
+                if isinstance(value, (int, float)) and value is not None and key != "epoch":
+                    self.tb.add_scalar(key, value, row["epoch"])
+            self.tb.flush()
+
+    def fit(self) -> None:
+        self.maybe_resume()
+        tc = self.tc
+        if self.start_epoch == 0:
+            self.log.print(f"training {self.loaded.name} ({self.mode} STR) on {self.data.source}: {tc.epochs} epochs × "
+                           f"{self.steps_per_epoch} steps, global batch {tc.batch_size} on {self.env.world_size} "
+                           f"process(es) on {self.env.device.type}, lr {tc.peak_lr():g}")
+        stats: dict[str, float] = {}
+        for epoch in range(self.start_epoch, tc.epochs):
+            t0 = time.perf_counter()
+            stats = self.train_epoch(epoch)
+            stats |= self.evaluate()
+            last = epoch + 1 == tc.epochs
+            if self.env.is_main:  # metrics first: a resume drops lines past its checkpoint, so none is lost
+                row = self._metrics(epoch + 1, stats, time.perf_counter() - t0)
+                with open(self.run_dir / METRICS_FILE, "a") as f:
+                    f.write(json.dumps(row) + "\n")
+                    f.flush()
+                    os.fsync(f.fileno())
+                self._log_epoch(row)
+                self._tensorboard(row)
+            if (epoch + 1) % tc.checkpoint_every == 0 or last:
+                self.save_checkpoint(epoch + 1)
+        if self.tb:
+            self.tb.close()
+        if not stats:  # resumed a run whose epochs were all done: measure it again (all ranks take part)
+            stats = self.evaluate()
+        stats["ranks_max_param_diff"] = self.rank_divergence()
+        if self.env.is_main:
+            self.finish(stats)
+
+    @torch.no_grad()
+    def rank_divergence(self) -> float:
+        """Largest difference between any rank's parameters and rank 0's (DDP must keep it 0)."""
+        if not self.env.distributed:
+            return 0.0
+        flat = torch.cat([p.detach().double().flatten() for p in self.gm.parameters()])
+        mine = flat.to(self.env.device)
+        theirs = mine.clone()
+        dist.broadcast(theirs, 0)
+        diff = (mine - theirs).abs().max()
+        dist.all_reduce(diff, op=dist.ReduceOp.MAX)
+        return float(diff)
+
+    # -------------------------------------------------------------------------------- end of run
+    def finish(self, final: dict[str, float]) -> None:
+        from strfx.plot import plot_budget
+
+        rep = self._report()
+        atomic_torch_save(self.gm.state_dict(), self.run_dir / WEIGHTS_FILE)
+        atomic_write(self.run_dir / REPORT_FILE, rep.model_dump_json(indent=2))
+        plot_budget(rep, self.run_dir / PLOT_FILE, title=f"{self.loaded.name} · {self.mode} STR · layer-wise sparsity")
+        b = self.before
+        summary: dict[str, Any] = {
+            "model": self.loaded.name, "mode": self.mode, "epochs": self.tc.epochs, "data": self.data.source,
+            "val_top1": final["val_top1"], "sparsity": rep.sparsity,
+            "flops_removed": 1 - (rep.effective_flops or 0) / rep.dense_flops if rep.dense_flops else None,
+            "target_sparsity": self.tc.target_sparsity, "world_size": self.env.world_size,
+            "ranks_max_param_diff": final.get("ranks_max_param_diff", 0.0),
+            "params_before": b.params, "params_after": rep.nonzero_params,
+            "flops_before": b.dense_flops, "flops_after": rep.effective_flops,
+        }
+        if self.job.export:
+            summary["export"] = self.export()
+        atomic_write(self.run_dir / SUMMARY_FILE, json.dumps(summary, indent=2))
+        self.print_summary(summary)
+
+    def export(self) -> dict[str, Any]:
+        """Shrink away the dead channels and export ONNX (+ .pt2), each verified against the trained model."""
+        import copy
+
+        from strfx.export import export
+        from strfx.surgery import shrink
+
+        masked = copy.deepcopy(self.gm).to("cpu", memory_format=torch.contiguous_format).eval()
+        inputs = tuple(t.cpu() for t in self.example_inputs)
+        shrunk = shrink(masked, inputs)
+        info = shrunk.meta["strfx_shrink"]
+        rep = export(shrunk, self.run_dir / "model.onnx", inputs, pt2_path=self.run_dir / "model.pt2",
+                     reference=masked, force=True)
+        return {
+            "onnx": rep.onnx_path, "pt2": rep.pt2_path, "exporter": rep.exporter,
+            "channels": info["channels"], "channels_removed": info["channels_removed"],
+            "params_after": rep.model.params, "flops_after": rep.model.flops,
+            "params_before": rep.reference.params if rep.reference else None,
+            "flops_before": rep.reference.flops if rep.reference else None,
+            "shrink_max_error": info["max_error"], "onnx_max_error": rep.onnx_max_error,
+            "pt2_max_error": rep.pt2_max_error, "reference_max_error": rep.reference_max_error,
+            "tolerance": rep.tolerance,
+        }
+
+    @staticmethod
+    def _show(path: str | Path) -> str:
+        """A path as the user would type it: relative to the working directory when inside it."""
+        try:
+            return str(Path(path).resolve().relative_to(Path.cwd()))
+        except ValueError:
+            return str(path)
+
+    def print_summary(self, s: dict[str, Any]) -> None:
+        what = "of STR weights are zero" if self.mode == "unstructured" else "of FLOPs removed"
+        measure = s["sparsity"] if self.mode == "unstructured" else s["flops_removed"]
+        target = f" (target {s['target_sparsity']:.0%})" if s["target_sparsity"] else ""
+        elements = "weights" if self.mode == "unstructured" else "channels"
+        lines = [
+            f"[bold]done[/]: {s['model']} {self.mode} STR, {s['epochs']} epochs on {s['data']}",
+            f"  accuracy   val top-1 {s['val_top1']:.2%}",
+            f"  sparsity   {measure:.2%} {what}{target}; {s['sparsity']:.2%} of STR {elements} zero",
+        ]
+        if self.mode == "unstructured":
+            lines.append(f"  params     {s['params_before']:,} → {s['params_after']:,} non-zero")
+        if s["flops_before"]:
+            lines.append(f"  FLOPs      {s['flops_before'] / 1e6:,.2f}M → {s['flops_after'] / 1e6:,.2f}M effective "
+                         f"({s['flops_before'] / max(s['flops_after'], 1):.2f}×, on the example inputs)")
+        ex = s.get("export")
+        if ex:
+            lines.append(f"  shrink     {ex['channels_removed']:,} of {ex['channels']:,} channels removed: params "
+                         f"{ex['params_before']:,} → {ex['params_after']:,}"
+                         + (f", FLOPs {ex['flops_before'] / 1e6:,.2f}M → {ex['flops_after'] / 1e6:,.2f}M"
+                            if ex["flops_before"] and ex["flops_after"] else ""))
+            checks = f"ORT vs torch {ex['onnx_max_error']:.2g}, shrunk vs trained {ex['shrink_max_error']:.2g}"
+            if ex["pt2_max_error"] is not None:
+                checks += f", .pt2 vs torch {ex['pt2_max_error']:.2g}"
+            lines.append(f"  export     {self._show(ex['onnx'])} ({ex['exporter']}) · max relative error {checks} "
+                         f"(≤ {ex['tolerance']:g}) [green]OK[/]")
+        lines.append(f"  plot       {self._show(self.run_dir / PLOT_FILE)} (layer-wise sparsity STR learned)")
+        lines.append(f"  wrote      {self._show(self.run_dir)}/ (weights.pt, report.json, summary.json, metrics.jsonl, checkpoints/)")
+        for ln in lines:
+            self.log.print(ln)

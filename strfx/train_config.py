@@ -1,0 +1,90 @@
+"""``TrainConfig``: the ``train:`` section of a config file, with the STR paper's recipe as defaults.
+
+Defaults follow Kusupati et al. (2020), §4 / Appendix: SGD with momentum 0.875 (no Nesterov),
+lr 0.256 per 256 images, cosine decay after 5 linear warm-up epochs, label smoothing 0.1, weight
+decay on every parameter including the thresholds ``s``. Values that only make sense for 100-epoch
+ImageNet runs are scaled for short runs (see :meth:`TrainConfig.warmup_epochs_for`).
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ControllerConfig(_Strict):
+    """How ``--target-sparsity`` steers the threshold decay (see strfx.controller)."""
+
+    ramp_start: float = Field(0.05, ge=0, lt=1, description="Fraction of training before the sparsity schedule starts rising.")
+    ramp_end: float = Field(0.6, gt=0, le=1, description="Fraction of training at which the schedule reaches the target; "
+                            "the rest of the run holds it while the learning rate anneals.")
+    interval_steps: int | None = Field(None, ge=1, description="Optimizer steps between two updates; None: "
+                                       "total_steps/400, at least 1.")
+    max_rate: float = Field(8.0, gt=0, description="At full effort the decay shrinks |s| by e^-max_rate over the "
+                            "ramp; bounds how fast thresholds can rise, so they cannot run away.")
+    max_step_rate: float = Field(0.02, gt=0, description="Cap on that pace per optimizer step (momentum makes the "
+                                 "response lag ~1/(1-μ) steps, so very short runs must not move faster).")
+    proportional: float = Field(10.0, ge=0, description="Effort per unit of relative sparsity error "
+                                "((schedule - measured) / target): 10% behind the schedule = full effort.")
+    integral: float = Field(0.05, ge=0, description="Integral gain per unit relative error per percent of training.")
+    max_reverse: float = Field(0.5, ge=0, le=1, description="Largest negative effort when ahead of the schedule: the "
+                               "decay then turns negative and lowers thresholds (pruned weights keep their values, "
+                               "so they come back); 0 keeps the decay non-negative.")
+    max_decay: float = Field(1.0, gt=0, description="Clamp of |threshold decay| (the lr-compensated decay would "
+                             "grow without bound as the cosine schedule reaches 0).")
+
+    @model_validator(mode="after")
+    def _ordered(self) -> "ControllerConfig":
+        if self.ramp_end <= self.ramp_start:
+            raise ValueError("ramp_end must be after ramp_start")
+        return self
+
+
+class TrainConfig(_Strict):
+    """The training recipe. Every field can be set in YAML under ``train:``."""
+
+    epochs: int = Field(100, ge=1, description="Training epochs (the STR paper trains ImageNet for 100).")
+    batch_size: int = Field(256, ge=1, description="GLOBAL batch size, split evenly over all processes, so a run "
+                            "gives the same optimisation on 1 or N processes.")
+    lr: float | None = Field(None, gt=0, description="Peak learning rate; default 0.256 × batch_size / 256.")
+    momentum: float = Field(0.875, ge=0, lt=1)
+    nesterov: bool = False
+    warmup_epochs: float = Field(5.0, ge=0, description="Linear warm-up length (the paper's 5 of 100 epochs); a "
+                                 "run shorter than 25 epochs warms up for its first 20% instead, so a 3-epoch run "
+                                 "neither spends all of it warming up nor jumps to the peak lr within a few steps.")
+    label_smoothing: float = Field(0.1, ge=0, lt=1)
+    weight_decay: float = Field(3.0517578125e-05, ge=0, description="Decay on every parameter (STR's 1/32768).")
+    threshold_decay: float | None = Field(None, ge=0, description="Decay on the thresholds s (default weight_decay). "
+                                          "It is what raises s, so it sets how sparse the run ends.")
+    norm_decay: float | None = Field(None, ge=0, description="Decay on STR-BN γ and gate vectors (default weight_decay).")
+    s_init: dict[Literal["unstructured", "structured"], float] = Field(
+        default_factory=lambda: {"unstructured": -10.0, "structured": -5.0},
+        description="sparsify.s_init used by `strfx train` in each mode, unless the config sets sparsify.s_init "
+        "itself: sigmoid(-10)≈5e-5 is below almost every weight; sigmoid(-5)≈7e-3 is far below γ≈1.")
+    target_sparsity: float | None = Field(None, gt=0, lt=1, description="Unstructured: fraction of STR weights that "
+                                          "end at zero. Structured: fraction of FLOPs removed. None: plain STR.")
+    controller: ControllerConfig = Field(default_factory=ControllerConfig)
+    seed: int = 0
+    deterministic: bool = Field(False, description="torch.use_deterministic_algorithms (resume equals uninterrupted).")
+    precision: Literal["auto", "fp32", "bf16"] = Field("auto", description="auto: bf16 autocast on CUDA, fp32 on CPU.")
+    channels_last: bool | None = Field(None, description="None: on for 4-D inputs on CUDA.")
+    compile: bool = Field(False, description="torch.compile the model (CUDA only by default; slow to start).")
+    sync_batchnorm: bool = Field(False, description="Convert nn BatchNorms to SyncBatchNorm under DDP. STR-BN layers "
+                                 "keep per-process batch statistics (see docs in strfx.train).")
+    workers: int | None = Field(None, ge=0, description="DataLoader workers per process; None: 4 on CUDA, 0 for "
+                                "in-memory arrays on CPU, 2 otherwise.")
+    checkpoint_every: int = Field(1, ge=1, description="Epochs between checkpoints (the last epoch always gets one).")
+    keep_checkpoints: int | None = Field(3, ge=1, description="Newest checkpoints kept; None keeps all.")
+    max_steps_per_epoch: int | None = Field(None, ge=1, description="Cap on optimizer steps per epoch (smoke tests).")
+
+    def peak_lr(self) -> float:
+        return self.lr if self.lr is not None else 0.256 * self.batch_size / 256
+
+    def warmup_epochs_for(self) -> float:
+        """Warm-up actually used: ``warmup_epochs``, at most 20% of the run."""
+        return min(self.warmup_epochs, 0.2 * self.epochs)
