@@ -58,7 +58,10 @@ def run_case(seed: int) -> dict[str, Any]:
         return {**out, "outcome": outcome, "err": err, "before": rep["params_before"], "after": rep["params_after"],
                 "removed": rep["channels_removed"], "s": time.perf_counter() - t0}
     except StrfxError as err:
-        return {**out, "outcome": "refused", "why": str(err).split(":")[0][:120], "s": time.perf_counter() - t0}
+        why = str(err).split(":")[0][:120]
+        if "the cut is exact" in str(err):
+            why += " (exact in float64: float32 rounding in an ill-conditioned op)"
+        return {**out, "outcome": "refused", "why": why, "s": time.perf_counter() - t0}
     except Exception as err:  # noqa: BLE001 - every crash is counted and reported
         return {**out, "outcome": "CRASH", "why": f"{type(err).__name__}: {str(err)[:160]}", "s": time.perf_counter() - t0}
 

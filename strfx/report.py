@@ -2,9 +2,9 @@
 
 FLOPs are counted by ``torch.utils.flop_counter.FlopCounterMode`` (per module), never by hand.
 Effective FLOPs scale each layer's dense FLOPs by the density of its thresholded weight in
-unstructured mode; in structured mode they are the FLOPs of the shrunk model (``strfx.shrink``: dead
-channels removed from producers and consumers), falling back to scaling by the fraction of
-output channels alive if the model cannot be shrunk.
+unstructured mode and by the fraction of its output channels alive in structured mode (a fast
+estimate that training's sparsity meter reproduces). In structured mode ``shrunk_flops`` is exact:
+the FLOPs of the model after ``strfx.shrink`` removed its dead channels from producers and consumers.
 """
 
 from __future__ import annotations
@@ -44,6 +44,8 @@ class Report(BaseModel):
     nonzero_params: int = Field(description="Parameters that are not exactly zero (after thresholding).")
     dense_flops: int | None = Field(None, description="FLOPs of one forward on the example inputs.")
     effective_flops: int | None = Field(None, description="FLOPs left when zeros are skipped (see module doc).")
+    shrunk_flops: int | None = Field(None, description="Structured mode: FLOPs of the shrunk model (exact); "
+                                     "None when not computed or the model cannot be shrunk.")
 
     def table(self, title: str | None = None) -> Any:
         """A rich Table of the report (the CLI prints it)."""
@@ -101,7 +103,8 @@ def _structured_producers(model: nn.Module) -> dict[str, str]:
     return out
 
 
-def _shrunk_flops(model: nn.Module, inputs: Sequence[Any], dense: int, zeros: bool, fallback: int) -> int:
+def _shrunk_flops(model: nn.Module, inputs: Sequence[Any], dense: int, zeros: bool,
+                  fallback: int | None) -> int | None:
     """Structured mode: the FLOPs of the model with its dead channels really removed (exact, unlike
     the per-layer estimate, which misses the consumers of removed channels)."""
     if not zeros:
@@ -111,13 +114,16 @@ def _shrunk_flops(model: nn.Module, inputs: Sequence[Any], dense: int, zeros: bo
 
     try:
         small = shrink(model, inputs)
+        return _per_module_flops(small, inputs)[0]
     except StrfxError:
         return fallback
-    return _per_module_flops(small, inputs)[0]
+    except Exception:  # noqa: BLE001 - a report (e.g. each epoch of training) must never fail on this
+        return fallback
 
 
 @torch.no_grad()
-def report(model: nn.Module, example_inputs: Sequence[Any] | torch.Tensor | None = None, name: str | None = None) -> Report:
+def report(model: nn.Module, example_inputs: Sequence[Any] | torch.Tensor | None = None, name: str | None = None,
+           shrunk_flops: bool = True) -> Report:
     """Report sparsity, thresholds, params and FLOPs of a model returned by :func:`strfx.sparsify`."""
     meta = getattr(model, "meta", {}).get("strfx", {}) if isinstance(model, fx.GraphModule) else {}
     if example_inputs is None:
@@ -161,13 +167,14 @@ def report(model: nn.Module, example_inputs: Sequence[Any] | torch.Tensor | None
         dense, per_module = _per_module_flops(model, example_inputs)
         saved = sum(per_module.get(name, 0) * (1 - d) for name, d in density.items())
         effective_flops = int(round(dense - saved))
-        if mode == "structured":
-            effective_flops = _shrunk_flops(model, example_inputs, dense, zeros=any(
-                layer.zeros for layer in layers if layer.kind != "weight"), fallback=effective_flops)
+    exact = None
+    if example_inputs is not None and mode == "structured" and shrunk_flops and dense is not None:
+        exact = _shrunk_flops(model, example_inputs, dense, zeros=any(
+            layer.zeros for layer in layers if layer.kind != "weight"), fallback=None)
     elements = sum(layer.elements for layer in layers)
     zeros = sum(layer.zeros for layer in layers)
     return Report(
         model=name or type(model).__name__, mode=mode, layers=layers, elements=elements, zeros=zeros,
         sparsity=zeros / max(elements, 1), params=params, nonzero_params=nonzero,
-        dense_flops=dense, effective_flops=effective_flops,
+        dense_flops=dense, effective_flops=effective_flops, shrunk_flops=exact,
     )

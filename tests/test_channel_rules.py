@@ -411,3 +411,10 @@ def test_adding_a_broadcast_tensor_keeps_zero_channels_alive():
     m = Bias().eval()
     kill_bn(m.a[1], [1])
     assert sub(shrink_checked(m, torch.randn(2, 3, 4, 4)), "c").in_channels == 4
+
+
+def test_a_dimension_never_loses_every_channel():
+    m = Chain().eval()
+    kill_bn(m.a[1], list(range(8)))  # everything dead: one channel stays so the model keeps its shape
+    small = shrink_checked(m, torch.randn(2, 3, 8, 8))
+    assert sub(small, "a.0").out_channels == 1 and sub(small, "b.0").in_channels == 1

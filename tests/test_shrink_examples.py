@@ -78,19 +78,20 @@ def test_shrunk_model_state_dict_reloads_with_weights_only(tmp_path):
     assert set(state) == set(small.state_dict())
 
 
-def test_structured_report_effective_flops_are_the_shrunk_models():
+def test_structured_report_shrunk_flops_are_the_shrunk_models():
     from torch.utils.flop_counter import FlopCounterMode
 
     loaded = load_model(str(EXAMPLES / "resnet20.py"))
     gm = strfx.sparsify(loaded.model, "structured", example_inputs=loaded.example_inputs)
-    assert strfx.report(gm).effective_flops == strfx.report(gm).dense_flops
+    assert strfx.report(gm).shrunk_flops == strfx.report(gm).dense_flops
     kill_channels(gm, 0.5, seed=0)
     rep = strfx.report(gm)
+    assert strfx.report(gm, shrunk_flops=False).shrunk_flops is None
     small = strfx.shrink(gm).eval()
     counter = FlopCounterMode(display=False)
     with torch.no_grad(), counter:
         small(*loaded.example_inputs)
-    assert rep.effective_flops == counter.get_total_flops() < rep.dense_flops
+    assert rep.shrunk_flops == counter.get_total_flops() < rep.dense_flops
 
 
 @pytest.mark.parametrize("mode", ["structured", "unstructured"])
