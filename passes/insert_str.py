@@ -116,6 +116,8 @@ def _insert_unstructured(gm: fx.GraphModule, config: SparsifyConfig) -> int:
     for i, site in enumerate(sites):
         if i in skip or site.qualname in done:
             continue
+        if not site.owner:
+            site = _move_root_parameter(gm, site)
         owner_path, _, leaf_attr = site.qualname.rpartition(".")
         owner = gm.get_submodule(owner_path) if owner_path else gm
         weight = getattr(owner, leaf_attr)
@@ -125,6 +127,23 @@ def _insert_unstructured(gm: fx.GraphModule, config: SparsifyConfig) -> int:
         done.add(site.qualname)
         site.node.meta.setdefault("strfx", {}).setdefault("str_weights", []).append(site.qualname)
     return len(done)
+
+
+def _move_root_parameter(gm: fx.GraphModule, site: WeightSite) -> WeightSite:
+    """Move a weight owned by the GraphModule itself into a holder submodule.
+
+    parametrize swaps the class of the module it parametrizes, which a GraphModule's generated
+    ``__call__`` does not survive; a plain holder module takes the parametrization instead.
+    """
+    holder = nn.Module()
+    holder.register_parameter("weight", getattr(gm, site.attr))
+    name = f"{site.attr}_str"
+    gm.add_submodule(name, holder)
+    delattr(gm, site.attr)
+    for node in gm.graph.nodes:
+        if node.op == "get_attr" and node.target == site.attr:
+            node.target = f"{name}.weight"
+    return WeightSite(site.node, name, "weight", site.weight_channel_dim, site.output_channel_dim)
 
 
 def _swap_batchnorms(gm: fx.GraphModule, config: SparsifyConfig) -> int:

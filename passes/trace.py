@@ -49,7 +49,10 @@ class StrfxTracer(fx.Tracer):
         return super().is_leaf_module(m, module_qualified_name)
 
 
-_LIB_DIRS = tuple(os.path.dirname(os.path.dirname(p)) + os.sep for p in (torch.__file__, __file__))
+import strfx as _strfx  # noqa: E402
+
+# Frames inside these packages are never "the user's line".
+_LIB_DIRS = tuple(os.path.dirname(p) + os.sep for p in (torch.__file__, __file__, _strfx.__file__))
 
 
 def _user_frame(err: BaseException) -> str:

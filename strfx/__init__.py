@@ -1,5 +1,8 @@
 """strfx: learnable sparsity (Soft Threshold Reparameterization) for any torch.fx-traceable model."""
 
+# First: makes `import torchvision` work after `import strfx` even where its compiled ops cannot load.
+import strfx._torchvision  # noqa: F401,I001
+
 from strfx.api import check_equivalent, param_groups, sparsify
 from strfx.config import SparsifyConfig, StrfxConfig, load_config
 from strfx.errors import StrfxError

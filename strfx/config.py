@@ -51,8 +51,9 @@ class SparsifyConfig(_Strict):
                        "'structured': STR-BN on BatchNorm γ and STR gates on BN-free producers.")
     s_init: float = Field(
         -15.0,
-        description="Initial threshold parameter s. g(s_init) must be tiny so that the model is unchanged "
-        "at insertion: sigmoid(-15) ≈ 3e-7. Weight decay on s then raises it during training.",
+        description="Initial threshold parameter s; g(s_init) is the first threshold (sigmoid(-15) ≈ 3e-7). "
+        "Insertion is exact whatever it is (raw tensors are stored so that thresholding gives back the "
+        "original values); weight decay on s raises it during training.",
     )
     threshold_fn: Literal["sigmoid"] = Field("sigmoid", description="g, the function mapping s to a threshold.")
     per_channel_threshold: bool = Field(

@@ -37,6 +37,16 @@ def soft_threshold(x: torch.Tensor, s: torch.Tensor, fn: str = "sigmoid") -> tor
     return torch.sign(x) * torch.relu(x.abs() - THRESHOLD_FNS[fn](s))
 
 
+def soft_threshold_inverse(y: torch.Tensor, s: torch.Tensor, fn: str = "sigmoid") -> torch.Tensor:
+    """A raw tensor whose soft threshold is ``y``: ``sign(y) * (|y| + g(s))``.
+
+    Inserting STR stores this instead of ``y`` so the model computes exactly what it computed
+    before, whatever ``s_init`` is (the papers train from scratch and just accept the shift).
+    Exact zeros stay exact zeros.
+    """
+    return torch.sign(y) * (y.abs() + THRESHOLD_FNS[fn](s.detach()))
+
+
 class _Thresholded(nn.Module):
     """Shared parts of every STR carrier: the threshold ``s`` and ``g``."""
 
@@ -80,6 +90,11 @@ class STRWeight(_Thresholded):
 
     def forward(self, weight: torch.Tensor) -> torch.Tensor:
         return soft_threshold(weight, self.s, self.fn)
+
+    @torch.no_grad()
+    def right_inverse(self, weight: torch.Tensor) -> torch.Tensor:
+        """Used by parametrize at registration and on assignment: keeps the weight's value."""
+        return soft_threshold_inverse(weight, self.s, self.fn)
 
 
 def _channel_view(t: torch.Tensor, ndim: int, channel_dim: int) -> torch.Tensor:
@@ -137,7 +152,7 @@ class STRBatchNorm(_Thresholded):
             gamma, beta = bn.weight.detach(), bn.bias.detach()
             small = gamma.abs() < gamma_min
             safe_gamma = torch.where(small, torch.ones_like(gamma), gamma)
-            new.weight.copy_(gamma)
+            new.weight.copy_(soft_threshold_inverse(gamma, new.s, fn))  # so that γ' == γ
             new.shift.copy_(torch.where(small, torch.zeros_like(beta), beta / safe_gamma))
             new.offset.copy_(torch.where(small, beta, torch.zeros_like(beta)))
             if bn.track_running_stats:
@@ -176,7 +191,7 @@ class STRBatchNorm(_Thresholded):
 
 
 class STRGate(_Thresholded):
-    """A per-channel gate ``y = x * g'`` with ``g' = sign(g) * relu(|g| - g(s))``, ``g`` init 1.
+    """A per-channel gate ``y = x * g'`` with ``g' = sign(g) * relu(|g| - g(s))``, ``g'`` init 1.
 
     Structured STR for producers without a BatchNorm (LayerNorm nets, MLPs, bias-only convs):
     unstructured STR on a per-channel importance vector. ``channel_dim`` is 1 for NC... tensors
@@ -187,8 +202,9 @@ class STRGate(_Thresholded):
         super().__init__()
         self.num_channels = num_channels
         self.channel_dim = channel_dim
-        self.weight = nn.Parameter(torch.ones(num_channels))
         self._init_threshold((1,), s_init, fn)
+        # raw gate such that the thresholded gate g' starts at exactly 1
+        self.weight = nn.Parameter(soft_threshold_inverse(torch.ones(num_channels), self.s, fn))
 
     def effective_weight(self) -> torch.Tensor:
         return soft_threshold(self.weight, self.s, self.fn)

@@ -128,24 +128,26 @@ def report(model: nn.Module, example_inputs: Sequence[Any] | torch.Tensor | None
         if mod_name in producers:
             density[producers[mod_name]] = 1 - layers[-1].sparsity
 
-    params = sum(p.numel() for p in model.parameters())
-    str_params = {id(p) for m in str_weights(model).values() for p in m.parameters()}
-    nonzero = sum(int((p != 0).sum()) for p in model.parameters() if id(p) not in str_params)
-    for qualname in str_weights(model):  # count thresholded weights, not the raw originals
+    # Count what the forward pass uses: thresholded tensors instead of their raw parameters.
+    thresholds = {id(p) for p in threshold_parameters(model)}
+    effective = {id(mod.weight): mod.effective_weight() for mod in str_channel_modules(model).values()}
+    for qualname in str_weights(model):
         owner, _, attr = qualname.rpartition(".")
-        w = model.get_submodule(owner).parametrizations[attr]
-        nonzero += int((w() != 0).sum()) - int((w.original != 0).sum())
-    params -= sum(s.numel() for s in threshold_parameters(model))  # thresholds are not model weights
+        chain = model.get_submodule(owner).parametrizations[attr]
+        effective[id(chain.original)] = chain()
+    used = [effective.get(id(p), p) for p in model.parameters() if id(p) not in thresholds]
+    params = sum(t.numel() for t in used)
+    nonzero = sum(int((t != 0).sum()) for t in used)
 
-    dense = effective = None
+    dense = effective_flops = None
     if example_inputs is not None:
         dense, per_module = _per_module_flops(model, example_inputs)
         saved = sum(per_module.get(name, 0) * (1 - d) for name, d in density.items())
-        effective = int(round(dense - saved))
+        effective_flops = int(round(dense - saved))
     elements = sum(layer.elements for layer in layers)
     zeros = sum(layer.zeros for layer in layers)
     return Report(
         model=name or type(model).__name__, mode=mode, layers=layers, elements=elements, zeros=zeros,
         sparsity=zeros / max(elements, 1), params=params, nonzero_params=nonzero,
-        dense_flops=dense, effective_flops=effective,
+        dense_flops=dense, effective_flops=effective_flops,
     )

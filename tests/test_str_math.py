@@ -1,0 +1,105 @@
+"""The STR math against direct formulas: values and gradients (to weights and to s)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+from torch.nn.utils import parametrize
+
+from strfx.modules import STRBatchNorm, STRGate, STRWeight, soft_threshold, soft_threshold_inverse
+
+
+def test_soft_threshold_values_match_formula() -> None:
+    torch.manual_seed(0)
+    w = torch.randn(1000)
+    w[:10] = 0.0
+    s = torch.tensor([-1.0])
+    g = 1 / (1 + torch.exp(-s))  # sigmoid written out
+    expected = torch.where(w.abs() > g, w - torch.sign(w) * g, torch.zeros_like(w))
+    got = soft_threshold(w, s)
+    torch.testing.assert_close(got, expected, rtol=0, atol=1e-7)
+    assert (got[w.abs() <= g] == 0).all() and (got[w.abs() > g] != 0).all()
+
+
+def test_soft_threshold_gradients_match_analytic() -> None:
+    torch.manual_seed(1)
+    w = torch.randn(500, dtype=torch.float64, requires_grad=True)
+    s = torch.tensor([-0.7], dtype=torch.float64, requires_grad=True)
+    r = torch.randn(500, dtype=torch.float64)  # upstream gradient
+    gw, gs = torch.autograd.grad((soft_threshold(w, s) * r).sum(), (w, s))
+    g = torch.sigmoid(s.detach())
+    alive = (w.detach().abs() > g).double()
+    torch.testing.assert_close(gw, r * alive)
+    dg_ds = g * (1 - g)
+    torch.testing.assert_close(gs, (-(torch.sign(w.detach()) * alive * r).sum() * dg_ds).reshape(1))
+    assert torch.autograd.gradcheck(lambda a, b: soft_threshold(a, b), (w[:20], s))
+
+
+def test_inverse_round_trips_and_keeps_zeros() -> None:
+    y = torch.tensor([0.0, 1e-9, -0.3, 2.0])
+    s = torch.tensor([-3.0])
+    torch.testing.assert_close(soft_threshold(soft_threshold_inverse(y, s), s), y, rtol=1e-6, atol=1e-7)
+    assert soft_threshold_inverse(y, s)[0] == 0
+
+
+@pytest.mark.parametrize("per_channel", [False, True])
+def test_weight_parametrization_is_exact_and_learns(per_channel: bool) -> None:
+    torch.manual_seed(2)
+    conv = nn.Conv2d(3, 8, 3)
+    w0 = conv.weight.detach().clone()
+    x = torch.randn(2, 3, 8, 8)
+    y0 = conv(x)
+    parametrize.register_parametrization(conv, "weight", STRWeight(conv.weight, -4.0, per_channel=per_channel))
+    torch.testing.assert_close(conv.weight, w0, rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(conv(x), y0, rtol=1e-5, atol=1e-6)
+    s = conv.parametrizations.weight[0].s
+    assert s.shape == ((8, 1, 1, 1) if per_channel else (1,))
+    conv(x).square().sum().backward()
+    assert s.grad is not None and s.grad.abs().sum() > 0
+
+
+def _bn_with_odd_channels() -> nn.BatchNorm2d:
+    bn = nn.BatchNorm2d(6)
+    with torch.no_grad():
+        bn.weight.copy_(torch.tensor([1.0, -0.45, 0.0, 1e-6, 2.0, 0.3]))
+        bn.bias.copy_(torch.tensor([0.1, 0.2, 0.7, -0.4, 0.0, -1.0]))
+        bn.running_mean.copy_(torch.randn(6))
+        bn.running_var.copy_(torch.rand(6) + 0.5)
+    return bn
+
+
+@pytest.mark.parametrize("training", [False, True])
+def test_str_batchnorm_equals_batchnorm(training: bool) -> None:
+    torch.manual_seed(3)
+    bn = _bn_with_odd_channels().train(training)
+    sbn = STRBatchNorm.from_batchnorm(bn, s_init=-15.0).train(training)
+    x = torch.randn(4, 6, 5, 5)
+    torch.testing.assert_close(sbn(x), bn(x), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(sbn.running_mean, bn.running_mean)
+    torch.testing.assert_close(sbn.running_var, bn.running_var)
+    assert int(sbn.num_batches_tracked) == int(bn.num_batches_tracked)
+
+
+def test_str_batchnorm_dead_channel_is_exactly_zero() -> None:
+    bn = _bn_with_odd_channels().eval()
+    sbn = STRBatchNorm.from_batchnorm(bn, s_init=-15.0).eval()
+    with torch.no_grad():
+        sbn.s.fill_(0.0)  # g(s) = 0.5: |γ| ≤ 0.5 dies
+    y = sbn(torch.randn(3, 6, 4, 4))
+    gamma = sbn.effective_weight()
+    dead = (gamma == 0) & (sbn.offset == 0)
+    # channels 2 and 3 (γ = 0 and tiny γ) keep their β as a constant offset instead of dividing by γ
+    assert dead.tolist() == [False, True, False, False, False, True]
+    assert (y[:, dead] == 0).all()
+    torch.testing.assert_close(y[:, 2], torch.full_like(y[:, 2], 0.7))
+    torch.testing.assert_close(y[:, 3], torch.full_like(y[:, 3], -0.4))
+
+
+def test_gate_is_identity_at_init_and_zero_when_dead() -> None:
+    gate = STRGate(5, channel_dim=-1, s_init=-15.0)
+    x = torch.randn(2, 7, 5)
+    assert torch.equal(gate(x), x)
+    with torch.no_grad():
+        gate.weight[1] = 0.0
+    assert (gate(x)[..., 1] == 0).all()
