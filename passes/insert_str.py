@@ -6,7 +6,9 @@
 * ``structured``: every affine BatchNorm node is swapped for an :class:`~strfx.modules.STRBatchNorm`
   (STR-BN) computing the same function; every other conv/linear producer gets a new
   :class:`~strfx.modules.STRGate` node right after it (all its users re-pointed to the gate), unless
-  its output is the model's output or goes straight into a normalization that would undo a zero.
+  its output is the model's output, goes straight into a normalization that would undo a zero, or
+  (when shapes are recorded) belongs to channel groups the channel analysis blocks — gating those
+  would sparsify channels that can never be removed.
 
 Each touched node gets ``node.meta["strfx"]``: what was inserted and on which parameter.
 """
@@ -185,14 +187,41 @@ def _needs_gate(gm: fx.GraphModule, node: fx.Node) -> bool:
     return True
 
 
+def _unprunable_outputs(gm: fx.GraphModule, sites: list[WeightSite]) -> set[fx.Node]:
+    """Producers whose every output channel is blocked by the channel analysis (e.g. a residual
+    stream normalised by LayerNorm): a gate there would sparsify channels that can never be removed.
+    Needs recorded shapes; without them every producer counts as prunable."""
+    if not any("tensor_meta" in n.meta for n in gm.graph.nodes):
+        return set()
+    from strfx.passes.channel_analysis import META_KEY, TInfo, analyze_channels
+
+    analysis = analyze_channels(gm)
+    blocked: set[fx.Node] = set()
+    for site in sites:
+        info = site.node.meta.get(META_KEY)
+        if not isinstance(info, TInfo) or site.output_channel_dim is None:
+            continue
+        dim = site.output_channel_dim % info.ndim
+        ids = info.labels.get(dim)
+        if ids is None or all(int(r) in analysis.blocked for r in analysis.roots[ids]):
+            blocked.add(site.node)
+    for node in gm.graph.nodes:
+        node.meta.pop(META_KEY, None)
+    return blocked
+
+
 def _insert_gates(gm: fx.GraphModule, config: SparsifyConfig) -> int:
     sites = [s for s in weight_sites(gm) if s.output_channel_dim is not None]
     skip = _skip_by_position(sites, config)
     last_node = sites[-1].node if sites else None
+    unprunable = _unprunable_outputs(gm, sites)
     count = 0
     for i, site in enumerate(sites):
         node = site.node
         if i in skip or node is last_node or not _needs_gate(gm, node) or "strfx_gate" in node.meta:
+            continue
+        if node in unprunable:
+            node.meta.setdefault("strfx", {})["no_gate"] = "every output channel is blocked by the channel analysis"
             continue
         gate = STRGate(_gate_channels(gm, site), site.output_channel_dim, config.s_init, config.threshold_fn)
         owner = gm.get_submodule(site.owner) if site.owner else gm

@@ -116,7 +116,8 @@ def transform(model: str, mode: str | None, config_path: str | None, output: str
 @click.argument("model")
 @CONFIG
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
-def inspect_cmd(model: str, config_path: str | None, as_json: bool) -> None:
+@click.option("--groups", is_flag=True, help="Print the channel groups (size, members, blocked-by) instead.")
+def inspect_cmd(model: str, config_path: str | None, as_json: bool, groups: bool = False) -> None:
     """Show which layers STR would touch in each mode, and how."""
     import json
 
@@ -124,6 +125,9 @@ def inspect_cmd(model: str, config_path: str | None, as_json: bool) -> None:
     from rich.table import Table
 
     loaded, cfg = _resolve(model, None, config_path)
+    if groups:
+        _print_groups(loaded, as_json)
+        return
     rows = plan(loaded.model, loaded.example_inputs, cfg.sparsify)
     if as_json:
         click.echo(json.dumps([r.model_dump() for r in rows], indent=2))
@@ -134,6 +138,28 @@ def inspect_cmd(model: str, config_path: str | None, as_json: bool) -> None:
     for r in rows:
         t.add_row(r.layer, r.type, "×".join(map(str, r.weight_shape)), r.unstructured, r.structured)
     console.print(t)
+
+
+def _print_groups(loaded: Any, as_json: bool) -> None:
+    import json
+
+    from rich.table import Table
+
+    from strfx.inspect import channel_groups
+
+    rows = channel_groups(loaded.model, loaded.example_inputs)
+    if as_json:
+        click.echo(json.dumps([r.model_dump() for r in rows], indent=2))
+        return
+    t = Table(title=f"channel groups of {loaded.name}")
+    for col in ("group", "channels", "dead", "members", "blocked by"):
+        t.add_column(col)
+    for r in rows:
+        members = ", ".join(r.members[:6]) + (f", … (+{len(r.members) - 6})" if len(r.members) > 6 else "")
+        t.add_row(str(r.group), str(r.channels), str(r.dead), members, "; ".join(r.blocked_by[:3]) or "—")
+    console.print(t)
+    n_blocked = sum(bool(r.blocked_by) for r in rows)
+    console.print(f"{len(rows)} groups, {len(rows) - n_blocked} prunable, {n_blocked} blocked", highlight=False)
 
 
 if __name__ == "__main__":

@@ -64,3 +64,22 @@ def plan(model: nn.Module, example_inputs: Sequence[Any], config: SparsifyConfig
             structured=cover.get(name, "—" if not isinstance(structured, str) else structured),
         ))
     return rows
+
+
+class GroupRow(BaseModel):
+    """One channel group: channels that can only be removed together."""
+
+    group: int
+    channels: int
+    dead: int
+    members: list[str]
+    blocked_by: list[str]
+
+
+def channel_groups(model: nn.Module, example_inputs: Sequence[Any]) -> list[GroupRow]:
+    """The channel groups of ``model`` from the channel analysis (shapes only, no real data)."""
+    from strfx.surgery import analyze
+
+    _, analysis = analyze(model, example_inputs)
+    return [GroupRow(group=g.id, channels=g.channels, dead=g.dead, members=g.members, blocked_by=g.blocked_by)
+            for g in analysis.groups]

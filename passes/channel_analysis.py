@@ -1,0 +1,309 @@
+"""Channel-dependency analysis: which channels must be removed together, and which are dead.
+
+Every labelled dimension of every tensor in the graph gets one integer *channel id* per index
+(``TInfo.labels[dim]``). Ids are born where channels are born (conv/linear outputs) and flow through
+the graph with the per-op rules of :mod:`strfx.passes.channel_rules`; an op that couples channels
+(residual add, grouped conv, channel shuffle, a module called twice) unions their ids. After the
+walk, one union-find root = one *channel*: the set of (tensor, dim, index) positions that can only
+be removed together. The networkx graph of (tensor, dim) pieces linked through shared channels has
+the *channel groups* as connected components.
+
+A channel is **dead** when it is not blocked (an op the registry does not understand, a model
+output, a LayerNorm over it, ...) and every position of it that is *consumed* by a channel-mixing
+op (conv/linear input, a sum over channels) is provably exactly zero from the parameters alone
+(``TInfo.zero``). Positions only consumed element-wise are removed together with their consumers'
+outputs, so they need not be zero. Everything runs on the shapes of ``node.meta["tensor_meta"]``;
+no data passes through the model. Cost is linear in the number of (node, channel) positions.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Iterable
+
+import networkx as nx
+import numpy as np
+import torch
+import torch.fx as fx
+from torch import nn
+
+from strfx.errors import StrfxError
+
+META_KEY = "strfx_channels"
+
+
+@dataclass
+class TInfo:
+    """What the analysis knows about one tensor value: channel ids and provably-zero slices per dim."""
+
+    shape: tuple[int, ...]
+    labels: dict[int, np.ndarray] = field(default_factory=dict)
+    zero: dict[int, np.ndarray] = field(default_factory=dict)
+
+    @property
+    def ndim(self) -> int:
+        return len(self.shape)
+
+    def set(self, dim: int, ids: np.ndarray, zero: np.ndarray | None = None) -> None:
+        self.labels[dim] = ids
+        self.zero[dim] = np.zeros(len(ids), dtype=bool) if zero is None else zero
+
+
+class UnionFind:
+    """Union-find over channel ids; ids are allocated in blocks with :meth:`new`."""
+
+    def __init__(self) -> None:
+        self.parent: list[int] = []
+
+    def new(self, n: int) -> np.ndarray:
+        start = len(self.parent)
+        self.parent.extend(range(start, start + n))
+        return np.arange(start, start + n, dtype=np.int64)
+
+    def find(self, x: int) -> int:
+        p = self.parent
+        root = x
+        while p[root] != root:
+            root = p[root]
+        while p[x] != root:
+            p[x], x = root, p[x]
+        return root
+
+    def union(self, a: int, b: int) -> None:
+        ra, rb = self.find(a), self.find(b)
+        if ra != rb:
+            if ra < rb:
+                self.parent[rb] = ra
+            else:
+                self.parent[ra] = rb
+
+    def union_arrays(self, a: np.ndarray, b: np.ndarray) -> None:
+        for x, y in zip(a.tolist(), b.tolist()):
+            if x != y:
+                self.union(x, y)
+
+    def union_all(self, ids: np.ndarray) -> None:
+        flat = ids.reshape(-1).tolist()
+        for y in flat[1:]:
+            self.union(flat[0], y)
+
+    def roots(self) -> np.ndarray:
+        r = np.asarray(self.parent, dtype=np.int64)
+        while True:
+            nxt = r[r]
+            if np.array_equal(nxt, r):
+                return r
+            r = nxt
+
+
+class Ctx:
+    """The state rules read and write while the analysis walks the graph in order."""
+
+    def __init__(self, gm: fx.GraphModule) -> None:
+        self.gm = gm
+        self.uf = UnionFind()
+        self.values: dict[fx.Node, Any] = {}
+        self.blocked: list[tuple[np.ndarray, str]] = []
+        self.live: list[np.ndarray] = []
+        self.bindings: dict[tuple[str, str], np.ndarray] = {}
+        self.unknown_ops: dict[str, str] = {}
+        self._modules = dict(gm.named_modules())
+
+    # --- reading the graph -------------------------------------------------------------
+    def module(self, node: fx.Node) -> nn.Module:
+        return self._modules[node.target]
+
+    def value(self, arg: Any) -> Any:
+        return self.values.get(arg) if isinstance(arg, fx.Node) else None
+
+    def info(self, arg: Any) -> TInfo | None:
+        v = self.value(arg)
+        return v if isinstance(v, TInfo) else None
+
+    def shape(self, node: fx.Node) -> tuple[int, ...] | None:
+        tm = node.meta.get("tensor_meta")
+        shape = getattr(tm, "shape", None)
+        return tuple(int(s) for s in shape) if shape is not None else None
+
+    def fresh_value(self, node: fx.Node) -> Any:
+        """Unlabelled TInfo(s) shaped like the node's recorded output (tuples kept as tuples)."""
+        return _unlabelled(node.meta.get("tensor_meta"))
+
+    # --- facts --------------------------------------------------------------------------
+    def new(self, n: int) -> np.ndarray:
+        return self.uf.new(n)
+
+    def block(self, value: Any, reason: str, dims: Iterable[int] | None = None) -> None:
+        """Every channel of ``value`` (optionally only ``dims``) can never be removed."""
+        for info in _infos(value):
+            for d, ids in info.labels.items():
+                if dims is None or d in dims:
+                    self.blocked.append((ids, reason))
+
+    def block_ids(self, ids: np.ndarray, reason: str) -> None:
+        self.blocked.append((ids, reason))
+
+    def sink(self, info: TInfo | None, dim: int) -> None:
+        """``info``'s positions along ``dim`` are mixed into other channels: they must be zero to go."""
+        if info is not None and dim in info.labels:
+            self.live.append(info.labels[dim][~info.zero[dim]])
+
+    def bind(self, owner: str, key: str, ids: np.ndarray) -> None:
+        """A parameter sliced by ``ids``: a module called twice must be sliced the same way."""
+        prev = self.bindings.get((owner, key))
+        if prev is None:
+            self.bindings[(owner, key)] = ids
+        elif len(prev) == len(ids):
+            self.uf.union_arrays(prev, ids)
+        else:
+            self.block_ids(ids, f"{owner} is called with different channel counts")
+            self.block_ids(prev, f"{owner} is called with different channel counts")
+
+    def module_ids(self, owner: str, key: str, n: int) -> np.ndarray:
+        """The output-channel ids of a module (the same ids each time it is called)."""
+        ids = self.bindings.get((owner, key))
+        if ids is None or len(ids) != n:
+            ids = self.new(n)
+            self.bindings[(owner, key)] = ids
+        return ids
+
+
+def _unlabelled(tm: Any) -> Any:
+    if tm is None:
+        return None
+    if hasattr(tm, "shape") and hasattr(tm, "dtype"):
+        return TInfo(tuple(int(s) for s in tm.shape))
+    if isinstance(tm, (tuple, list)):
+        return tuple(_unlabelled(t) for t in tm)
+    if isinstance(tm, dict):
+        return {k: _unlabelled(v) for k, v in tm.items()}
+    return None
+
+
+def _infos(value: Any) -> Iterable[TInfo]:
+    if isinstance(value, TInfo):
+        yield value
+    elif isinstance(value, (tuple, list)):
+        for v in value:
+            yield from _infos(v)
+    elif isinstance(value, dict):
+        for v in value.values():
+            yield from _infos(v)
+
+
+def infos_of(args: Any, ctx: Ctx) -> list[TInfo]:
+    """Every TInfo reachable from (possibly nested) node arguments."""
+    out: list[TInfo] = []
+    fx.node.map_arg(args, lambda n: out.extend(_infos(ctx.values.get(n))) or n)
+    return out
+
+
+@dataclass
+class ChannelGroup:
+    """Channels that must be removed together, with where they live and why some cannot go."""
+
+    id: int
+    channels: int
+    dead: int
+    members: list[str]
+    blocked_by: list[str]
+
+    @property
+    def prunable(self) -> bool:
+        return not self.blocked_by
+
+
+@dataclass
+class ChannelAnalysis:
+    """Result of :func:`analyze_channels`; also stored per node in ``node.meta["strfx_channels"]``."""
+
+    values: dict[str, Any]  # node name -> TInfo / tuple of TInfo / None
+    roots: np.ndarray  # channel id -> its channel (union-find root)
+    blocked: dict[int, str]  # root -> first reason
+    dead: np.ndarray  # bool per id: the channel of this id is removable
+    groups: list[ChannelGroup]
+    group_of_root: dict[int, int]
+    unknown_ops: dict[str, str]
+
+    def keep(self, ids: np.ndarray) -> np.ndarray:
+        return ~self.dead[ids]
+
+    def dead_channels(self) -> int:
+        return int(sum(g.dead for g in self.groups))
+
+
+def _members(node: fx.Node, gm: fx.GraphModule) -> str:
+    if node.op == "call_module":
+        return f"{node.target} ({type(gm.get_submodule(node.target)).__name__})"
+    if node.op == "call_function":
+        return f"{node.name} ({getattr(node.target, '__name__', str(node.target))})"
+    return f"{node.name} ({node.op} {node.target})"
+
+
+def analyze_channels(gm: fx.GraphModule, keep_one: bool = True) -> ChannelAnalysis:
+    """Run the channel rules over ``gm`` (which must carry ``tensor_meta``) and find dead channels."""
+    from strfx.passes.channel_rules import lookup, unknown_rule
+
+    if not any("tensor_meta" in n.meta for n in gm.graph.nodes):
+        raise StrfxError("channel analysis needs recorded shapes; trace the model with example inputs first")
+    ctx = Ctx(gm)
+    with torch.no_grad():
+        for node in gm.graph.nodes:
+            rule = lookup(ctx, node)
+            if rule is None:
+                rule = unknown_rule
+            ctx.values[node] = rule.analyze(ctx, node)
+
+    roots = ctx.uf.roots()
+    n_ids = len(roots)
+    blocked: dict[int, str] = {}
+    for ids, reason in ctx.blocked:
+        for r in np.unique(roots[ids]).tolist():
+            blocked.setdefault(r, reason)
+    live = np.zeros(n_ids, dtype=bool)
+    for ids in ctx.live:
+        live[roots[ids]] = True
+    removable_root = np.ones(n_ids, dtype=bool)
+    removable_root[list(blocked)] = False
+    removable_root &= ~live
+
+    pieces: list[tuple[fx.Node, int, int, np.ndarray]] = []  # node, output index, dim, ids
+    for node, value in ctx.values.items():
+        for k, info in enumerate(_infos(value)):
+            for d, ids in info.labels.items():
+                pieces.append((node, k, d, ids))
+
+    if keep_one:  # never remove every channel of a dimension: a zero-size tensor is not a model
+        changed = True
+        while changed:
+            changed = False
+            for _, _, _, ids in pieces:
+                r = roots[ids]
+                if len(r) and removable_root[r].all():
+                    removable_root[r[0]] = False
+                    changed = True
+    dead = removable_root[roots]
+
+    graph = nx.Graph()
+    for i, (node, k, d, ids) in enumerate(pieces):
+        graph.add_node(("piece", i))
+        for r in np.unique(roots[ids]).tolist():
+            graph.add_edge(("piece", i), ("ch", r))
+    groups: list[ChannelGroup] = []
+    group_of_root: dict[int, int] = {}
+    for comp in sorted(nx.connected_components(graph), key=lambda c: min(x[1] for x in c if x[0] == "piece")):
+        chans = sorted(x[1] for x in comp if x[0] == "ch")
+        piece_ids = sorted(x[1] for x in comp if x[0] == "piece")
+        members = list(dict.fromkeys(_members(pieces[i][0], gm) for i in piece_ids))
+        reasons = list(dict.fromkeys(blocked[r] for r in chans if r in blocked))
+        gid = len(groups)
+        for r in chans:
+            group_of_root[r] = gid
+        groups.append(ChannelGroup(gid, len(chans), int(removable_root[chans].sum()), members, reasons))
+
+    for node, value in ctx.values.items():
+        node.meta[META_KEY] = value
+    return ChannelAnalysis(
+        values={n.name: v for n, v in ctx.values.items()}, roots=roots, blocked=blocked, dead=dead,
+        groups=groups, group_of_root=group_of_root, unknown_ops=ctx.unknown_ops,
+    )
