@@ -21,5 +21,13 @@ demo: venv
 test: venv
 	$(BIN)/python -m pytest -n 2 $(PYTEST_ARGS)
 
+# Benchmarks (never part of `make test`); the commands that produced docs/results.md.
+bench: venv
+	$(BIN)/python benchmarks/mnist.py --seeds 3 --seeds-lenet5 1
+	$(BIN)/python benchmarks/train_cost.py --rss --profile resnet18
+	$(BIN)/python benchmarks/latency.py
+	$(BIN)/python benchmarks/zoo.py
+	$(BIN)/python benchmarks/fuzz.py
+
 clean:
 	rm -rf $(VENV) build *.egg-info runs
