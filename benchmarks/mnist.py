@@ -456,9 +456,10 @@ def plot(rows: list[dict[str, Any]], runs: list[dict[str, Any]], out: Path, stem
                 ax.errorbar([r["sparsity_mean"] for r in rs], [r["error_mean"] for r in rs],
                             xerr=[r["sparsity_std"] for r in rs], yerr=[r["error_std"] for r in rs],
                             marker="o", capsize=3, label=label, color=colors[method])
-        for a in ANCHORS[arch]:
+        for i, a in enumerate(ANCHORS[arch]):
             if "sparsity" in a:
-                ax.scatter([a["sparsity"]], [a["error"]], marker="*", s=120, label=f"{a['method']} (published)")
+                ax.scatter([a["sparsity"]], [a["error"]], marker="*", s=140, color=f"C{5 + i}",
+                           label=f"{a['method']} (published)")
         if dense:
             ax.axhline(dense[0]["error_mean"], color="k", ls="--", lw=1, label="dense (ours)")
         ax.set_xlabel("sparsity of conv/linear weights (%)")
@@ -530,11 +531,11 @@ def plot(rows: list[dict[str, Any]], runs: list[dict[str, Any]], out: Path, stem
 
 
 def markdown(rows: list[dict[str, Any]], env: dict[str, Any], args: argparse.Namespace, plots: list[str],
-             wall_s: float) -> str:
+             wall_s: float, argv: list[str]) -> str:
     lines = [
         "# MNIST: learned sparsity vs baselines and published tables",
         "",
-        f"Command: `{' '.join(['python', 'benchmarks/mnist.py', *sys.argv[1:]])}`  ",
+        f"Command: `{' '.join(['python', 'benchmarks/mnist.py', *argv])}`  ",
         f"Machine: {env['nproc']} CPUs ({env['cpu']}), shared; torch {env['torch']}, strfx {env['strfx']} "
         f"(commit {env['commit']}), Python {env['python']}; {env['date']}  ",
         f"Seeds: {args.seeds_list}; epochs: {args.epochs_map} (same SGD step budget for every method), batch {BATCH}, "
@@ -584,9 +585,19 @@ def main() -> None:
     ap.add_argument("--jobs", type=int, default=2, help="parallel worker processes (1 thread each)")
     ap.add_argument("--out", type=Path, default=DOCS)
     ap.add_argument("--stem", default="mnist")
+    ap.add_argument("--replot", type=Path, default=None,
+                    help="only rebuild the Markdown table and plots from a mnist.json this script wrote")
     ap.add_argument("--resume", type=Path, default=None,
                     help="JSON-lines file of finished runs (a .partial.jsonl): those jobs are not run again")
     args = ap.parse_args()
+    if args.replot:
+        saved = json.loads(args.replot.read_text())
+        args.seeds_list, args.epochs_map, args.jobs = saved["seeds"], saved["epochs"], saved.get("jobs", "?")
+        rows = aggregate(saved["runs"])
+        plots = plot(rows, saved["runs"], args.out, args.stem)
+        (args.out / f"{args.stem}.md").write_text(markdown(rows, saved["env"], args, plots, saved["wall_s"],
+                                                          saved["argv"]))
+        return
     args.seeds_list = {a: list(range(args.seeds)) for a in args.arch}
     if args.seeds_lenet5 is not None and "lenet5" in args.seeds_list:
         args.seeds_list["lenet5"] = list(range(args.seeds_lenet5))
@@ -625,8 +636,9 @@ def main() -> None:
     plots = plot(rows, runs, args.out, args.stem)
     (args.out / f"{args.stem}.json").write_text(json.dumps(
         {"env": env, "argv": sys.argv[1:], "epochs": args.epochs_map, "seeds": args.seeds_list, "wall_s": wall,
+         "jobs": args.jobs,
          "anchors": ANCHORS, "rows": rows, "runs": runs}, indent=1))
-    md = markdown(rows, env, args, plots, wall)
+    md = markdown(rows, env, args, plots, wall, sys.argv[1:])
     (args.out / f"{args.stem}.md").write_text(md)
     from rich.console import Console
     from rich.table import Table

@@ -204,7 +204,7 @@ def environment() -> dict[str, Any]:
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
     return {"date": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), "nproc": os.cpu_count(),
             "cpu": cpu, "torch": torch.__version__, "strfx": strfx.__version__, "commit": commit,
-            "threads": torch.get_num_threads(), "python": platform.python_version()}
+            "threads": torch.get_num_threads(), "python": platform.python_version(), "loadavg": os.getloadavg()}
 
 
 def markdown(results: list[dict[str, Any]], env: dict[str, Any], argv: list[str],
@@ -213,7 +213,8 @@ def markdown(results: list[dict[str, Any]], env: dict[str, Any], argv: list[str]
         "# Train-step cost of STR (CPU)",
         "",
         f"Command: `python benchmarks/train_cost.py {' '.join(argv)}`  ",
-        f"Machine: {env['nproc']} CPUs ({env['cpu']}), shared with other jobs; {env['threads']} torch threads; "
+        f"Machine: {env['nproc']} CPUs ({env['cpu']}), shared with other jobs (load average at the end "
+        f"{env['loadavg'][0]:.1f}); {env['threads']} torch threads; "
         f"torch {env['torch']}, strfx {env['strfx']} (commit {env['commit']}); {env['date']}; seed 0 (weights, inputs).",
         "",
         "Step = forward + cross-entropy + backward + SGD step. Ratios = median step time / dense median, all "
