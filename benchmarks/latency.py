@@ -166,7 +166,8 @@ def time_interleaved(calls: dict[str, Callable[[], Any]], rounds: int, warmup: i
     return {k: statistics.median(v) for k, v in times.items()}
 
 
-def structured(model_name: str, targets: list[float], round_to: int | None, batches: list[int], rounds: int,
+def structured(model_name: str, targets: list[float], round_to: int | None, round_targets: list[float],
+               batches: list[int], rounds: int,
                ort_variants: set[str] | None, threads: int, tmp: Path, size: int) -> dict[str, Any]:
     torch.manual_seed(0)
     dense = randomize_(getattr(torchvision.models, model_name)(weights=None), seed=0).eval()
@@ -177,7 +178,7 @@ def structured(model_name: str, targets: list[float], round_to: int | None, batc
     info: dict[str, Any] = {"dense": {"flops": dense_flops, "flops_gain": 1.0}}
     for r in targets:
         frac = 1 - 1 / math.sqrt(r)
-        for rt in ([None, round_to] if round_to else [None]):
+        for rt in ([None, round_to] if round_to and r in round_targets else [None]):
             work = strfx.sparsify(dense, "structured", example_inputs=(x1,))
             if rt is None:
                 killed = kill_channels(work, frac, seed=0)["channels"]
@@ -336,6 +337,8 @@ def main() -> None:
     ap.add_argument("--models", nargs="+", default=["resnet50", "mobilenet_v2"])
     ap.add_argument("--targets", nargs="+", type=float, default=[1.5, 2.0, 4.0], help="FLOPs reduction targets")
     ap.add_argument("--round-to", type=int, default=8, help="also measure channel counts rounded up to this (0: off)")
+    ap.add_argument("--round-targets", nargs="+", type=float, default=[2.0],
+                    help="targets that also get a rounded variant")
     ap.add_argument("--batches", nargs="+", type=int, default=[1, 32])
     ap.add_argument("--size", type=int, default=224)
     ap.add_argument("--rounds", type=int, default=5)
@@ -350,7 +353,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as d:
         tmp = Path(d)
         for name in args.models:
-            res["structured"].append(structured(name, args.targets, args.round_to or None, args.batches, args.rounds,
+            res["structured"].append(structured(name, args.targets, args.round_to or None, args.round_targets,
+                                                args.batches, args.rounds,
                                                 set(args.ort) if args.ort else None, args.threads, tmp, args.size))
         if not args.no_unstructured:
             res["unstructured"] = unstructured(args.batches, args.rounds, args.threads, tmp, args.size)

@@ -239,7 +239,7 @@ def markdown(results: list[dict[str, Any]], env: dict[str, Any], argv: list[str]
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--models", nargs="+", default=["resnet18", "resnet50"])
-    ap.add_argument("--batch", type=int, default=32)
+    ap.add_argument("--batch", type=int, nargs="+", default=[32], help="batch per model (one value: all models)")
     ap.add_argument("--size", type=int, default=112)
     ap.add_argument("--rounds", type=int, default=7)
     ap.add_argument("--warmup", type=int, default=1)
@@ -250,15 +250,17 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     results = []
-    for name in args.models:
-        res = measure(name, args.batch, args.size, args.rounds, args.warmup)
+    batches = args.batch * len(args.models) if len(args.batch) == 1 else args.batch
+    for name, batch in zip(args.models, batches):
+        res = measure(name, batch, args.size, args.rounds, args.warmup)
         if args.rss:
-            res["rss_mib"] = {v: rss_of(name, v, args.batch, args.size, args.threads) for v in VARIANTS}
+            res["rss_mib"] = {v: rss_of(name, v, batch, args.size, args.threads) for v in VARIANTS}
         results.append(res)
         print(json.dumps({k: res[k] for k in ("model", "ratio", "saved_ratio")}), flush=True)
     prof = None
     if args.profile:
-        prof = {"model": args.profile, "ops": profile(args.profile, args.batch, args.size)}
+        prof = {"model": args.profile, "ops": profile(args.profile, batches[args.models.index(args.profile)]
+                                                      if args.profile in args.models else batches[0], args.size)}
     env = environment()
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "train_cost.json").write_text(json.dumps({"env": env, "argv": sys.argv[1:], "results": results,
