@@ -345,6 +345,8 @@ def main() -> None:
     ap.add_argument("--ort", nargs="+", default=None,
                     help="variants also exported to ONNX and timed in onnxruntime (default: all)")
     ap.add_argument("--no-unstructured", action="store_true")
+    ap.add_argument("--unstructured-batches", nargs="+", type=int, default=None, help="default: --batches")
+    ap.add_argument("--stem", default="latency", help="output file stem under --out")
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     ap.add_argument("--out", type=Path, default=ROOT / "docs")
     args = ap.parse_args()
@@ -357,12 +359,12 @@ def main() -> None:
                                                 args.batches, args.rounds,
                                                 set(args.ort) if args.ort else None, args.threads, tmp, args.size))
         if not args.no_unstructured:
-            res["unstructured"] = unstructured(args.batches, args.rounds, args.threads, tmp, args.size)
+            res["unstructured"] = unstructured(args.unstructured_batches or args.batches, args.rounds, args.threads, tmp, args.size)
     res["env"] = environment()
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "latency.json").write_text(json.dumps(res, indent=1))
+    (args.out / f"{args.stem}.json").write_text(json.dumps(res, indent=1))
     md = markdown(res)
-    (args.out / "latency.md").write_text(md)
+    (args.out / f"{args.stem}.md").write_text(md)
     print(md)
 
 

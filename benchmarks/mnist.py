@@ -99,7 +99,7 @@ GRIDS: dict[str, dict[str, list[float]]] = {
         "str": [0.3, 0.6, 1.0],
         "han": [0.95, 0.99],
         "gmp": [0.95, 0.99],
-        "str-struct": [0.5, 1.0],
+        "str-struct": [0.1, 0.25, 0.5, 1.0],
         "slim": [0.5, 0.75],
     },
 }
@@ -582,6 +582,7 @@ def main() -> None:
     ap.add_argument("--seeds-lenet5", type=int, default=None, help="seeds for LeNet-5 (default --seeds)")
     ap.add_argument("--arch", nargs="+", default=["lenet300", "lenet5"])
     ap.add_argument("--methods", nargs="+", default=None, help="subset of methods")
+    ap.add_argument("--knobs", nargs="+", type=float, default=None, help="replace the knob grid of --methods")
     ap.add_argument("--jobs", type=int, default=2, help="parallel worker processes (1 thread each)")
     ap.add_argument("--out", type=Path, default=DOCS)
     ap.add_argument("--stem", default="mnist")
@@ -606,7 +607,7 @@ def main() -> None:
             for arch in args.arch for seed in args.seeds_list[arch]
             for method, knobs in GRIDS[arch].items()
             if args.methods is None or method in args.methods
-            for knob in knobs]
+            for knob in (args.knobs or knobs)]
     done: list[dict[str, Any]] = []
     if args.resume:
         done = [json.loads(line) for line in args.resume.read_text().splitlines() if line.strip()]
