@@ -22,5 +22,13 @@ demo: venv
 test: venv
 	$(BIN)/python -m pytest -n 2 $(PYTEST_ARGS)
 
+# Benchmarks (never part of `make test`); the commands that produced docs/results.md.
+bench: venv
+	$(BIN)/python benchmarks/mnist.py --seeds 3 --seeds-lenet5 1
+	$(BIN)/python benchmarks/train_cost.py --models resnet18 resnet50 --batch 32 16 --rounds 3 --profile resnet18
+	$(BIN)/python benchmarks/latency.py --rounds 3
+	$(BIN)/python benchmarks/zoo.py
+	$(BIN)/python benchmarks/fuzz.py
+
 clean:
 	rm -rf $(VENV) build *.egg-info runs

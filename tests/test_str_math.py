@@ -103,3 +103,23 @@ def test_gate_is_identity_at_init_and_zero_when_dead() -> None:
     with torch.no_grad():
         gate.weight[1] = 0.0
     assert (gate(x)[..., 1] == 0).all()
+
+
+def test_str_batchnorm_fused_forward_matches_the_formula() -> None:
+    """forward() hands γ' and γ'β̂ + β₀ to batch_norm; it must equal γ'(x̂ + β̂) + β₀, values and gradients."""
+    torch.manual_seed(0)
+    bn = _bn_with_odd_channels().double()
+    sbn = STRBatchNorm.from_batchnorm(bn, s_init=-3.0).double().train()
+    with torch.no_grad():
+        sbn.weight[1] = 0.01  # below g(s): a dead channel
+    x = torch.randn(4, 6, 5, 5, dtype=torch.float64, requires_grad=True)
+    x_hat = torch.nn.functional.batch_norm(x, None, None, None, None, True, 0.0, sbn.eps)
+    view = (1, -1, 1, 1)
+    ref = sbn.effective_weight().view(view) * (x_hat + sbn.shift.view(view)) + sbn.offset.view(view)
+    out = sbn(x)
+    torch.testing.assert_close(out, ref, rtol=1e-12, atol=1e-12)
+    w = torch.randn_like(out)
+    params = (x, sbn.weight, sbn.shift, sbn.s)
+    for a, b in zip(torch.autograd.grad((out * w).sum(), params), torch.autograd.grad((ref * w).sum(), params)):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12)
+    assert torch.equal(out[:, 1], sbn.offset[1].expand_as(out[:, 1]))  # dead channel outputs exactly β₀

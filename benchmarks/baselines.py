@@ -1,0 +1,105 @@
+"""Pure helpers for the pruning baselines the benchmarks compare STR against.
+
+Kept apart from the benchmark scripts so that tests/test_bench_baselines.py can check them fast:
+a baseline with a wrong mask or schedule would make STR look better than it is.
+
+* :func:`global_magnitude_masks` — Han et al. (2015): one magnitude threshold over all layers.
+* :func:`uniform_magnitude_masks` — Zhu & Gupta (2017): the same sparsity in every layer.
+* :func:`gmp_sparsity` — Zhu & Gupta's cubic schedule s_t = s_f + (s_i - s_f)(1 - (t - t0)/(nΔt))³.
+* :func:`slimming_keep` — Liu et al. (2017): one global threshold on |γ| over all channels.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+
+def _kth_smallest(values: torch.Tensor, k: int) -> float:
+    """The k-th smallest value (1-based); k ≤ 0 gives -inf (prune nothing)."""
+    if k <= 0:
+        return float("-inf")
+    return float(torch.kthvalue(values, k).values)
+
+
+def _mask_exact(w: torch.Tensor, n_prune: int) -> torch.Tensor:
+    """Mask pruning exactly the ``n_prune`` smallest |w| (ties broken by position, so the count is exact)."""
+    flat = w.detach().abs().flatten()
+    mask = torch.ones_like(flat)
+    if n_prune > 0:
+        mask[torch.argsort(flat, stable=True)[:n_prune]] = 0
+    return mask.view_as(w)
+
+
+def global_magnitude_masks(weights: dict[str, torch.Tensor], sparsity: float) -> dict[str, torch.Tensor]:
+    """0/1 masks removing the ``sparsity`` fraction of smallest-magnitude weights over *all* tensors.
+
+    Layer budgets come out non-uniform (what Han et al. get from one quality threshold).
+    """
+    if not 0.0 <= sparsity < 1.0:
+        raise ValueError(f"sparsity must be in [0, 1), got {sparsity}")
+    names = list(weights)
+    flat = torch.cat([weights[n].detach().abs().flatten() for n in names])
+    n_prune = int(round(sparsity * flat.numel()))
+    keep = torch.ones_like(flat)
+    if n_prune > 0:
+        keep[torch.argsort(flat, stable=True)[:n_prune]] = 0
+    masks, start = {}, 0
+    for n in names:
+        size = weights[n].numel()
+        masks[n] = keep[start:start + size].view_as(weights[n]).clone()
+        start += size
+    return masks
+
+
+def uniform_magnitude_masks(weights: dict[str, torch.Tensor], sparsity: float) -> dict[str, torch.Tensor]:
+    """0/1 masks removing the ``sparsity`` fraction of smallest |w| in *each* tensor (uniform budget)."""
+    if not 0.0 <= sparsity < 1.0:
+        raise ValueError(f"sparsity must be in [0, 1), got {sparsity}")
+    return {n: _mask_exact(w, int(round(sparsity * w.numel()))) for n, w in weights.items()}
+
+
+def gmp_sparsity(step: int, final: float, begin: int, end: int, initial: float = 0.0) -> float:
+    """Zhu & Gupta (2017) cubic sparsity at ``step``: ``initial`` before ``begin``, ``final`` from ``end`` on.
+
+    Prunes fast early, while the network can still recover, and slowly near the target.
+    """
+    if end <= begin:
+        raise ValueError("end must be after begin")
+    if step <= begin:
+        return initial
+    if step >= end:
+        return final
+    frac = (step - begin) / (end - begin)
+    return final + (initial - final) * (1.0 - frac) ** 3
+
+
+def iterative_densities(final_sparsity: float, rounds: int) -> list[float]:
+    """Sparsity after each of ``rounds`` prune–retrain cycles, density shrinking geometrically.
+
+    Han et al. prune iteratively; equal *ratios* of removed weights per round keep every round's
+    damage comparable (linear steps would remove most of the weights in the first round).
+    """
+    density = 1.0 - final_sparsity
+    return [1.0 - density ** ((r + 1) / rounds) for r in range(rounds)]
+
+
+def slimming_keep(gammas: dict[str, torch.Tensor], prune_fraction: float, min_keep: int = 1) -> dict[str, torch.Tensor]:
+    """Boolean keep-masks from one global threshold on |γ| (network slimming).
+
+    Every layer keeps at least ``min_keep`` channels (its largest), as Liu et al. do, so the network
+    stays connected.
+    """
+    flat = torch.cat([g.detach().abs().flatten() for g in gammas.values()])
+    k = int(math.floor(prune_fraction * flat.numel()))
+    thr = _kth_smallest(flat, k)
+    out = {}
+    for n, g in gammas.items():
+        a = g.detach().abs()
+        keep = a > thr
+        if int(keep.sum()) < min_keep:
+            keep = torch.zeros_like(keep)
+            keep[torch.topk(a, min(min_keep, a.numel())).indices] = True
+        out[n] = keep
+    return out
