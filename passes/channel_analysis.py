@@ -168,6 +168,15 @@ class Ctx:
         return ids
 
 
+def _in_place(node: fx.Node) -> bool:
+    import operator
+
+    if node.op == "call_method":
+        return node.target.endswith("_") and not node.target.startswith("_")
+    return node.op == "call_function" and node.target in (operator.iadd, operator.isub, operator.imul,
+                                                           operator.itruediv)
+
+
 def _unlabelled(tm: Any) -> Any:
     if tm is None:
         return None
@@ -252,7 +261,11 @@ def analyze_channels(gm: fx.GraphModule, keep_one: bool = True) -> ChannelAnalys
             rule = lookup(ctx, node)
             if rule is None:
                 rule = unknown_rule
-            ctx.values[node] = rule.analyze(ctx, node)
+            value = rule.analyze(ctx, node)
+            ctx.values[node] = value
+            if _in_place(node) and isinstance(value, TInfo) and isinstance(ctx.info(node.args[0]), TInfo):
+                # later readers of the mutated tensor see the new values (zero-ness included)
+                ctx.values[node.args[0]] = value
 
     roots = ctx.uf.roots()
     n_ids = len(roots)
@@ -284,21 +297,33 @@ def analyze_channels(gm: fx.GraphModule, keep_one: bool = True) -> ChannelAnalys
                     changed = True
     dead = removable_root[roots]
 
+    # Group graph: pieces are nodes; a piece links to the first piece each of its channels was seen
+    # in. Few edges per piece, so this stays linear in the number of positions.
     graph = nx.Graph()
-    for i, (node, k, d, ids) in enumerate(pieces):
-        graph.add_node(("piece", i))
-        for r in np.unique(roots[ids]).tolist():
-            graph.add_edge(("piece", i), ("ch", r))
+    first_piece = np.full(n_ids, -1, dtype=np.int64)
+    for i, (_, _, _, ids) in enumerate(pieces):
+        graph.add_node(i)
+        r = np.unique(roots[ids])
+        unset = r[first_piece[r] < 0]
+        first_piece[unset] = i
+        for t in np.unique(first_piece[r]).tolist():
+            if t != i:
+                graph.add_edge(i, t)
+    comps = sorted(nx.connected_components(graph), key=min)
+    comp_of_piece = np.zeros(len(pieces), dtype=np.int64)
+    for gid, comp in enumerate(comps):
+        comp_of_piece[list(comp)] = gid
+    seen_roots = np.nonzero(first_piece >= 0)[0]
+    root_group = comp_of_piece[first_piece[seen_roots]]
+    by_group: list[list[int]] = [[] for _ in comps]
+    for r, g in zip(seen_roots.tolist(), root_group.tolist()):
+        by_group[g].append(r)
     groups: list[ChannelGroup] = []
-    group_of_root: dict[int, int] = {}
-    for comp in sorted(nx.connected_components(graph), key=lambda c: min(x[1] for x in c if x[0] == "piece")):
-        chans = sorted(x[1] for x in comp if x[0] == "ch")
-        piece_ids = sorted(x[1] for x in comp if x[0] == "piece")
-        members = list(dict.fromkeys(_members(pieces[i][0], gm) for i in piece_ids))
+    group_of_root: dict[int, int] = dict(zip(seen_roots.tolist(), root_group.tolist()))
+    for gid, comp in enumerate(comps):
+        chans = by_group[gid]
+        members = list(dict.fromkeys(_members(pieces[i][0], gm) for i in sorted(comp)))
         reasons = list(dict.fromkeys(blocked[r] for r in chans if r in blocked))
-        gid = len(groups)
-        for r in chans:
-            group_of_root[r] = gid
         groups.append(ChannelGroup(gid, len(chans), int(removable_root[chans].sum()), members, reasons))
 
     for node, value in ctx.values.items():

@@ -180,6 +180,7 @@ def _binary(kind: str) -> Callable[[Ctx, fx.Node], Any]:
                     continue
                 dd = d - (R - t.ndim)
                 if dd < 0:
+                    narrow += 1  # broadcast along d: the same (unknown) value lands in every channel
                     continue
                 if dd in t.labels:
                     if t.shape[dd] == shape[d]:

@@ -91,7 +91,11 @@ def remove_str_weights(gm: fx.GraphModule) -> int:
         mod.__class__ = type(cls.__name__, (cls.__bases__[0],), dict(cls.__dict__))
         for tensor_name in list(plist.keys()):
             if any(isinstance(p, STRWeight) for p in plist[tensor_name]):
-                parametrize.remove_parametrizations(mod, tensor_name, leave_parametrized=True)
+                # out of place: the raw tensor may be shared with the caller's model
+                value = getattr(mod, tensor_name).detach().clone()
+                requires_grad = plist[tensor_name].original.requires_grad
+                parametrize.remove_parametrizations(mod, tensor_name, leave_parametrized=False)
+                setattr(mod, tensor_name, nn.Parameter(value, requires_grad=requires_grad))
                 count += 1
     return count
 
@@ -132,15 +136,17 @@ def _fold_gate_into_producer(gm: fx.GraphModule, node: fx.Node, gate: STRGate) -
         return False
     ndim = _ndim(node)
     g = gate.effective_weight().detach()
+    # out of place: parameters may be shared with the caller's model (see strfx.surgery.prepare)
     if isinstance(prod, nn.Linear) and ndim is not None and gate.channel_dim % ndim == ndim - 1:
-        prod.weight.mul_(g[:, None])
+        w = prod.weight.detach() * g[:, None]
     elif (isinstance(prod, nn.modules.conv._ConvNd) and not prod.transposed and ndim is not None
           and gate.channel_dim % ndim == ndim - len(prod.kernel_size) - 1):
-        prod.weight.mul_(g.reshape(-1, *[1] * (prod.weight.dim() - 1)))
+        w = prod.weight.detach() * g.reshape(-1, *[1] * (prod.weight.dim() - 1))
     else:
         return False
+    prod.weight = nn.Parameter(w, requires_grad=prod.weight.requires_grad)
     if prod.bias is not None:
-        prod.bias.mul_(g)
+        prod.bias = nn.Parameter(prod.bias.detach() * g, requires_grad=prod.bias.requires_grad)
     node.replace_all_uses_with(src)
     gm.graph.erase_node(node)
     return True

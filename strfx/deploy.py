@@ -22,7 +22,7 @@ from torch.utils._pytree import tree_leaves
 
 from strfx.api import TOLERANCE
 from strfx.errors import StrfxError, VerificationError
-from strfx.export import ExportReport, _quiet, count_flops, count_params, export
+from strfx.export import ExportReport, ModelStats, _quiet, count_flops, count_params, export
 from strfx.rundir import CONFIG_FILE, atomic_dir, check_writable, load_run
 from strfx.verify import max_rel_error
 
@@ -158,5 +158,12 @@ def export_source(source: str | Path, onnx_path: str | Path, pt2_path: str | Pat
                       repeats=repeats)
     if (source / PT2_FILE).is_file():
         program = load_shrunk(source)
-        return export(program, onnx_path, None, pt2_path, force=force, repeats=repeats)
+        rep = export(program, onnx_path, None, pt2_path, force=force, repeats=repeats)
+        if (source / SHRINK_FILE).is_file():  # the un-shrunk model is gone; its size is on record
+            try:
+                before = ShrinkOutput.model_validate_json((source / SHRINK_FILE).read_text())
+                rep.reference = ModelStats(params=before.params_before, flops=before.flops_before)
+            except ValueError:
+                pass  # an unreadable shrink.json only costs the "before" column
+        return rep
     raise StrfxError(f"{source} is neither a run directory ({CONFIG_FILE}) nor a `strfx shrink` output ({PT2_FILE})")

@@ -283,11 +283,13 @@ def _write_onnx(model: nn.Module | torch.export.ExportedProgram, inputs: tuple[t
     module = _runnable(model)
     large = sum(p.numel() * p.element_size() for p in module.parameters()) > _EXTERNAL_DATA_BYTES
     failures: list[str] = []
+    if large:  # only the torch.export-based exporter writes weights beyond the 2 GiB protobuf limit
+        exporters = ["dynamo"]
     for exporter in exporters:
         for f in staged.iterdir():
             f.unlink()
         try:
-            if exporter == "torchscript" and not large:
+            if exporter == "torchscript":
                 _export_torchscript(module, inputs, staged / "model.onnx")
             else:
                 _export_dynamo(model, inputs, staged / "model.onnx", large)
@@ -389,6 +391,18 @@ def export(
         check_writable(pt2, force)
     inputs = _as_inputs(model, example_inputs)
     module = _runnable(model)
+    modes = [(m, m.training) for m in (module, reference) if m is not None]
+    try:
+        return _export(model, module, path, pt2, inputs, reference, repeats, exporters)
+    finally:
+        for m, training in modes:  # the caller's modules come back in the mode they were given in
+            with contextlib.suppress(NotImplementedError):
+                m.train(training)
+
+
+def _export(model: nn.Module | torch.export.ExportedProgram, module: nn.Module, path: Path, pt2: Path | None,
+            inputs: tuple[torch.Tensor, ...], reference: nn.Module | None, repeats: int,
+            exporters: Sequence[Exporter]) -> ExportReport:
     _eval(module)
     threads = torch.get_num_threads()
     with torch.no_grad():
@@ -402,8 +416,8 @@ def export(
 
     with _staging(path) as onnx_dir:
         exporter, onnx_err, sess = _write_onnx(model, inputs, onnx_dir, expected, threads, exporters)
-        # The exporter named the file model.onnx; its external data (if any) keeps that name inside
-        # the .onnx, so the main file is renamed only when there is no external data.
+        # The exporter wrote model.onnx; with external data the .onnx names its data file, so both are
+        # rewritten under the target's name rather than just renamed.
         staged_files = list(onnx_dir.iterdir())
         if len(staged_files) > 1:
             _externalize_name(onnx_dir, path.name)

@@ -1,8 +1,10 @@
 """What STR did to a model: per-layer sparsity, thresholds, parameters and FLOPs.
 
 FLOPs are counted by ``torch.utils.flop_counter.FlopCounterMode`` (per module), never by hand.
-Effective FLOPs scale each layer's dense FLOPs: in unstructured mode by the density of its
-thresholded weight; in structured mode by the fraction of its output channels still alive.
+Effective FLOPs scale each layer's dense FLOPs by the density of its thresholded weight in
+unstructured mode; in structured mode they are the FLOPs of the shrunk model (``strfx.shrink``: dead
+channels removed from producers and consumers), falling back to scaling by the fraction of
+output channels alive if the model cannot be shrunk.
 """
 
 from __future__ import annotations
@@ -99,6 +101,21 @@ def _structured_producers(model: nn.Module) -> dict[str, str]:
     return out
 
 
+def _shrunk_flops(model: nn.Module, inputs: Sequence[Any], dense: int, zeros: bool, fallback: int) -> int:
+    """Structured mode: the FLOPs of the model with its dead channels really removed (exact, unlike
+    the per-layer estimate, which misses the consumers of removed channels)."""
+    if not zeros:
+        return dense  # nothing is dead: shrinking would change nothing
+    from strfx.errors import StrfxError
+    from strfx.surgery import shrink
+
+    try:
+        small = shrink(model, inputs)
+    except StrfxError:
+        return fallback
+    return _per_module_flops(small, inputs)[0]
+
+
 @torch.no_grad()
 def report(model: nn.Module, example_inputs: Sequence[Any] | torch.Tensor | None = None, name: str | None = None) -> Report:
     """Report sparsity, thresholds, params and FLOPs of a model returned by :func:`strfx.sparsify`."""
@@ -144,6 +161,9 @@ def report(model: nn.Module, example_inputs: Sequence[Any] | torch.Tensor | None
         dense, per_module = _per_module_flops(model, example_inputs)
         saved = sum(per_module.get(name, 0) * (1 - d) for name, d in density.items())
         effective_flops = int(round(dense - saved))
+        if mode == "structured":
+            effective_flops = _shrunk_flops(model, example_inputs, dense, zeros=any(
+                layer.zeros for layer in layers if layer.kind != "weight"), fallback=effective_flops)
     elements = sum(layer.elements for layer in layers)
     zeros = sum(layer.zeros for layer in layers)
     return Report(

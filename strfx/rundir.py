@@ -32,6 +32,13 @@ WEIGHTS_FILE = "weights.pt"
 REPORT_FILE = "report.json"
 
 
+def _normal_mode(path: Path | str, base: int) -> None:
+    """mkdtemp/mkstemp make private entries; give the result the mode any new file would get."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(path, base & ~umask)
+
+
 def check_writable(path: Path, force: bool) -> None:
     """Refuse to replace an existing path unless ``force``."""
     if path.exists() and not force:
@@ -45,6 +52,7 @@ def atomic_dir(path: str | Path, force: bool = False) -> Iterator[Path]:
     check_writable(path, force)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
+    _normal_mode(tmp, 0o777)
     try:
         yield tmp
     except BaseException:
@@ -70,6 +78,7 @@ def atomic_write(path: str | Path, data: bytes | str, force: bool = True) -> Non
             f.write(data.encode() if isinstance(data, str) else data)
             f.flush()
             os.fsync(f.fileno())
+        _normal_mode(tmp, 0o666)
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
@@ -86,6 +95,7 @@ def atomic_torch_save(obj: Any, path: str | Path) -> None:
             torch.save(obj, f)
             f.flush()
             os.fsync(f.fileno())
+        _normal_mode(tmp, 0o666)
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):

@@ -46,9 +46,16 @@ class ShrinkReport(BaseModel):
     prunable_groups: int
     blocked_groups: int
     unknown_ops: dict[str, str] = Field(description="Op kind → first node of it that blocked channels.")
+    weight_sparsity: float = Field(description="Fraction of exact zeros left in the shrunk conv/linear weights "
+                                   "(unstructured STR: zeros that are not whole channels stay in dense weights).")
     max_error: float = Field(description="Max relative error, shrunk vs masked, over all checked inputs.")
     analysis_s: float
     shrink_s: float
+
+
+def _has_shapes(model: nn.Module) -> bool:
+    return isinstance(model, fx.GraphModule) and all(
+        "tensor_meta" in n.meta for n in model.graph.nodes if n.op not in ("output",))
 
 
 def _example_inputs(model: nn.Module, example_inputs: Any) -> tuple[Any, ...]:
@@ -78,18 +85,53 @@ def _params(m: nn.Module) -> int:
     return sum(p.numel() for p in m.parameters() if id(p) not in skip)
 
 
-def prepare(model: nn.Module, inputs: Sequence[Any]) -> fx.GraphModule:
-    """A traced deep copy of ``model`` with shapes recorded (the user's model is never touched)."""
-    work = copy.deepcopy(model)
+def _weight_sparsity(m: nn.Module) -> float:
+    weights = [mod.weight for mod in m.modules() if isinstance(mod, (nn.modules.conv._ConvNd, nn.Linear))]
+    total = sum(w.numel() for w in weights)
+    return sum(int((w == 0).sum()) for w in weights) / total if total else 0.0
+
+
+def structural_copy(model: nn.Module) -> nn.Module:
+    """A deep copy of ``model`` whose parameters and buffers are the *same* tensors.
+
+    Shrinking never changes a tensor in place (it builds new, smaller ones), so the copy need not
+    duplicate the weights: peak memory is the model plus the shrunk model, not three models.
+    """
+    memo: dict[int, Any] = {}
+    for t in [*model.parameters(), *model.buffers()]:
+        memo[id(t)] = t
+    return copy.deepcopy(model, memo)
+
+
+def _unshare(result: nn.Module, original: nn.Module) -> None:
+    """Give ``result`` its own copy of every tensor it still shares with ``original``."""
+    shared = {id(t) for t in [*original.parameters(), *original.buffers()]}
+    for mod in result.modules():
+        for name, p in list(mod._parameters.items()):
+            if p is not None and id(p) in shared:
+                mod._parameters[name] = nn.Parameter(p.detach().clone(), requires_grad=p.requires_grad)
+        for name, b in list(mod._buffers.items()):
+            if b is not None and id(b) in shared:
+                mod._buffers[name] = b.clone()
+
+
+def prepare(model: nn.Module, inputs: Sequence[Any], reuse_shapes: bool = False) -> fx.GraphModule:
+    """A traced deep copy of ``model`` with shapes recorded (the user's model is never touched).
+
+    With ``reuse_shapes`` the shapes :func:`strfx.sparsify` recorded for its own example inputs are
+    kept (recording them again on fake tensors costs more than the whole analysis).
+    """
+    work = structural_copy(model)
     gm = work if isinstance(work, fx.GraphModule) else trace(work)
-    record_shapes(gm, inputs)
+    if not (reuse_shapes and _has_shapes(gm)):
+        record_shapes(gm, inputs)
     return gm
 
 
 def analyze(model: nn.Module, example_inputs: Any = None) -> tuple[fx.GraphModule, ChannelAnalysis]:
     """Channel groups of ``model`` (on a traced copy, returned with the analysis)."""
     inputs = _example_inputs(model, example_inputs)
-    gm = prepare(model, inputs)
+    gm = prepare(model, inputs, reuse_shapes=example_inputs is None)
     return gm, analyze_channels(gm)
 
 
@@ -105,10 +147,9 @@ def shrink(model: nn.Module, example_inputs: Sequence[torch.Tensor] | torch.Tens
     """
     inputs = _example_inputs(model, example_inputs)
     t0 = time.perf_counter()
-    gm = prepare(model, inputs)
+    gm = prepare(model, inputs, reuse_shapes=example_inputs is None)
     analysis = analyze_channels(gm)
     t1 = time.perf_counter()
-    masked = copy.deepcopy(gm)
     try:
         shrink_graph(gm, analysis)
     except StrfxError:
@@ -117,7 +158,8 @@ def shrink(model: nn.Module, example_inputs: Sequence[torch.Tensor] | torch.Tens
         raise VerificationError(f"shrinking failed while cutting the graph: {type(err).__name__}: "
                                 f"{str(err).strip().splitlines()[0] if str(err).strip() else ''}") from err
     t2 = time.perf_counter()
-    err = verify_shrunk(gm, masked, model, inputs, analysis)
+    _unshare(gm, model)
+    err = verify_shrunk(gm, model, inputs, analysis)
     gm.train(model.training)
     groups = analysis.groups
     rep = ShrinkReport(
@@ -125,7 +167,7 @@ def shrink(model: nn.Module, example_inputs: Sequence[torch.Tensor] | torch.Tens
         channels=sum(g.channels for g in groups), channels_removed=analysis.dead_channels(),
         groups=len(groups), prunable_groups=sum(g.prunable for g in groups),
         blocked_groups=sum(not g.prunable for g in groups), unknown_ops=analysis.unknown_ops,
-        max_error=err, analysis_s=t1 - t0, shrink_s=t2 - t1,
+        weight_sparsity=_weight_sparsity(gm), max_error=err, analysis_s=t1 - t0, shrink_s=t2 - t1,
     )
     gm.meta = {"strfx_shrink": rep.model_dump()}
     for node in gm.graph.nodes:  # analysis facts are not part of the exported model
@@ -133,7 +175,7 @@ def shrink(model: nn.Module, example_inputs: Sequence[torch.Tensor] | torch.Tens
     return gm
 
 
-def verify_shrunk(shrunk: fx.GraphModule, masked: fx.GraphModule, reference: nn.Module, inputs: Sequence[Any],
+def verify_shrunk(shrunk: fx.GraphModule, reference: nn.Module, inputs: Sequence[Any],
                   analysis: ChannelAnalysis) -> float:
     """Max relative error of ``shrunk`` vs ``reference`` on the example and two random inputs."""
     worst = 0.0
@@ -146,13 +188,13 @@ def verify_shrunk(shrunk: fx.GraphModule, masked: fx.GraphModule, reference: nn.
                 actual = shrunk(*x)
             except Exception as err:  # noqa: BLE001 - a shape error in the cut graph
                 raise VerificationError(
-                    f"the shrunk model fails to run: {_first_divergence(shrunk, masked, x, analysis) or err}"
+                    f"the shrunk model fails to run: {_first_divergence(shrunk, reference, x, analysis) or err}"
                 ) from err
         finally:
             shrunk.train(modes[0]), reference.train(modes[1])
         e = max_rel_error(actual, expected)
         if e > TOLERANCE:
-            where = _first_divergence(shrunk, masked, x, analysis)
+            where = _first_divergence(shrunk, reference, x, analysis)
             what = "example" if k == 0 else "random"
             raise VerificationError(
                 f"shrunk model differs from the masked model on {what} inputs: max relative error {e:.3g} > "
@@ -193,14 +235,17 @@ def _cut(value: torch.Tensor, info: TInfo, analysis: ChannelAnalysis) -> torch.T
     return value
 
 
-def _first_divergence(shrunk: fx.GraphModule, masked: fx.GraphModule, inputs: Sequence[Any],
+def _first_divergence(shrunk: fx.GraphModule, reference: nn.Module, inputs: Sequence[Any],
                       analysis: ChannelAnalysis) -> str | None:
+    """Replay both graphs; the first node (in the masked graph's order, matched by name) whose output,
+    cut to the kept channels, differs from the shrunk graph's."""
+    masked = reference if isinstance(reference, fx.GraphModule) else trace(reference)  # trace copies nothing
     ref, _ = _run_all(masked, inputs)
     got, failed = _run_all(shrunk, inputs)
     for node in masked.graph.nodes:
         if failed is not None and failed.startswith(node.name + " "):
             return failed
-        info = node.meta.get(META_KEY)
+        info = analysis.values.get(node.name)
         a, b = ref.get(node.name), got.get(node.name)
         if not isinstance(info, TInfo) or not isinstance(a, torch.Tensor) or not isinstance(b, torch.Tensor):
             continue

@@ -166,3 +166,13 @@ def test_api_sparsify_of_torchvision_from_python() -> None:
 
     gm = strfx.sparsify(torchvision.models.resnet18())
     assert len(strfx.report(gm).layers) == 21
+
+
+def test_output_directory_gets_normal_permissions(tmp_path: Path) -> None:
+    import os
+
+    out = tmp_path / "run"
+    assert run("transform", str(EXAMPLES / "lenet300.py"), "-o", str(out)).exit_code == 0
+    umask = os.umask(0)
+    os.umask(umask)
+    assert out.stat().st_mode & 0o777 == 0o777 & ~umask

@@ -141,6 +141,11 @@ def test_shrink_refuses_existing_output_then_force(killed_run, tmp_path: Path) -
     res = run("export", out, "--onnx", onnx_file, "--force", "--repeats", "1")
     assert res.exit_code == 0, res.output
     assert onnx_file.stat().st_size > 1000
+    res = run("export", out, "--onnx", onnx_file, "--force", "--repeats", "1", "--json")
+    rep = json.loads(res.output)
+    summary = json.loads((out / "shrink.json").read_text())  # "before" comes from the shrink record
+    assert rep["reference"]["params"] == summary["params_before"] > rep["model"]["params"] == summary["params_after"]
+    assert rep["reference"]["flops"] == summary["flops_before"] and rep["reference"]["torch_latency_ms"] is None
 
 
 def _one_line_error(res) -> str:

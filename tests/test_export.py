@@ -170,3 +170,19 @@ def test_refuses_to_overwrite_without_force(tmp_path: Path) -> None:
     assert rep.onnx_max_error <= 1e-4
     onnx.checker.check_model(str(target))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m.onnx", "m.pt2"]
+
+
+def test_large_models_get_external_data_next_to_the_onnx_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Over the protobuf limit (simulated by lowering the threshold) weights go to NAME.data, renamed with NAME."""
+    ex = importlib.import_module("strfx.export")
+    monkeypatch.setattr(ex, "_EXTERNAL_DATA_BYTES", 0)
+    loaded = load_model(str(EXAMPLES / "lenet5.py"))
+    rep = strfx.export(loaded.model, tmp_path / "net.onnx", loaded.example_inputs, repeats=1)
+    assert rep.exporter == "dynamo"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["net.onnx", "net.onnx.data"]
+    assert (tmp_path / "net.onnx").stat().st_size < 100_000 < (tmp_path / "net.onnx.data").stat().st_size
+    assert rep.onnx_bytes == sum(p.stat().st_size for p in tmp_path.iterdir())
+    with torch.no_grad():
+        expected = loaded.model.eval()(*loaded.example_inputs)
+    got = ort_outputs(tmp_path / "net.onnx", loaded.example_inputs)
+    assert max_rel_error(torch.from_numpy(got[0]), expected) <= 1e-4

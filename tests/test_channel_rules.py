@@ -1,0 +1,413 @@
+"""One test family per channel rule: groups found, dead channels removed, result exact."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import strfx
+from strfx.errors import StrfxError, VerificationError
+from strfx.surgery import analyze, random_like
+
+
+def sub(m: nn.Module, name: str) -> nn.Module:
+    return m.get_submodule(name)
+
+
+@torch.no_grad()
+def kill_bn(bn: nn.BatchNorm2d | nn.GroupNorm, channels: list[int]) -> None:
+    for c in channels:
+        bn.weight[c] = 0.0
+        bn.bias[c] = 0.0
+
+
+@torch.no_grad()
+def shrink_checked(model: nn.Module, x: torch.Tensor) -> nn.Module:
+    """strfx.shrink plus an independent equality check on fresh inputs."""
+    model.eval()
+    small = strfx.shrink(model, (x,))
+    for seed in (11, 12):
+        (y,) = random_like((x,), seed)
+        torch.testing.assert_close(small(y), model(y), rtol=1e-4, atol=1e-5)
+    return small
+
+
+def conv_bn(cin: int, cout: int, **kw) -> nn.Sequential:
+    return nn.Sequential(nn.Conv2d(cin, cout, 3, padding=1, bias=False, **kw), nn.BatchNorm2d(cout), nn.ReLU())
+
+
+class Chain(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = conv_bn(3, 8), conv_bn(8, 6)
+        self.fc = nn.Linear(6, 4)
+
+    def forward(self, x):
+        return self.fc(self.b(self.a(x)).mean((2, 3)))
+
+
+def test_conv_bn_chain_removes_dead_filters():
+    m = Chain().eval()
+    kill_bn(m.a[1], [1, 5])
+    small = shrink_checked(m, torch.randn(2, 3, 8, 8))
+    assert sub(small, "a.0").out_channels == 6 and sub(small, "a.1").num_features == 6 and sub(small, "b.0").in_channels == 6
+    assert sub(small, "b.0").out_channels == 6  # nothing dead there
+    assert small.meta["strfx_shrink"]["channels_removed"] == 2
+
+
+class Residual(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem, self.b1, self.b2 = conv_bn(3, 8), conv_bn(8, 8), conv_bn(8, 8)
+        self.fc = nn.Linear(8, 3)
+
+    def forward(self, x):
+        x = self.stem(x)
+        x = x + self.b2(self.b1(x))
+        return self.fc(x.mean((2, 3)))
+
+
+def test_residual_add_couples_both_branches():
+    x = torch.randn(2, 3, 8, 8)
+    m = Residual().eval()
+    kill_bn(m.b2[1], [2])  # dead in one branch only: the sum is not zero
+    small = shrink_checked(m, x)
+    assert sub(small, "stem.0").out_channels == 8 and sub(small, "b2.0").out_channels == 8
+    kill_bn(m.stem[1], [2])
+    small = shrink_checked(m, x)
+    assert sub(small, "stem.0").out_channels == 7 and sub(small, "b2.0").out_channels == 7 and sub(small, "b1.0").in_channels == 7
+    _, analysis = analyze(m, (x,))
+    stream = [g for g in analysis.groups if any(s.startswith("stem.0") for s in g.members)][0]
+    assert any(s.startswith("b2.0") for s in stream.members) and stream.channels == 8
+
+
+class Grouped(nn.Module):
+    def __init__(self, groups: int, mult: int = 1) -> None:
+        super().__init__()
+        self.a = conv_bn(3, 8)
+        self.g = nn.Sequential(nn.Conv2d(8, 8 * mult, 3, padding=1, groups=groups, bias=False),
+                               nn.BatchNorm2d(8 * mult), nn.ReLU())
+        self.fc = nn.Linear(8 * mult, 3)
+
+    def forward(self, x):
+        return self.fc(self.g(self.a(x)).mean((2, 3)))
+
+
+def test_depthwise_conv_removes_whole_groups():
+    m = Grouped(groups=8).eval()
+    kill_bn(m.a[1], [0, 3])
+    kill_bn(m.g[1], [0, 3])
+    small = shrink_checked(m, torch.randn(2, 3, 8, 8))
+    assert sub(small, "g.0").groups == 6 and sub(small, "g.0").in_channels == 6 and sub(small, "g.0").out_channels == 6
+
+
+def test_depthwise_multiplier_couples_input_with_its_outputs():
+    m = Grouped(groups=8, mult=2).eval()
+    kill_bn(m.a[1], [1])
+    kill_bn(m.g[1], [2, 3])  # the two outputs of input channel 1
+    small = shrink_checked(m, torch.randn(2, 3, 8, 8))
+    assert (sub(small, "g.0").groups, sub(small, "g.0").in_channels, sub(small, "g.0").out_channels) == (7, 7, 14)
+
+
+def test_grouped_conv_keeps_groups_valid():
+    m = Grouped(groups=2).eval()
+    kill_bn(m.a[1], [1, 5])  # position 1 in both groups of 4
+    kill_bn(m.g[1], [0, 4])
+    small = shrink_checked(m, torch.randn(2, 3, 8, 8))
+    g = sub(small, "g.0")
+    assert (g.groups, g.in_channels, g.out_channels) == (2, 6, 6)
+    m2 = Grouped(groups=2).eval()
+    kill_bn(m2.a[1], [1])  # only one group loses it: the structure forbids the cut
+    small2 = shrink_checked(m2, torch.randn(2, 3, 8, 8))
+    assert sub(small2, "g.0").in_channels == 8
+
+
+class FlatHead(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = conv_bn(3, 5)
+        self.fc = nn.Linear(5 * 4 * 4, 3)
+
+    def forward(self, x):
+        return self.fc(torch.flatten(F.max_pool2d(self.a(x), 2), 1))
+
+
+def test_flatten_linear_removes_hw_features_per_channel():
+    m = FlatHead().eval()
+    kill_bn(m.a[1], [0, 3])
+    small = shrink_checked(m, torch.randn(2, 3, 8, 8))
+    assert sub(small, "fc").in_features == 3 * 16
+
+
+class GN(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, padding=1, bias=False)
+        self.gn = nn.GroupNorm(4, 8)
+        self.fc = nn.Linear(8, 3)
+
+    def forward(self, x):
+        return self.fc(torch.relu(self.gn(self.conv(x))).mean((2, 3)))
+
+
+def test_groupnorm_removes_whole_groups_only():
+    x = torch.randn(2, 3, 8, 8)
+    m = GN().eval()
+    kill_bn(m.gn, [2])
+    assert sub(shrink_checked(m, x), "gn").num_channels == 8
+    kill_bn(m.gn, [3])
+    small = shrink_checked(m, x)
+    assert (sub(small, "gn").num_groups, sub(small, "gn").num_channels, sub(small, "conv").out_channels) == (3, 6, 6)
+
+
+class ChannelsLast(nn.Module):
+    def __init__(self, norm: bool) -> None:
+        super().__init__()
+        self.a = conv_bn(3, 8)
+        self.norm = nn.LayerNorm(8) if norm else nn.Identity()
+        self.fc1, self.fc2 = nn.Linear(8, 16), nn.Linear(16, 8)
+        self.head = nn.Linear(8, 2)
+
+    def forward(self, x):
+        y = self.a(x)
+        z = self.fc2(F.gelu(self.fc1(self.norm(y.permute(0, 2, 3, 1))))).permute(0, 3, 1, 2)
+        return self.head((y + z).mean((2, 3)))
+
+
+def test_layernorm_over_channels_blocks_the_group():
+    x = torch.randn(2, 3, 8, 8)
+    m = ChannelsLast(norm=True).eval()
+    kill_bn(m.a[1], [1])
+    _, analysis = analyze(m, (x,))
+    stream = [g for g in analysis.groups if any(s.startswith("a.0") for s in g.members)][0]
+    assert any("LayerNorm" in r for r in stream.blocked_by)
+    assert sub(shrink_checked(m, x), "a.0").out_channels == 8
+
+
+def test_channels_last_mlp_hidden_is_prunable():
+    x = torch.randn(2, 3, 8, 8)
+    gm = strfx.sparsify(ChannelsLast(norm=True).eval(), "structured", example_inputs=(x,))
+    gate = gm.get_submodule("fc1_gate")
+    with torch.no_grad():
+        gate.weight[[0, 5, 9]] = 0.0
+    small = strfx.shrink(gm)
+    assert sub(small, "fc1").out_features == 13 and sub(small, "fc2").in_features == 13
+    assert not any(type(m).__module__.startswith("strfx") for m in small.modules())
+    # the residual stream is blocked by LayerNorm, so it got no gate
+    assert not hasattr(gm, "fc2_gate")
+
+
+class Cat(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.l, self.r = conv_bn(3, 4), conv_bn(3, 6)
+        self.c = nn.Conv2d(10, 3, 1)
+
+    def forward(self, x):
+        return self.c(torch.cat([self.l(x), self.r(x)], 1)).mean((2, 3))
+
+
+def test_cat_maps_offsets():
+    m = Cat().eval()
+    kill_bn(m.r[1], [0, 5])
+    small = shrink_checked(m, torch.randn(2, 3, 8, 8))
+    assert sub(small, "r.0").out_channels == 4 and sub(small, "c").in_channels == 8 and sub(small, "l.0").out_channels == 4
+
+
+class Chunk(nn.Module):
+    def __init__(self, shuffle: bool) -> None:
+        super().__init__()
+        self.shuffle = shuffle
+        self.a, self.b = conv_bn(3, 8), conv_bn(4, 4)
+        self.c = nn.Conv2d(8, 3, 1)
+
+    def forward(self, x):
+        x1, x2 = self.a(x).chunk(2, dim=1)
+        y = torch.cat([x1, self.b(x2)], 1)
+        if self.shuffle:
+            b, c, h, w = y.size()
+            y = y.view(b, 2, c // 2, h, w).transpose(1, 2).contiguous().view(b, -1, h, w)
+        return self.c(y).mean((2, 3))
+
+
+def test_chunk_with_uneven_cuts_becomes_split():
+    m = Chunk(shuffle=False).eval()
+    kill_bn(m.a[1], [1, 2, 6])
+    small = shrink_checked(m, torch.randn(2, 3, 8, 8))
+    assert sub(small, "a.0").out_channels == 5 and sub(small, "b.0").in_channels == 3
+    assert "split" in small.code
+
+
+def test_channel_shuffle_couples_through_the_permutation():
+    x = torch.randn(2, 3, 8, 8)
+    m = Chunk(shuffle=True).eval()
+    kill_bn(m.a[1], [1])  # x1 channel 1 is shuffled next to branch channel 1
+    assert sub(shrink_checked(m, x), "c").in_channels == 8
+    kill_bn(m.b[1], [1])
+    small = shrink_checked(m, x)
+    assert sub(small, "c").in_channels == 6 and sub(small, "a.0").out_channels == 7 and sub(small, "b.0").out_channels == 3
+
+
+class SE(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = conv_bn(3, 8)
+        self.fc1, self.fc2 = nn.Conv2d(8, 4, 1), nn.Conv2d(4, 8, 1)
+        self.head = nn.Linear(8, 2)
+
+    def forward(self, x):
+        y = self.a(x)
+        s = torch.sigmoid(self.fc2(torch.relu(self.fc1(y.mean((2, 3), keepdim=True)))))
+        return self.head((y * s).mean((2, 3)))
+
+
+def test_se_scale_couples_its_producer():
+    m = SE().eval()
+    kill_bn(m.a[1], [0, 7])
+    small = shrink_checked(m, torch.randn(2, 3, 8, 8))
+    assert sub(small, "fc2").out_channels == 6 and sub(small, "fc1").in_channels == 6 and sub(small, "head").in_features == 6
+
+
+class Odd(nn.Module):
+    def __init__(self, op: str) -> None:
+        super().__init__()
+        self.op = op
+        self.a = conv_bn(3, 8)
+        self.c = nn.Conv2d(8, 3, 1)
+
+    def forward(self, x):
+        y = self.a(x)
+        if self.op == "cumsum":
+            y = torch.cumsum(y, 1)
+        elif self.op == "mean":
+            y = y - y.mean(1, keepdim=True)
+        elif self.op == "softmax":
+            y = torch.softmax(y, 1)
+        return self.c(y).mean((2, 3))
+
+
+@pytest.mark.parametrize("op,reason", [("cumsum", "unsupported op cumsum"), ("mean", "mean over a channel dim"),
+                                       ("softmax", "softmax over a channel dim")])
+def test_ops_mixing_channels_block_the_group(op, reason):
+    x = torch.randn(2, 3, 8, 8)
+    m = Odd(op).eval()
+    kill_bn(m.a[1], [2])
+    _, analysis = analyze(m, (x,))
+    group = [g for g in analysis.groups if any(s.startswith("a.0") for s in g.members)][0]
+    assert any(reason in r for r in group.blocked_by), group.blocked_by
+    assert sub(shrink_checked(m, x), "a.0").out_channels == 8
+    if op == "cumsum":
+        assert "cumsum" in analysis.unknown_ops
+
+
+def test_multihead_attention_inputs_are_blocked():
+    class Attn(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc = nn.Linear(4, 8)
+            self.mha = nn.MultiheadAttention(8, 2, batch_first=True)
+            self.out = nn.Linear(8, 2)
+
+        def forward(self, x):
+            h = self.fc(x)
+            return self.out(self.mha(h, h, h)[0])
+
+    x = torch.randn(2, 5, 4)
+    _, analysis = analyze(Attn().eval(), (x,))
+    group = [g for g in analysis.groups if any(s.startswith("fc ") for s in g.members)][0]
+    assert any("MultiheadAttention" in r for r in group.blocked_by)
+    shrink_checked(Attn().eval(), x)
+
+
+def test_transposed_conv():
+    class Up(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a = conv_bn(3, 6)
+            self.up = nn.ConvTranspose2d(6, 4, 2, stride=2, bias=False)
+            self.bn = nn.BatchNorm2d(4)
+            self.c = nn.Conv2d(4, 2, 1)
+
+        def forward(self, x):
+            return self.c(torch.relu(self.bn(self.up(self.a(x))))).mean((2, 3))
+
+    m = Up().eval()
+    kill_bn(m.a[1], [1])
+    kill_bn(m.bn, [0, 2])
+    small = shrink_checked(m, torch.randn(2, 3, 4, 4))
+    assert (sub(small, "up").in_channels, sub(small, "up").out_channels) == (5, 2)
+
+
+def test_model_output_channels_are_kept():
+    m = nn.Sequential(nn.Conv2d(3, 4, 1, bias=False), nn.BatchNorm2d(4)).eval()
+    kill_bn(m[1], [1])
+    small = shrink_checked(m, torch.randn(1, 3, 4, 4))
+    assert sub(small, "0").out_channels == 4
+
+
+def test_zero_filter_without_bias_or_norm_is_dead():
+    m = nn.Sequential(nn.Conv2d(3, 6, 3, bias=False), nn.ReLU(), nn.Conv2d(6, 2, 1), nn.Flatten(),
+                      nn.Linear(2 * 4 * 4, 2)).eval()
+    with torch.no_grad():
+        m[0].weight[[1, 4]] = 0.0
+        m[0].weight[0, 0] = 0.0  # a partly zero filter stays
+    small = shrink_checked(m, torch.randn(2, 3, 6, 6))
+    assert sub(small, "0").out_channels == 4 and sub(small, "2").in_channels == 4
+
+
+def test_verification_failure_names_the_node(monkeypatch):
+    import strfx.passes.shrink as shrink_pass
+
+    real = shrink_pass.fold_str_batchnorm
+
+    def broken(m, ndim):
+        bn = real(m, ndim)
+        with torch.no_grad():
+            bn.bias.add_(1.0)
+        return bn
+
+    monkeypatch.setattr(shrink_pass, "fold_str_batchnorm", broken)
+    x = torch.randn(2, 3, 8, 8)
+    gm = strfx.sparsify(Chain().eval(), "structured", example_inputs=(x,))
+    with pytest.raises(VerificationError, match=r"first diverging node: a_1 "):
+        strfx.shrink(gm)
+
+
+def test_shrink_needs_example_inputs():
+    with pytest.raises(StrfxError, match="example inputs"):
+        strfx.shrink(Chain())
+
+
+def test_in_place_add_updates_what_later_readers_see():
+    class InPlace(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a, self.bn = nn.Conv2d(3, 4, 1, bias=False), nn.BatchNorm2d(4)
+            self.b, self.c = nn.Conv2d(3, 4, 1), nn.Conv2d(4, 2, 1)
+
+        def forward(self, x):
+            y, z = self.bn(self.a(x)), self.b(x)
+            y.add_(z)  # y is no longer zero where bn's output was
+            return self.c(y).mean((2, 3))
+
+    m = InPlace().eval()
+    kill_bn(m.bn, [1])
+    small = shrink_checked(m, torch.randn(2, 3, 4, 4))
+    assert sub(small, "c").in_channels == 4 and small.meta["strfx_shrink"]["channels_removed"] == 0
+
+
+def test_adding_a_broadcast_tensor_keeps_zero_channels_alive():
+    class Bias(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a, self.c = conv_bn(3, 4), nn.Conv2d(4, 2, 1)
+
+        def forward(self, x):
+            y = self.a(x)
+            return self.c(y + x[0, 0, 0]).mean((2, 3))  # a rank-1 tensor broadcast over channels
+
+    m = Bias().eval()
+    kill_bn(m.a[1], [1])
+    assert sub(shrink_checked(m, torch.randn(2, 3, 4, 4)), "c").in_channels == 4
