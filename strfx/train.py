@@ -255,15 +255,24 @@ def train(model: str, data: str | None = None, mode: str | None = None, *,
 def run_job(job: dict[str, Any]) -> None:
     """What each process runs: join the group, train, leave the group cleanly."""
     env = init_distributed()
-    ok = False
     try:
         Trainer(Job(**job), env).fit()
-        ok = True
-    finally:
-        if ok:
-            shutdown(env)
-        elif env.distributed and dist.is_initialized():
-            dist.destroy_process_group()  # no barrier: the other ranks may be gone
+    except BaseException as err:
+        if not env.distributed:
+            raise
+        # A peer died (or this rank failed): gloo's threads are still attached to the broken group, and
+        # a normal interpreter exit then aborts ("terminate called without an active exception"). Report
+        # and leave at once instead; torchrun sees the non-zero exit and restarts the group.
+        import traceback
+
+        if isinstance(err, StrfxError):
+            print(f"error: {err}", file=sys.stderr)
+        else:
+            traceback.print_exc()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(2 if isinstance(err, StrfxError) else 1)
+    shutdown(env)
 
 
 class WarmupCosine:
