@@ -15,9 +15,11 @@ never recovers); negative effort (when ahead) lowers thresholds again.
 
 Controller (documented in the README, "Target sparsity"):
 
-* The *measured* sparsity is what the final report will say: unstructured, the fraction of STR
-  weights that are exactly zero; structured, the fraction of FLOPs removed
-  (``1 - effective_flops / dense_flops`` of :func:`strfx.report.report`).
+* The *measured* sparsity: unstructured, the fraction of STR weights that are exactly zero (the
+  report's ``sparsity``); structured, the fraction of FLOPs removed counting, for each gated layer,
+  its own FLOPs times the fraction of its output channels that are dead. That per-layer estimate is
+  cheap enough to take every few steps; it is conservative: the report's ``effective_flops`` are
+  those of the really shrunk model, which also loses the next layers' input channels.
 * A *schedule* rises from 0 to the target X with the cubic curve of Zhu & Gupta (2017),
   ``X·(1-(1-p)^3)``, between ``ramp_start`` and ``ramp_end`` (fractions of training, default
   5%→60%), then holds X while the learning rate anneals, so the last 40% settle the weights.

@@ -255,15 +255,24 @@ def train(model: str, data: str | None = None, mode: str | None = None, *,
 def run_job(job: dict[str, Any]) -> None:
     """What each process runs: join the group, train, leave the group cleanly."""
     env = init_distributed()
-    ok = False
     try:
         Trainer(Job(**job), env).fit()
-        ok = True
-    finally:
-        if ok:
-            shutdown(env)
-        elif env.distributed and dist.is_initialized():
-            dist.destroy_process_group()  # no barrier: the other ranks may be gone
+    except BaseException as err:
+        if not env.distributed:
+            raise
+        # A peer died (or this rank failed): gloo's threads are still attached to the broken group, and
+        # a normal interpreter exit then aborts ("terminate called without an active exception"). Report
+        # and leave at once instead; torchrun sees the non-zero exit and restarts the group.
+        import traceback
+
+        if isinstance(err, StrfxError):
+            print(f"error: {err}", file=sys.stderr)
+        else:
+            traceback.print_exc()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(2 if isinstance(err, StrfxError) else 1)
+    shutdown(env)
 
 
 class WarmupCosine:
@@ -591,6 +600,7 @@ class Trainer:
         flops_removed = 1 - (rep.effective_flops or 0) / rep.dense_flops if rep.dense_flops else None
         row: dict[str, Any] = {"epoch": epoch, "step": self.step, "lr": self.scheduler.get_last_lr()[0], **stats,
                                "sparsity": rep.sparsity, "flops_removed": flops_removed,
+                               "controlled": self.meter(),  # what --target-sparsity steers (strfx.controller)
                                "nonzero_params": rep.nonzero_params, "seconds": round(seconds, 3)}
         if self.controller is not None:
             row["target_now"] = self.controller.schedule(self.step)
@@ -600,8 +610,8 @@ class Trainer:
 
     def _log_epoch(self, row: dict[str, Any]) -> None:
         target = f" (target {self.tc.target_sparsity:.0%})" if self.tc.target_sparsity else ""
-        measure = row["sparsity"] if self.mode == "unstructured" else row["flops_removed"]
-        what = "weights zero" if self.mode == "unstructured" else "FLOPs removed"
+        measure = row["controlled"]
+        what = "weights zero" if self.mode == "unstructured" else "FLOPs removed (per-layer estimate)"
         self.log.print(f"epoch {row['epoch']}/{self.tc.epochs}: loss {row['train_loss']:.4f} · "
                        f"train top-1 {row['train_top1']:.2%} · val top-1 {row['val_top1']:.2%} · "
                        f"{what} {measure:.2%}{target} · lr {row['lr']:.4g} · {row['seconds']:.1f}s")
@@ -679,7 +689,7 @@ class Trainer:
             "model": self.loaded.name, "mode": self.mode, "epochs": self.tc.epochs, "data": self.data.source,
             "val_top1": final["val_top1"], "sparsity": rep.sparsity,
             "flops_removed": 1 - (rep.effective_flops or 0) / rep.dense_flops if rep.dense_flops else None,
-            "target_sparsity": self.tc.target_sparsity, "world_size": self.env.world_size,
+            "controlled": self.meter(), "target_sparsity": self.tc.target_sparsity, "world_size": self.env.world_size,
             "ranks_max_param_diff": final.get("ranks_max_param_diff", 0.0),
             "params_before": b.params, "params_after": rep.nonzero_params,
             "flops_before": b.dense_flops, "flops_after": rep.effective_flops,
@@ -722,8 +732,8 @@ class Trainer:
             return str(path)
 
     def print_summary(self, s: dict[str, Any]) -> None:
-        what = "of STR weights are zero" if self.mode == "unstructured" else "of FLOPs removed"
-        measure = s["sparsity"] if self.mode == "unstructured" else s["flops_removed"]
+        what = "of STR weights are zero" if self.mode == "unstructured" else "of FLOPs removed (per-layer estimate)"
+        measure = s["controlled"]
         target = f" (target {s['target_sparsity']:.0%})" if s["target_sparsity"] else ""
         elements = "weights" if self.mode == "unstructured" else "channels"
         lines = [
@@ -735,7 +745,8 @@ class Trainer:
             lines.append(f"  params     {s['params_before']:,} → {s['params_after']:,} non-zero")
         if s["flops_before"]:
             lines.append(f"  FLOPs      {s['flops_before'] / 1e6:,.2f}M → {s['flops_after'] / 1e6:,.2f}M effective "
-                         f"({s['flops_before'] / max(s['flops_after'], 1):.2f}×, on the example inputs)")
+                         f"({s['flops_before'] / max(s['flops_after'], 1):.2f}×, on the example inputs"
+                         + (", dead channels removed" if self.mode == "structured" else "") + ")")
         ex = s.get("export")
         if ex:
             lines.append(f"  shrink     {ex['channels_removed']:,} of {ex['channels']:,} channels removed: params "

@@ -90,9 +90,16 @@ def test_meter_measures_what_the_report_says(mode: str) -> None:
                 p.copy_(torch.rand(p.shape, generator=gen))
     meter = SparsityMeter(gm, mode, lm.example_inputs)
     rep = report(gm, lm.example_inputs)
-    expected = rep.sparsity if mode == "unstructured" else 1 - rep.effective_flops / rep.dense_flops
     assert 0.05 < meter() < 0.99
-    assert meter() == pytest.approx(expected, abs=1e-9)
+    if mode == "unstructured":
+        assert meter() == pytest.approx(rep.sparsity, abs=1e-9)
+    else:  # each gated layer's own FLOPs × its dead fraction (LeNet-5: gate after conv1, conv2, fc1)
+        from strfx.report import _per_module_flops
+
+        dense, per_module = _per_module_flops(gm, lm.example_inputs)
+        dead = {layer.name.removesuffix("_gate"): layer.sparsity for layer in rep.layers}
+        assert meter() == pytest.approx(sum(per_module[n] * f for n, f in dead.items()) / dense, abs=1e-9)
+        assert meter() <= 1 - rep.effective_flops / rep.dense_flops  # the shrunk model saves at least as much
 
 
 def test_demo_data_is_shipped_with_attribution() -> None:
