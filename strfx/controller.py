@@ -16,10 +16,9 @@ never recovers); negative effort (when ahead) lowers thresholds again.
 Controller (documented in the README, "Target sparsity"):
 
 * The *measured* sparsity: unstructured, the fraction of STR weights that are exactly zero (the
-  report's ``sparsity``); structured, the fraction of FLOPs removed counting, for each gated layer,
-  its own FLOPs times the fraction of its output channels that are dead. That per-layer estimate is
-  cheap enough to take every few steps; it is conservative: the report's ``effective_flops`` are
-  those of the really shrunk model, which also loses the next layers' input channels.
+  report's ``sparsity``); structured, the fraction of FLOPs the shrunk model saves (the report's
+  ``shrunk_flops``), which includes the next layers' lost input channels. :class:`SparsityMeter`
+  keeps that affordable every few steps by rescaling a per-layer estimate with real shrinks.
 * A *schedule* rises from 0 to the target X with the cubic curve of Zhu & Gupta (2017),
   ``X·(1-(1-p)^3)``, between ``ramp_start`` and ``ramp_end`` (fractions of training, default
   5%→60%), then holds X while the learning rate anneals, so the last 40% settle the weights.
@@ -41,6 +40,7 @@ computes the same λ without communicating (rank 0's value is broadcast anyway a
 
 from __future__ import annotations
 
+import hashlib
 import math
 from typing import Any, Sequence
 
@@ -48,19 +48,29 @@ import torch
 import torch.fx as fx
 
 from strfx.modules import str_channel_modules, str_weights
-from strfx.report import _per_module_flops, _structured_producers
+from strfx.report import _per_module_flops, _shrunk_flops, _structured_producers
 from strfx.train_config import ControllerConfig
 
 
 class SparsityMeter:
-    """Measures the quantity ``--target-sparsity`` refers to, cheaply enough to call every few steps."""
+    """Measures the quantity ``--target-sparsity`` refers to, cheaply enough to call every few steps.
 
-    def __init__(self, gm: fx.GraphModule, mode: str, example_inputs: Sequence[Any]):
-        self.gm, self.mode = gm, mode
+    Structured mode targets the FLOPs the *shrunk* model saves, which include the consumers of every
+    removed channel (the next layer's inputs), not only the gated layers themselves. Shrinking a copy
+    on every call would dominate short runs, so the meter keeps a cheap per-layer estimate (each gated
+    layer's own FLOPs × its dead fraction) and rescales it by ``exact / estimate``, re-measured with a
+    real shrink whenever the set of dead channels has changed and at least ``exact_every`` calls have
+    passed. The schedule is by call count, not time, and its state is checkpointed, so every rank and a
+    resumed run see the same numbers.
+    """
+
+    def __init__(self, gm: fx.GraphModule, mode: str, example_inputs: Sequence[Any], exact_every: int = 10):
+        self.gm, self.mode, self.inputs, self.exact_every = gm, mode, tuple(example_inputs), exact_every
         self.weights = list(str_weights(gm).items())
         self.channels = list(str_channel_modules(gm).items())
         self.flops: dict[str, float] = {}
         self.dense_flops = 0.0
+        self.ratio, self.since, self.calibrated_on = 1.0, exact_every, ""
         if mode == "structured":
             dense, per_module = _per_module_flops(gm, example_inputs)
             self.dense_flops = float(dense)
@@ -81,14 +91,48 @@ class SparsityMeter:
             out[name] = (int((g == 0).sum()), g.numel())
         return out
 
+    def estimate(self, zeros: dict[str, tuple[int, int]]) -> float:
+        """Structured: FLOPs of the gated layers themselves that their dead channels remove."""
+        removed = sum(self.flops.get(name, 0.0) * z / max(n, 1) for name, (z, n) in zeros.items())
+        return removed / max(self.dense_flops, 1.0)
+
+    @torch.no_grad()
+    def exact(self) -> float:
+        """Structured: ``1 - FLOPs(shrunk model) / FLOPs(dense)``, by really shrinking a copy."""
+        was_training = self.gm.training
+        self.gm.eval()
+        try:
+            shrunk = _shrunk_flops(self.gm, self.inputs, int(self.dense_flops), zeros=True, fallback=None)
+        finally:
+            self.gm.train(was_training)
+        return 1.0 - shrunk / max(self.dense_flops, 1.0) if shrunk is not None else float("nan")
+
+    def _dead_pattern(self) -> str:
+        masks = [(mod.effective_weight() == 0).to(torch.uint8) for _, mod in self.channels]
+        return hashlib.sha1(torch.cat(masks).cpu().numpy().tobytes()).hexdigest() if masks else ""
+
     @torch.no_grad()
     def __call__(self) -> float:
         zeros = self.layer_zeros()
         if self.mode == "unstructured":
             total = sum(n for _, n in zeros.values())
             return sum(z for z, _ in zeros.values()) / max(total, 1)
-        removed = sum(self.flops.get(name, 0.0) * z / max(n, 1) for name, (z, n) in zeros.items())
-        return removed / max(self.dense_flops, 1.0)
+        estimate = self.estimate(zeros)
+        self.since += 1
+        if estimate > 0 and self.since >= self.exact_every:
+            pattern = self._dead_pattern()
+            if pattern != self.calibrated_on:
+                exact = self.exact()
+                if exact == exact:  # a model shrink refuses keeps the last ratio
+                    self.ratio = max(exact / estimate, 1.0)  # the shrunk model saves at least the estimate
+                self.since, self.calibrated_on = 0, pattern
+        return min(estimate * self.ratio, 1.0)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"ratio": self.ratio, "since": self.since, "calibrated_on": self.calibrated_on}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.ratio, self.since, self.calibrated_on = float(state["ratio"]), int(state["since"]), str(state["calibrated_on"])
 
 
 class ThresholdDecayController:

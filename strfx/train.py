@@ -145,6 +145,13 @@ def load_checkpoint(path: Path, config: StrfxConfig) -> dict[str, Any]:
     return ckpt
 
 
+
+def _flops_after(rep: Any) -> int:
+    """FLOPs left: the shrunk model's where the report has them (structured), else the estimate."""
+    if rep.shrunk_flops is not None:
+        return rep.shrunk_flops
+    return rep.effective_flops or 0
+
 @dataclass
 class Job:
     """A validated training job: what a worker needs (serialised as JSON for torchrun workers)."""
@@ -471,7 +478,7 @@ class Trainer:
             "format": CHECKPOINT_FORMAT, "epoch": epoch, "step": self.step, "world_size": self.env.world_size,
             "model": self.gm.state_dict(), "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict(),
-            "controller": self.controller.state_dict() if self.controller else {},
+            "controller": {**self.controller.state_dict(), "meter": self.meter.state_dict()} if self.controller else {},
             "rng": rng, "config": json.dumps(self.cfg.model_dump(mode="json"), sort_keys=True),
         }
         folder = self.run_dir / CHECKPOINT_DIR
@@ -504,7 +511,10 @@ class Trainer:
         self.scheduler.load_state_dict(ckpt["scheduler"])
         self.scaler.load_state_dict(ckpt["scaler"])
         if self.controller and ckpt["controller"]:
-            self.controller.load_state_dict(ckpt["controller"])
+            state = dict(ckpt["controller"])
+            if "meter" in state:
+                self.meter.load_state_dict(state.pop("meter"))
+            self.controller.load_state_dict(state)
         rng = ckpt["rng"]
         if ckpt["world_size"] == self.env.world_size:
             rng["torch"] = rng["torch_per_rank"][self.env.rank]
@@ -597,7 +607,7 @@ class Trainer:
 
     def _metrics(self, epoch: int, stats: dict[str, float], seconds: float) -> dict[str, Any]:
         rep = self._report()
-        flops_removed = 1 - (rep.effective_flops or 0) / rep.dense_flops if rep.dense_flops else None
+        flops_removed = 1 - _flops_after(rep) / rep.dense_flops if rep.dense_flops else None
         row: dict[str, Any] = {"epoch": epoch, "step": self.step, "lr": self.scheduler.get_last_lr()[0], **stats,
                                "sparsity": rep.sparsity, "flops_removed": flops_removed,
                                "controlled": self.meter(),  # what --target-sparsity steers (strfx.controller)
@@ -611,7 +621,7 @@ class Trainer:
     def _log_epoch(self, row: dict[str, Any]) -> None:
         target = f" (target {self.tc.target_sparsity:.0%})" if self.tc.target_sparsity else ""
         measure = row["controlled"]
-        what = "weights zero" if self.mode == "unstructured" else "FLOPs removed (per-layer estimate)"
+        what = "weights zero" if self.mode == "unstructured" else "FLOPs removed"
         self.log.print(f"epoch {row['epoch']}/{self.tc.epochs}: loss {row['train_loss']:.4f} · "
                        f"train top-1 {row['train_top1']:.2%} · val top-1 {row['val_top1']:.2%} · "
                        f"{what} {measure:.2%}{target} · lr {row['lr']:.4g} · {row['seconds']:.1f}s")
@@ -688,11 +698,11 @@ class Trainer:
         summary: dict[str, Any] = {
             "model": self.loaded.name, "mode": self.mode, "epochs": self.tc.epochs, "data": self.data.source,
             "val_top1": final["val_top1"], "sparsity": rep.sparsity,
-            "flops_removed": 1 - (rep.effective_flops or 0) / rep.dense_flops if rep.dense_flops else None,
+            "flops_removed": 1 - _flops_after(rep) / rep.dense_flops if rep.dense_flops else None,
             "controlled": self.meter(), "target_sparsity": self.tc.target_sparsity, "world_size": self.env.world_size,
             "ranks_max_param_diff": final.get("ranks_max_param_diff", 0.0),
             "params_before": b.params, "params_after": rep.nonzero_params,
-            "flops_before": b.dense_flops, "flops_after": rep.effective_flops,
+            "flops_before": b.dense_flops, "flops_after": _flops_after(rep),
         }
         if self.job.export:
             summary["export"] = self.export()
@@ -732,7 +742,7 @@ class Trainer:
             return str(path)
 
     def print_summary(self, s: dict[str, Any]) -> None:
-        what = "of STR weights are zero" if self.mode == "unstructured" else "of FLOPs removed (per-layer estimate)"
+        what = "of STR weights are zero" if self.mode == "unstructured" else "of FLOPs removed"
         measure = s["controlled"]
         target = f" (target {s['target_sparsity']:.0%})" if s["target_sparsity"] else ""
         elements = "weights" if self.mode == "unstructured" else "channels"
