@@ -47,7 +47,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 import strfx
 from strfx._torchvision import torchvision
-from strfx.modules import STRBatchNorm, STRGate, str_weights
+from strfx.modules import str_weights
 from strfx.testing import kill_channels, randomize_
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -58,59 +58,6 @@ def flops(model: nn.Module, x: torch.Tensor) -> int:
     with torch.no_grad(), counter:
         model(x)
     return int(counter.get_total_flops())
-
-
-@torch.no_grad()
-def kill_channels_rounded(gm: fx.GraphModule, fraction: float, round_to: int, seed: int = 0) -> int:
-    """Like ``strfx.testing.kill_channels`` but each group keeps a multiple of ``round_to`` channels.
-
-    The number kept is ``len(group) * (1 - fraction)`` rounded *up* to a multiple of ``round_to`` (never
-    more than the group has). Returns the number of channels killed.
-    """
-    from strfx.passes.channel_analysis import META_KEY, TInfo
-    from strfx.surgery import analyze
-
-    rng = np.random.default_rng(seed)
-    traced, analysis = analyze(gm)
-    carriers: dict[int, list[tuple[str, int]]] = {}
-    for node in traced.graph.nodes:
-        if node.op != "call_module":
-            continue
-        mod = traced.get_submodule(node.target)
-        if not isinstance(mod, (STRBatchNorm, STRGate)):
-            continue
-        x = node.args[0].meta.get(META_KEY) if isinstance(node.args[0], fx.Node) else None
-        if not isinstance(x, TInfo):
-            continue
-        cdim = mod.channel_dim % x.ndim if isinstance(mod, STRGate) else 1
-        if cdim not in x.labels:
-            continue
-        for idx, r in enumerate(analysis.roots[x.labels[cdim]].tolist()):
-            carriers.setdefault(r, []).append((node.target, idx))
-    members: dict[int, list[int]] = {}
-    for r, g in analysis.group_of_root.items():
-        members.setdefault(g, []).append(r)
-    modules = dict(gm.named_modules())
-    killed = 0
-    for group in analysis.groups:
-        if not group.prunable:
-            continue
-        chans = sorted(members.get(group.id, []))
-        killable = [r for r in chans if r in carriers]
-        if not killable or len(chans) < 2:
-            continue
-        keep = min(len(chans), max(round_to, math.ceil(len(chans) * (1 - fraction) / round_to) * round_to))
-        n = min(len(chans) - keep, len(killable))
-        if n <= 0:
-            continue
-        for r in rng.choice(killable, size=n, replace=False).tolist():
-            killed += 1
-            for name, idx in carriers[r]:
-                mod = modules[name]
-                mod.weight[idx] = 0.0
-                if isinstance(mod, STRBatchNorm):
-                    mod.offset[idx] = 0.0
-    return killed
 
 
 def onnx_export(model: nn.Module, x: torch.Tensor, path: Path) -> str:
@@ -183,7 +130,7 @@ def structured(model_name: str, targets: list[float], round_to: int | None, roun
             if rt is None:
                 killed = kill_channels(work, frac, seed=0)["channels"]
             else:
-                killed = kill_channels_rounded(work, frac, rt, seed=0)
+                killed = kill_channels(work, frac, seed=0, round_to=rt)["channels"]
             t0 = time.perf_counter()
             small = strfx.shrink(work).eval()
             name = f"{r:g}x" + (f"-round{rt}" if rt else "")

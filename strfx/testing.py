@@ -9,6 +9,8 @@ residual stream of a ResNet stage).
 
 from __future__ import annotations
 
+import math
+
 from typing import Any, Sequence
 
 import numpy as np
@@ -25,11 +27,13 @@ def kill_channels(
     fraction: float | tuple[float, float] = 0.5,
     seed: int = 0,
     example_inputs: Sequence[Any] | None = None,
+    round_to: int = 1,
 ) -> dict[str, int]:
     """Zero the STR parameters of a random ``fraction`` of each prunable group's channels, in place.
 
     ``gm`` is a structured model from :func:`strfx.sparsify`. ``fraction`` is a number or a
-    ``(low, high)`` range drawn per group. At least one channel of each group is left alive.
+    ``(low, high)`` range drawn per group. At least one channel of each group is left alive; with
+    ``round_to`` > 1 each group keeps a multiple of it (rounded up), as hardware-friendly widths.
     Returns counts: ``groups`` touched, ``channels`` killed, ``carriers`` (STR-BN/gate entries set).
     """
     from strfx.surgery import analyze
@@ -66,7 +70,11 @@ def kill_channels(
         if not killable or len(chans) < 2:
             continue
         frac = rng.uniform(*fraction) if isinstance(fraction, tuple) else float(fraction)
-        n = min(int(round(frac * len(chans))), len(chans) - 1, len(killable))
+        if round_to > 1:
+            keep = min(len(chans), max(round_to, math.ceil(len(chans) * (1 - frac) / round_to) * round_to))
+            n = min(len(chans) - keep, len(killable))
+        else:
+            n = min(int(round(frac * len(chans))), len(chans) - 1, len(killable))
         if n <= 0:
             continue
         touched += 1

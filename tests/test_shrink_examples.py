@@ -107,3 +107,14 @@ def test_shrink_leaves_the_input_model_untouched_and_shares_nothing(mode):
     assert all(torch.equal(before[k], after[k]) for k in before)
     ours = {t.data_ptr() for t in [*gm.parameters(), *gm.buffers()] if t.numel()}
     assert not any(t.data_ptr() in ours for t in [*small.parameters(), *small.buffers()] if t.numel())
+
+
+def test_kill_channels_round_to_keeps_widths_multiples_of_eight() -> None:
+    lm = load_model(str(EXAMPLES / "resnet20.py"))
+    gm = strfx.sparsify(lm.model, "structured", example_inputs=lm.example_inputs)
+    counts = kill_channels(gm, 0.6, seed=1, round_to=8)
+    assert counts["channels"] > 0
+    small = strfx.shrink(gm)
+    widths = [m.out_channels for m in small.modules() if isinstance(m, nn.Conv2d)]
+    assert all(w % 8 == 0 for w in widths), widths
+    assert sum(widths) < sum(m.out_channels for m in lm.model.modules() if isinstance(m, nn.Conv2d))
