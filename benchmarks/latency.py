@@ -24,13 +24,10 @@ buy: size.
 from __future__ import annotations
 
 import argparse
-import datetime as dt
 import json
 import math
 import os
-import platform
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -46,6 +43,7 @@ from torch.nn.utils import parametrize
 from torch.utils.flop_counter import FlopCounterMode
 
 import strfx
+from _env import environment
 from strfx._torchvision import torchvision
 from strfx.modules import str_weights
 from strfx.testing import kill_channels, randomize_
@@ -224,21 +222,6 @@ def unstructured(batches: list[int], rounds: int, threads: int, tmp: Path, size:
     return info
 
 
-def environment() -> dict[str, Any]:
-    cpu = ""
-    try:
-        cpu = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    import onnxruntime
-
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
-    return {"date": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), "nproc": os.cpu_count(),
-            "cpu": cpu, "torch": torch.__version__, "onnxruntime": onnxruntime.__version__, "strfx": strfx.__version__,
-            "commit": commit, "threads": torch.get_num_threads(), "python": platform.python_version(),
-            "loadavg": os.getloadavg()}
-
-
 def markdown(res: dict[str, Any]) -> str:
     env = res["env"]
     lines = [
@@ -307,7 +290,9 @@ def main() -> None:
                                                 set(args.ort) if args.ort else None, args.threads, tmp, args.size))
         if not args.no_unstructured:
             res["unstructured"] = unstructured(args.unstructured_batches or args.batches, args.rounds, args.threads, tmp, args.size)
-    res["env"] = environment()
+    import onnxruntime
+
+    res["env"] = environment(onnxruntime=onnxruntime.__version__)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / f"{args.stem}.json").write_text(json.dumps(res, indent=1))
     md = markdown(res)

@@ -25,14 +25,11 @@ nothing is pruned at step 0 and λ_s alone decides how far the thresholds climb.
 from __future__ import annotations
 
 import argparse
-import datetime as dt
 import importlib.util
 import json
 import math
 import multiprocessing as mp
-import platform
 import statistics
-import subprocess
 import sys
 import time
 from dataclasses import asdict, dataclass, field
@@ -46,6 +43,7 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 import strfx
+from _env import environment
 from strfx.modules import STRGate, str_channel_modules
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -417,24 +415,6 @@ def aggregate(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
         row["layer_sparsity"] = {n: statistics.mean(r["layer_sparsity"][n] for r in rs) for n in layer_names}
         rows.append(row)
     return rows
-
-
-def environment() -> dict[str, Any]:
-    cpu = platform.processor() or ""
-    try:
-        cpu = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
-                                text=True).stdout.strip()
-    except OSError:
-        commit = "?"
-    import os
-
-    return {"date": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), "nproc": os.cpu_count(),
-            "cpu": cpu, "torch": torch.__version__, "strfx": strfx.__version__, "commit": commit,
-            "python": platform.python_version()}
 
 
 def plot(rows: list[dict[str, Any]], runs: list[dict[str, Any]], out: Path, stem: str) -> list[str]:

@@ -22,10 +22,8 @@ Variants:
 from __future__ import annotations
 
 import argparse
-import datetime as dt
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -38,6 +36,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import strfx
+from _env import environment
 from strfx._torchvision import torchvision
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -195,18 +194,6 @@ def profile(model_name: str, batch: int, size: int, top: int = 12) -> dict[str, 
         rows = sorted(prof.key_averages(), key=lambda e: -e.self_cpu_time_total)
         out[v] = [(e.key, e.self_cpu_time_total / 1e3) for e in rows[:top]]
     return out
-
-
-def environment() -> dict[str, Any]:
-    cpu = ""
-    try:
-        cpu = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
-    return {"date": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), "nproc": os.cpu_count(),
-            "cpu": cpu, "torch": torch.__version__, "strfx": strfx.__version__, "commit": commit,
-            "threads": torch.get_num_threads(), "python": platform.python_version(), "loadavg": os.getloadavg()}
 
 
 def markdown(results: list[dict[str, Any]], env: dict[str, Any], argv: list[str],
