@@ -768,15 +768,22 @@ def _conv(ctx: Ctx, node: fx.Node) -> Any:
     return out
 
 
+def _in_out_keep(s: Any, node: fx.Node, in_dim: int, out_dim: int) -> tuple[np.ndarray | None, np.ndarray | None]:
+    """Keep-masks of a module's input and output channels (None: nothing cut there).
+
+    ``in_dim``/``out_dim`` count from the end (-1 = last), as channel dims of conv and linear do.
+    """
+    x = s.info(node.args[0])
+    out = s.out_value(node)
+    return s.keep_of(x, x.ndim + in_dim), s.keep_of(out, out.ndim + out_dim)
+
+
 def _conv_shrink(s: Any, node: fx.Node) -> None:
     m = s.module(node)
     if not s.first_visit(node):
         return
-    x = s.info(node.args[0])
-    out = s.out_value(node)
     n_sp = len(m.kernel_size)
-    kin = s.keep_of(x, x.ndim - n_sp - 1)
-    kout = s.keep_of(out, out.ndim - n_sp - 1)
+    kin, kout = _in_out_keep(s, node, -n_sp - 1, -n_sp - 1)
     if kin is None and kout is None:
         return
     g = m.groups
@@ -832,10 +839,7 @@ def _linear_shrink(s: Any, node: fx.Node) -> None:
     m = s.module(node)
     if not s.first_visit(node):
         return
-    x = s.info(node.args[0])
-    out = s.out_value(node)
-    kin = s.keep_of(x, x.ndim - 1)
-    kout = s.keep_of(out, out.ndim - 1)
+    kin, kout = _in_out_keep(s, node, -1, -1)
     if kin is None and kout is None:
         return
     kin = np.ones(m.in_features, bool) if kin is None else kin

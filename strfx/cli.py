@@ -7,6 +7,7 @@ else is an internal error (exit 1). ``--debug`` shows the traceback instead.
 from __future__ import annotations
 
 import functools
+import json
 import sys
 from pathlib import Path
 from typing import Any, Callable
@@ -119,44 +120,43 @@ def transform(model: str, mode: str | None, config_path: str | None, output: str
 @click.option("--groups", is_flag=True, help="Print the channel groups (size, members, blocked-by) instead.")
 def inspect_cmd(model: str, config_path: str | None, as_json: bool, groups: bool = False) -> None:
     """Show which layers STR would touch in each mode, and how."""
-    import json
-
     from strfx.inspect import plan
-    from rich.table import Table
 
     loaded, cfg = _resolve(model, None, config_path)
     if groups:
         _print_groups(loaded, as_json)
         return
     rows = plan(loaded.model, loaded.example_inputs, cfg.sparsify)
-    if as_json:
-        click.echo(json.dumps([r.model_dump() for r in rows], indent=2))
-        return
-    t = Table(title=f"what STR would touch in {loaded.name}")
-    for col in ("layer", "type", "weight shape", "unstructured", "structured"):
-        t.add_column(col)
-    for r in rows:
-        t.add_row(r.layer, r.type, "×".join(map(str, r.weight_shape)), r.unstructured, r.structured)
-    console.print(t)
+    _print_rows(rows, as_json, f"what STR would touch in {loaded.name}",
+                ("layer", "type", "weight shape", "unstructured", "structured"),
+                lambda r: (r.layer, r.type, "×".join(map(str, r.weight_shape)), r.unstructured, r.structured))
 
 
 def _print_groups(loaded: Any, as_json: bool) -> None:
-    import json
-
-    from rich.table import Table
-
     from strfx.inspect import channel_groups
 
+    def cells(r: Any) -> tuple[str, ...]:
+        members = ", ".join(r.members[:6]) + (f", … (+{len(r.members) - 6})" if len(r.members) > 6 else "")
+        return str(r.group), str(r.channels), str(r.dead), members, "; ".join(r.blocked_by[:3]) or "—"
+
     rows = channel_groups(loaded.model, loaded.example_inputs)
+    _print_rows(rows, as_json, f"channel groups of {loaded.name}",
+                ("group", "channels", "dead", "members", "blocked by"), cells)
+
+
+def _print_rows(rows: list[Any], as_json: bool, title: str, columns: tuple[str, ...],
+                cells: Callable[[Any], tuple[str, ...]]) -> None:
+    """Pydantic rows as JSON, or as a rich table with one cell per column."""
     if as_json:
         click.echo(json.dumps([r.model_dump() for r in rows], indent=2))
         return
-    t = Table(title=f"channel groups of {loaded.name}")
-    for col in ("group", "channels", "dead", "members", "blocked by"):
+    from rich.table import Table
+
+    t = Table(title=title)
+    for col in columns:
         t.add_column(col)
     for r in rows:
-        members = ", ".join(r.members[:6]) + (f", … (+{len(r.members) - 6})" if len(r.members) > 6 else "")
-        t.add_row(str(r.group), str(r.channels), str(r.dead), members, "; ".join(r.blocked_by[:3]) or "—")
+        t.add_row(*cells(r))
     console.print(t)
     n_blocked = sum(bool(r.blocked_by) for r in rows)
     console.print(f"{len(rows)} groups, {len(rows) - n_blocked} prunable, {n_blocked} blocked", highlight=False)
