@@ -25,7 +25,7 @@ test: venv
 # Benchmarks (never part of `make test`); the commands that produced docs/results.md.
 bench: venv
 	$(BIN)/python -m pip install -q -c constraints.txt -e '.[bench]'
-	$(BIN)/python benchmarks/mnist.py --seeds 3 --seeds-lenet5 1
+	$(BIN)/python benchmarks/mnist.py --seeds 3
 	$(BIN)/python benchmarks/train_cost.py --models resnet18 resnet50 --batch 32 16 --rounds 3 --profile resnet18
 	$(BIN)/python benchmarks/latency.py --rounds 3
 	$(BIN)/python benchmarks/zoo.py

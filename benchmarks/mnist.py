@@ -96,8 +96,8 @@ GRIDS: dict[str, dict[str, list[float]]] = {
         "dense": [0.0],
         "str": [0.3, 0.6, 1.0],
         "han": [0.95, 0.99],
-        "gmp": [0.95, 0.99],
-        "str-struct": [0.1, 0.25, 0.5, 1.0],
+        "gmp": [0.99],
+        "str-struct": [0.1, 0.25],
         "slim": [0.5, 0.75],
     },
 }
@@ -557,7 +557,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--seeds", type=int, default=3, help="number of seeds (0..N-1)")
     ap.add_argument("--epochs", type=int, default=None, help="epochs for every arch (default: per-arch budget)")
-    ap.add_argument("--epochs-lenet5", type=int, default=2)
+    ap.add_argument("--epochs-lenet5", type=int, default=6)
     ap.add_argument("--epochs-lenet300", type=int, default=10)
     ap.add_argument("--seeds-lenet5", type=int, default=None, help="seeds for LeNet-5 (default --seeds)")
     ap.add_argument("--arch", nargs="+", default=["lenet300", "lenet5"])

@@ -699,22 +699,23 @@ def _softmax(ctx: Ctx, node: fx.Node) -> Any:
 # ---------------------------------------------------------------------------------------------
 # weight layers
 # ---------------------------------------------------------------------------------------------
-def _conv_conn(m: nn.modules.conv._ConvNd) -> np.ndarray:
-    """connected[c_out, c_in]: some weight links input channel c_in to output channel c_out."""
-    w = m.weight.detach()
+def _conv_out_zero(m: nn.modules.conv._ConvNd, in_zero: np.ndarray) -> np.ndarray:
+    """Output channels that are exactly zero: no bias, and every non-zero weight reads a zero input.
+
+    Works per group on the (groups, out/g, in/g) weight pattern, never on a dense out×in matrix
+    (a depthwise conv with 4,000 channels would otherwise build a 16M-entry one).
+    """
     g = m.groups
     cin, cout = m.in_channels, m.out_channels
     ig, og = cin // g, cout // g
-    conn = np.zeros((cout, cin), dtype=bool)
-    if m.transposed:  # (cin, cout/g, k...)
-        nz = (w != 0).flatten(2).any(-1).cpu().numpy()  # (cin, og)
-        for k in range(g):
-            conn[k * og:(k + 1) * og, k * ig:(k + 1) * ig] = nz[k * ig:(k + 1) * ig].T
-    else:  # (cout, cin/g, k...)
-        nz = (w != 0).flatten(2).any(-1).cpu().numpy()  # (cout, ig)
-        for k in range(g):
-            conn[k * og:(k + 1) * og, k * ig:(k + 1) * ig] = nz[k * og:(k + 1) * og]
-    return conn
+    nz = (m.weight.detach() != 0).flatten(2).any(-1).cpu().numpy()
+    live_in = ~in_zero.reshape(g, ig)
+    if m.transposed:  # weight (cin, cout/g, k...): nz (cin, og)
+        reads_live = (nz.reshape(g, ig, og) & live_in[:, :, None]).any(1)
+    else:  # weight (cout, cin/g, k...): nz (cout, ig)
+        reads_live = (nz.reshape(g, og, ig) & live_in[:, None, :]).any(2)
+    no_bias = np.ones(cout, dtype=bool) if m.bias is None else ~_nz(m.bias)
+    return no_bias & ~reads_live.reshape(cout)
 
 
 def _out_zero(conn: np.ndarray, in_zero: np.ndarray, bias: torch.Tensor | None) -> np.ndarray:
@@ -741,8 +742,7 @@ def _conv(ctx: Ctx, node: fx.Node) -> Any:
     xin = x.labels.get(cdim)
     in_zero = x.zero[cdim] if xin is not None else np.zeros(cin, dtype=bool)
     out_ids = ctx.module_ids(node.target, "out", cout)
-    conn = _conv_conn(m)
-    zero = _out_zero(conn, in_zero, m.bias)
+    zero = _conv_out_zero(m, in_zero)
     if g == 1:
         if xin is not None:
             ctx.bind(node.target, "in", xin)

@@ -107,13 +107,20 @@ def _unshare(result: nn.Module, original: nn.Module) -> None:
                 mod._buffers[name] = b.clone()
 
 
-def prepare(model: nn.Module, inputs: Sequence[Any], reuse_shapes: bool = False) -> fx.GraphModule:
-    """A traced deep copy of ``model`` with shapes recorded (the user's model is never touched).
+def prepare(model: nn.Module, inputs: Sequence[Any], reuse_shapes: bool = False,
+            share_modules: bool = False) -> fx.GraphModule:
+    """A traced copy of ``model`` with shapes recorded (the user's model is never changed).
 
     With ``reuse_shapes`` the shapes :func:`strfx.sparsify` recorded for its own example inputs are
-    kept (recording them again on fake tensors costs more than the whole analysis).
+    kept. With ``share_modules`` (read-only analysis) the traced graph calls the model's own
+    modules instead of deep copies; only the graph is new.
     """
-    work = structural_copy(model)
+    if not share_modules:
+        work = structural_copy(model)
+    elif isinstance(model, fx.GraphModule):
+        work = fx.GraphModule(model, copy.deepcopy(model.graph), type(model).__name__)
+    else:
+        work = model
     gm = work if isinstance(work, fx.GraphModule) else trace(work)
     if not (reuse_shapes and _has_shapes(gm)):
         record_shapes(gm, inputs)
@@ -121,9 +128,9 @@ def prepare(model: nn.Module, inputs: Sequence[Any], reuse_shapes: bool = False)
 
 
 def analyze(model: nn.Module, example_inputs: Any = None) -> tuple[fx.GraphModule, ChannelAnalysis]:
-    """Channel groups of ``model`` (on a traced copy, returned with the analysis)."""
+    """Channel groups of ``model``, with the traced graph they refer to (sharing the model's modules)."""
     inputs = _example_inputs(model, example_inputs)
-    gm = prepare(model, inputs, reuse_shapes=example_inputs is None)
+    gm = prepare(model, inputs, reuse_shapes=example_inputs is None, share_modules=True)
     return gm, analyze_channels(gm)
 
 
