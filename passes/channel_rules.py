@@ -718,10 +718,13 @@ def _conv_out_zero(m: nn.modules.conv._ConvNd, in_zero: np.ndarray) -> np.ndarra
     return no_bias & ~reads_live.reshape(cout)
 
 
-def _out_zero(conn: np.ndarray, in_zero: np.ndarray, bias: torch.Tensor | None) -> np.ndarray:
-    """An output channel is exactly zero when it has no bias and reads only zero inputs."""
-    reads_live = (conn & ~in_zero[None, :]).any(axis=1)
-    no_bias = np.ones(conn.shape[0], dtype=bool) if bias is None else ~_nz(bias)
+def _linear_out_zero(m: nn.Linear, in_zero: np.ndarray) -> np.ndarray:
+    """Output features that are exactly zero: no bias, and every non-zero weight reads a zero input."""
+    w = m.weight.detach()
+    if in_zero.any():
+        w = w[:, torch.from_numpy(~in_zero).to(w.device)]
+    reads_live = (w != 0).any(1).cpu().numpy()
+    no_bias = np.ones(m.out_features, dtype=bool) if m.bias is None else ~_nz(m.bias)
     return no_bias & ~reads_live
 
 
@@ -825,13 +828,12 @@ def _linear(ctx: Ctx, node: fx.Node) -> Any:
         ctx.bind(node.target, "in", xin)
         ctx.sink(x, last)
     out_ids = ctx.module_ids(node.target, "out", m.out_features)
-    conn = _nz(m.weight)
     out = TInfo(shape)
     bias_zero = m.bias is None or not _nz(m.bias).any()
     for d, ids in x.labels.items():
         if d != last:
             out.set(d, ids, x.zero[d] & bias_zero)
-    out.set(len(shape) - 1, out_ids, _out_zero(conn, in_zero, m.bias))
+    out.set(len(shape) - 1, out_ids, _linear_out_zero(m, in_zero))
     return out
 
 

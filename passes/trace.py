@@ -135,11 +135,26 @@ def _weights_on_meta(gm: fx.GraphModule) -> Iterator[None]:
 
 
 # Leaf modules whose output is shaped like their only input. Their meta kernels are Python
-# decompositions (BatchNorm's is a third of a DenseNet's shape recording); the shape is known.
+# decompositions (BatchNorm's is a third of a DenseNet's shape recording, LayerNorm's a third of a
+# ViT's); the shape is known, and the checks below keep a mis-sized input an error.
 _SAME_SHAPE = (
-    nn.modules.batchnorm._BatchNorm, nn.ReLU, nn.ReLU6, nn.SiLU, nn.GELU, nn.Hardswish, nn.Hardsigmoid,
-    nn.Sigmoid, nn.Tanh, nn.LeakyReLU, nn.ELU, nn.Mish, nn.Identity, nn.modules.dropout._DropoutNd,
+    nn.ReLU, nn.ReLU6, nn.SiLU, nn.GELU, nn.Hardswish, nn.Hardsigmoid, nn.Sigmoid, nn.Tanh, nn.LeakyReLU,
+    nn.ELU, nn.Mish, nn.Identity, nn.modules.dropout._DropoutNd,
 )
+
+
+def _same_shape(mod: nn.Module, x: torch.Tensor) -> bool:
+    """True when ``mod(x)`` is known to be shaped (and typed) like ``x`` and valid for it."""
+    if isinstance(mod, _SAME_SHAPE):
+        return True
+    if isinstance(mod, nn.modules.batchnorm._BatchNorm):
+        return x.ndim >= 2 and x.shape[1] == mod.num_features
+    if isinstance(mod, nn.LayerNorm):
+        n = len(mod.normalized_shape)
+        return x.ndim >= n and tuple(x.shape[-n:]) == tuple(mod.normalized_shape)
+    if isinstance(mod, nn.GroupNorm):
+        return x.ndim >= 2 and x.shape[1] == mod.num_channels
+    return False
 
 
 class MetaShapeProp(ShapeProp):
@@ -148,9 +163,7 @@ class MetaShapeProp(ShapeProp):
     def call_module(self, target: Any, args: Any, kwargs: Any) -> Any:
         mod = self.fetch_attr(target)
         x = args[0] if len(args) == 1 and not kwargs else None
-        if (isinstance(mod, _SAME_SHAPE) and isinstance(x, torch.Tensor) and x.device.type == "meta"
-                and not (isinstance(mod, nn.modules.batchnorm._BatchNorm)
-                         and (x.ndim < 2 or x.shape[1] != mod.num_features))):
+        if isinstance(x, torch.Tensor) and x.device.type == "meta" and _same_shape(mod, x):
             return torch.empty_like(x)
         return super().call_module(target, args, kwargs)
 
