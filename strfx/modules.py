@@ -32,9 +32,39 @@ THRESHOLD_FNS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
 }
 
 
+class _SoftThreshold(torch.autograd.Function):
+    """``x - clamp(x, -t, t)`` (= ``sign(x)·relu(|x| - t)``) with a hand-written backward.
+
+    Autograd through the textbook formula keeps four weight-sized temporaries and runs six
+    weight-sized kernels in backward; here forward is clamp + sub, and backward reads only the
+    output ``y`` (which the conv keeps anyway): with ``σ = sign(y)``, ``∂x = g·|σ|`` (the gradient
+    passes where the weight survived) and ``∂t = -Σ g·σ`` (reduced to ``t``'s shape).
+    """
+
+    @staticmethod
+    def forward(ctx: torch.autograd.function.FunctionCtx, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        y = x - torch.clamp(x, -t, t)
+        ctx.save_for_backward(y)
+        ctx.t_shape = t.shape
+        return y
+
+    @staticmethod
+    def backward(ctx: torch.autograd.function.FunctionCtx, g: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        (y,) = ctx.saved_tensors
+        sigma = torch.sign(y)
+        gx = g * sigma.abs() if ctx.needs_input_grad[0] else None
+        gt = None
+        if ctx.needs_input_grad[1]:
+            gt = -(g * sigma).sum_to_size(ctx.t_shape)
+        return gx, gt
+
+
 def soft_threshold(x: torch.Tensor, s: torch.Tensor, fn: str = "sigmoid") -> torch.Tensor:
-    """``sign(x) * relu(|x| - g(s))``: the STR reparameterisation."""
-    return torch.sign(x) * torch.relu(x.abs() - THRESHOLD_FNS[fn](s))
+    """``sign(x) * relu(|x| - g(s))``: the STR reparameterisation (zeros where ``|x| <= g(s)``)."""
+    t = THRESHOLD_FNS[fn](s)
+    if torch.is_grad_enabled() and (x.requires_grad or t.requires_grad):
+        return _SoftThreshold.apply(x, t)
+    return x - torch.clamp(x, -t, t)
 
 
 def soft_threshold_inverse(y: torch.Tensor, s: torch.Tensor, fn: str = "sigmoid") -> torch.Tensor:

@@ -36,6 +36,23 @@ def test_soft_threshold_gradients_match_analytic() -> None:
     assert torch.autograd.gradcheck(lambda a, b: soft_threshold(a, b), (w[:20], s))
 
 
+@pytest.mark.parametrize("s_shape", [(1,), (6, 1, 1, 1), (6,)])
+def test_fused_threshold_gradients_match_the_textbook_formula(s_shape: tuple[int, ...]) -> None:
+    """The hand-written backward against autograd through sign(w)·relu(|w| - g(s)), any s shape."""
+    torch.manual_seed(3)
+    shape = (6,) if s_shape == (6,) else (6, 4, 3, 3)
+    w = torch.randn(shape, dtype=torch.float64, requires_grad=True)
+    s = (torch.randn(s_shape, dtype=torch.float64) - 0.5).requires_grad_()
+    r = torch.randn(shape, dtype=torch.float64)
+    got = torch.autograd.grad((soft_threshold(w, s) * r).sum(), (w, s))
+    textbook = torch.sign(w) * torch.relu(w.abs() - torch.sigmoid(s))
+    want = torch.autograd.grad((textbook * r).sum(), (w, s))
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b)
+    with torch.no_grad():  # the inference path (no autograd.Function) computes the same values
+        torch.testing.assert_close(soft_threshold(w, s), textbook.detach(), rtol=0, atol=0)
+
+
 def test_inverse_round_trips_and_keeps_zeros() -> None:
     y = torch.tensor([0.0, 1e-9, -0.3, 2.0])
     s = torch.tensor([-3.0])
