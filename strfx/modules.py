@@ -32,18 +32,31 @@ THRESHOLD_FNS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
 }
 
 
+def _shrink(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """``x - clamp(x, -t, t)``, bit for bit ``sign(x)·relu(|x| - t)``.
+
+    A one-element threshold on CPU uses ``F.softshrink`` (one fused kernel instead of two). Its
+    Python-float threshold would cost a device sync per layer on a GPU and a graph break under
+    ``torch.compile``, so neither uses it.
+    """
+    if (t.numel() == 1 and x.device.type == "cpu" and type(t) is torch.Tensor  # not fake, not traced
+            and not torch.compiler.is_compiling()):
+        return F.softshrink(x, float(t))
+    return x - torch.clamp(x, -t, t)
+
+
 class _SoftThreshold(torch.autograd.Function):
-    """``x - clamp(x, -t, t)`` (= ``sign(x)·relu(|x| - t)``) with a hand-written backward.
+    """STR's soft threshold with a hand-written backward.
 
     Autograd through the textbook formula keeps four weight-sized temporaries and runs six
-    weight-sized kernels in backward; here forward is clamp + sub, and backward reads only the
-    output ``y`` (which the conv keeps anyway): with ``σ = sign(y)``, ``∂x = g·|σ|`` (the gradient
-    passes where the weight survived) and ``∂t = -Σ g·σ`` (reduced to ``t``'s shape).
+    weight-sized kernels in backward. Here backward reads only the output ``y`` (which the conv
+    keeps anyway): with ``σ = sign(y)``, ``∂x = g·[y ≠ 0]`` (the gradient passes where the weight
+    survived) and ``∂t = -Σ g·σ``, reduced to ``t``'s shape.
     """
 
     @staticmethod
     def forward(ctx: torch.autograd.function.FunctionCtx, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        y = x - torch.clamp(x, -t, t)
+        y = _shrink(x, t)
         ctx.save_for_backward(y)
         ctx.t_shape = t.shape
         return y
@@ -51,11 +64,11 @@ class _SoftThreshold(torch.autograd.Function):
     @staticmethod
     def backward(ctx: torch.autograd.function.FunctionCtx, g: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         (y,) = ctx.saved_tensors
-        sigma = torch.sign(y)
-        gx = g * sigma.abs() if ctx.needs_input_grad[0] else None
-        gt = None
+        gx = gt = None
+        if ctx.needs_input_grad[0]:
+            gx = torch.ops.aten.softshrink_backward(g, y, 0.0)  # g where y != 0, one kernel
         if ctx.needs_input_grad[1]:
-            gt = -(g * sigma).sum_to_size(ctx.t_shape)
+            gt = -(g * torch.sign(y)).sum_to_size(ctx.t_shape)
         return gx, gt
 
 
@@ -64,7 +77,7 @@ def soft_threshold(x: torch.Tensor, s: torch.Tensor, fn: str = "sigmoid") -> tor
     t = THRESHOLD_FNS[fn](s)
     if torch.is_grad_enabled() and (x.requires_grad or t.requires_grad):
         return _SoftThreshold.apply(x, t)
-    return x - torch.clamp(x, -t, t)
+    return _shrink(x, t)
 
 
 def soft_threshold_inverse(y: torch.Tensor, s: torch.Tensor, fn: str = "sigmoid") -> torch.Tensor:
