@@ -97,7 +97,7 @@ GRIDS: dict[str, dict[str, list[float]]] = {
         "str": [0.3, 0.6, 1.0],
         "han": [0.95, 0.99],
         "gmp": [0.99],
-        "str-struct": [0.1, 0.25],
+        "str-struct": [0.1, 0.15, 0.25],
         "slim": [0.5, 0.75],
     },
 }
