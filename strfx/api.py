@@ -13,6 +13,7 @@ from strfx.config import SparsifyConfig, coerce_sparsify_config
 from strfx.errors import VerificationError
 from strfx.modules import str_channel_modules, threshold_parameters
 from strfx.passes import insert_str, trace
+from strfx.passes.trace import eval_mode
 from strfx.verify import max_rel_error
 
 TOLERANCE = 1e-4
@@ -54,12 +55,8 @@ def sparsify(
 @torch.no_grad()
 def check_equivalent(new: nn.Module, reference: nn.Module, inputs: Sequence[Any], what: str) -> float:
     """Compare ``new`` with ``reference`` in eval mode; raise a one-line error beyond tolerance."""
-    modes = new.training, reference.training
-    new.eval(), reference.eval()
-    try:
+    with eval_mode(new), eval_mode(reference):
         err = max_rel_error(new(*inputs), reference(*inputs))
-    finally:
-        new.train(modes[0]), reference.train(modes[1])
     if err > TOLERANCE:
         raise VerificationError(f"{what} changed the model's outputs: max relative error {err:.3g} > {TOLERANCE:g}")
     return err

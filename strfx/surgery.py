@@ -23,7 +23,7 @@ from strfx.errors import StrfxError, VerificationError
 from strfx.modules import STR_MODULES, str_weights
 from strfx.passes.channel_analysis import META_KEY, ChannelAnalysis, TInfo, analyze_channels
 from strfx.passes.shrink import shrink_graph
-from strfx.passes.trace import record_shapes, trace
+from strfx.passes.trace import eval_mode, record_shapes, trace
 from strfx.verify import max_rel_error
 
 
@@ -159,7 +159,6 @@ def shrink(model: nn.Module, example_inputs: Sequence[torch.Tensor] | torch.Tens
     t2 = time.perf_counter()
     _unshare(gm, model)
     err = verify_shrunk(gm, model, inputs, analysis)
-    gm.train(model.training)
     groups = analysis.groups
     rep = ShrinkReport(
         params_before=_params(model), params_after=_params(gm),
@@ -179,9 +178,7 @@ def verify_shrunk(shrunk: fx.GraphModule, reference: nn.Module, inputs: Sequence
     """Max relative error of ``shrunk`` vs ``reference`` on the example and two random inputs."""
     worst = 0.0
     for k, x in enumerate((tuple(inputs), random_like(inputs, 1), random_like(inputs, 2))):
-        modes = shrunk.training, reference.training
-        shrunk.eval(), reference.eval()
-        try:
+        with eval_mode(shrunk), eval_mode(reference):
             expected = reference(*x)
             try:
                 actual = shrunk(*x)
@@ -189,8 +186,6 @@ def verify_shrunk(shrunk: fx.GraphModule, reference: nn.Module, inputs: Sequence
                 raise VerificationError(
                     f"the shrunk model fails to run: {_first_divergence(shrunk, reference, x, analysis) or err}"
                 ) from err
-        finally:
-            shrunk.train(modes[0]), reference.train(modes[1])
         e = max_rel_error(actual, expected)
         if e > TOLERANCE:
             where = _first_divergence(shrunk, reference, x, analysis)
@@ -229,15 +224,12 @@ def _run_all(gm: fx.GraphModule, inputs: Sequence[Any]) -> tuple[dict[str, Any],
             env[n.name] = out
             return out
 
-    was = gm.training
-    gm.eval()
-    try:
-        Recorder(gm).run(*inputs)
-        return env, None
-    except Exception as err:  # noqa: BLE001
-        return env, f"{current[0]} ({type(err).__name__}: {str(err).strip().splitlines()[0] if str(err).strip() else ''})"
-    finally:
-        gm.train(was)
+    with eval_mode(gm):
+        try:
+            Recorder(gm).run(*inputs)
+            return env, None
+        except Exception as err:  # noqa: BLE001
+            return env, f"{current[0]} ({type(err).__name__}: {str(err).strip().splitlines()[0] if str(err).strip() else ''})"
 
 
 def _cut(value: torch.Tensor, info: TInfo, analysis: ChannelAnalysis) -> torch.Tensor:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import networkx as nx
 import numpy as np
+import pytest
 import torch
 from torch import nn
 
@@ -101,3 +102,16 @@ def test_deferred_union_find_matches_networkx_components():
         for comp in nx.connected_components(g):
             comp = sorted(comp)
             assert set(roots[comp].tolist()) == {comp[0]}  # one root per component: its smallest id
+
+
+@pytest.mark.parametrize("mode", ["unstructured", "structured"])
+def test_sparsify_and_shrink_keep_a_frozen_batchnorm_frozen(mode: str):
+    import strfx
+
+    model = Net().train()
+    model.stem[1].eval()
+    gm = strfx.sparsify(model, mode, example_inputs=(torch.randn(1, 3, 16, 16),))
+    assert gm.training and gm.get_submodule("stem.0").training
+    assert not gm.get_submodule("stem.1").training
+    small = strfx.shrink(gm)
+    assert small.training and not small.get_submodule("stem.1").training
