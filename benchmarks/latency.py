@@ -8,8 +8,8 @@ the same fraction of every prunable channel group is then killed through STR
 (``strfx.testing.kill_channels``, i.e. what training with a higher threshold would leave) and
 ``strfx.shrink`` removes the dead channels. The fraction is 1 - 1/sqrt(r) for r = 1.5, 2, 4 (conv FLOPs
 scale with in × out channels); the FLOPs gain actually reached is measured (torch.utils.flop_counter) and
-reported. ``--round-to 8`` adds variants whose surviving channel count per group is rounded up to a
-multiple of 8 (vector-friendly widths; strfx.shrink has no such option, so the kill is rounded here).
+reported. ``--round-to 8`` adds, for the same dead channels, ``strfx.shrink(..., round_to=8)``: a few dead
+channels are kept (as zeros) so every group stays a multiple of 8 wide (vector-friendly widths).
 
 Latency: median of ``--rounds`` timed calls per variant; every round calls all variants of a model in
 a rotating order (eager and onnxruntime alike), so machine noise hits all of them. Gain ratio =
@@ -123,14 +123,12 @@ def structured(model_name: str, targets: list[float], round_to: int | None, roun
     info: dict[str, Any] = {"dense": {"flops": dense_flops, "flops_gain": 1.0}}
     for r in targets:
         frac = 1 - 1 / math.sqrt(r)
+        work = strfx.sparsify(dense, "structured", example_inputs=(x1,))
+        killed = kill_channels(work, frac, seed=0)["channels"]
         for rt in ([None, round_to] if round_to and r in round_targets else [None]):
-            work = strfx.sparsify(dense, "structured", example_inputs=(x1,))
-            if rt is None:
-                killed = kill_channels(work, frac, seed=0)["channels"]
-            else:
-                killed = kill_channels(work, frac, seed=0, round_to=rt)["channels"]
+            # the same dead channels; with round_to, shrink keeps a few of them so widths are multiples
             t0 = time.perf_counter()
-            small = strfx.shrink(work).eval()
+            small = strfx.shrink(work, round_to=rt or 1).eval()
             name = f"{r:g}x" + (f"-round{rt}" if rt else "")
             f = flops(small, x1)
             rep = small.meta["strfx_shrink"]
@@ -267,8 +265,8 @@ def main() -> None:
     ap.add_argument("--models", nargs="+", default=["resnet50", "mobilenet_v2"])
     ap.add_argument("--targets", nargs="+", type=float, default=[1.5, 2.0, 4.0], help="FLOPs reduction targets")
     ap.add_argument("--round-to", type=int, default=8, help="also measure channel counts rounded up to this (0: off)")
-    ap.add_argument("--round-targets", nargs="+", type=float, default=[2.0],
-                    help="targets that also get a rounded variant")
+    ap.add_argument("--round-targets", nargs="+", type=float, default=None,
+                    help="targets that also get a rounded variant (default: every target)")
     ap.add_argument("--batches", nargs="+", type=int, default=[1, 32])
     ap.add_argument("--size", type=int, default=224)
     ap.add_argument("--rounds", type=int, default=5)
@@ -285,7 +283,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as d:
         tmp = Path(d)
         for name in args.models:
-            res["structured"].append(structured(name, args.targets, args.round_to or None, args.round_targets,
+            res["structured"].append(structured(name, args.targets, args.round_to or None,
+                                                args.round_targets or args.targets,
                                                 args.batches, args.rounds,
                                                 set(args.ort) if args.ort else None, args.threads, tmp, args.size))
         if not args.no_unstructured:

@@ -78,7 +78,7 @@ def _flops(model: nn.Module, inputs: tuple[torch.Tensor, ...]) -> int | None:
         return None
 
 
-def shrink_run(run_dir: str | Path, out: str | Path, force: bool = False) -> ShrinkOutput:
+def shrink_run(run_dir: str | Path, out: str | Path, force: bool = False, round_to: int = 1) -> ShrinkOutput:
     """Shrink the model of ``run_dir`` and write ``out`` (model.pt2 + shrink.json), verified."""
     from strfx.surgery import shrink
 
@@ -88,7 +88,7 @@ def shrink_run(run_dir: str | Path, out: str | Path, force: bool = False) -> Shr
     masked, loaded, config = load_run(run_dir)
     masked.eval()
     inputs = tuple(loaded.example_inputs)
-    shrunk = shrink(masked, inputs).eval()
+    shrunk = shrink(masked, inputs, round_to=round_to).eval()
     rep = shrunk.meta["strfx_shrink"]
     with torch.no_grad():
         expected = masked(*inputs)
@@ -141,7 +141,7 @@ def load_shrunk(out_dir: str | Path) -> torch.export.ExportedProgram:
 
 
 def export_source(source: str | Path, onnx_path: str | Path, pt2_path: str | Path | None = None,
-                  force: bool = False, repeats: int = 10) -> ExportReport:
+                  force: bool = False, repeats: int = 10, round_to: int = 1) -> ExportReport:
     """Export a run directory (shrunk first; the masked model is the "before") or a shrink output."""
     from strfx.surgery import shrink
 
@@ -153,10 +153,13 @@ def export_source(source: str | Path, onnx_path: str | Path, pt2_path: str | Pat
     if (source / CONFIG_FILE).is_file():
         masked, loaded, _ = load_run(source)
         masked.eval()
-        shrunk = shrink(masked, loaded.example_inputs).eval()
+        shrunk = shrink(masked, loaded.example_inputs, round_to=round_to).eval()
         return export(shrunk, onnx_path, loaded.example_inputs, pt2_path, reference=masked, force=force,
                       repeats=repeats)
     if (source / PT2_FILE).is_file():
+        if round_to > 1:
+            raise StrfxError(f"{source} is already shrunk; --round-to applies to a run directory "
+                             f"(`strfx shrink RUN_DIR -o OUT --round-to {round_to}`)")
         program = load_shrunk(source)
         rep = export(program, onnx_path, None, pt2_path, force=force, repeats=repeats)
         if (source / SHRINK_FILE).is_file():  # the un-shrunk model is gone; its size is on record

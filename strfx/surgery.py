@@ -43,6 +43,7 @@ class ShrinkReport(BaseModel):
     max_error: float = Field(description="Max relative error, shrunk vs masked, over all checked inputs.")
     analysis_s: float
     shrink_s: float
+    round_to: int = Field(default=1, description="Each group kept a multiple of this many channels (dead ones kept as zeros).")
 
 
 def _has_shapes(model: nn.Module) -> bool:
@@ -135,19 +136,25 @@ def analyze(model: nn.Module, example_inputs: Any = None) -> tuple[fx.GraphModul
 
 
 @torch.no_grad()
-def shrink(model: nn.Module, example_inputs: Sequence[torch.Tensor] | torch.Tensor | None = None) -> fx.GraphModule:
+def shrink(model: nn.Module, example_inputs: Sequence[torch.Tensor] | torch.Tensor | None = None,
+           round_to: int = 1) -> fx.GraphModule:
     """Remove every provably dead channel of ``model`` and return a plain, smaller GraphModule.
 
     ``model`` is usually what :func:`strfx.sparsify` returned (after training), but any traceable
     model works: its dead channels (zero γ and β, zero filters, ...) are found from the parameters.
+    With ``round_to`` > 1 a few dead channels are kept (as zeros, so the function is the same) to
+    leave every channel group a multiple of ``round_to`` wide, which CPU/GPU kernels prefer.
     The result holds no STR modules or parametrizations and needs nothing from strfx to run. It is
     checked against ``model`` (eval mode) and :class:`VerificationError` names the first diverging
     node if it does not match. ``result.meta["strfx_shrink"]`` holds a :class:`ShrinkReport` dict.
     """
+    if round_to < 1:
+        raise StrfxError(f"round_to must be at least 1, got {round_to}")
     inputs = _example_inputs(model, example_inputs)
     t0 = time.perf_counter()
     gm = prepare(model, inputs, reuse_shapes=example_inputs is None)
     analysis = analyze_channels(gm)
+    analysis.round_widths(round_to)
     t1 = time.perf_counter()
     try:
         shrink_graph(gm, analysis)
@@ -165,7 +172,7 @@ def shrink(model: nn.Module, example_inputs: Sequence[torch.Tensor] | torch.Tens
         channels=sum(g.channels for g in groups), channels_removed=analysis.dead_channels(),
         groups=len(groups), prunable_groups=sum(g.prunable for g in groups),
         blocked_groups=sum(not g.prunable for g in groups), unknown_ops=analysis.unknown_ops,
-        weight_sparsity=_weight_sparsity(gm), max_error=err, analysis_s=t1 - t0, shrink_s=t2 - t1,
+        weight_sparsity=_weight_sparsity(gm), max_error=err, analysis_s=t1 - t0, shrink_s=t2 - t1, round_to=round_to,
     )
     gm.meta = {"strfx_shrink": rep.model_dump()}
     for node in gm.graph.nodes:  # analysis facts are not part of the exported model

@@ -15,6 +15,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 
+import strfx
 from strfx.cli import main
 from strfx.rundir import atomic_torch_save, load_run
 from strfx.testing import kill_channels
@@ -207,3 +208,37 @@ def test_verification_failure_exits_nonzero_and_leaves_nothing(killed_run, tmp_p
     line = _one_line_error(run("export", run_dir, "--onnx", tmp_path / "m.onnx", "--pt2", tmp_path / "m.pt2"))
     assert "max relative error" in line and "nothing written" in line
     assert list(tmp_path.iterdir()) == []
+
+
+def test_shrink_round_to_keeps_widths_multiples_and_the_function(killed_run, tmp_path: Path) -> None:
+    run_dir, masked = killed_run
+    res = run("shrink", run_dir, "-o", tmp_path / "R1", "--json")
+    assert res.exit_code == 0, res.output
+    plain = json.loads(res.output)
+    res = run("shrink", run_dir, "-o", tmp_path / "R8", "--round-to", "8", "--json")
+    assert res.exit_code == 0, res.output
+    rounded = json.loads(res.output)
+    assert plain["params_after"] < rounded["params_after"] < rounded["params_before"]
+    assert rounded["shrink_max_error"] <= 1e-4 and rounded["pt2_max_error"] <= 1e-4
+    program = torch.export.load(tmp_path / "R8" / "model.pt2").module()
+    x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        assert max_rel_error(program(x), masked(x)) <= 1e-4
+    # the same through the API: every conv is a multiple of 8 wide or as wide as it was
+    small = strfx.shrink(masked, round_to=8)
+    dense = {n: m.out_channels for n, m in masked.named_modules() if isinstance(m, torch.nn.Conv2d)}
+    widths = {n: m.out_channels for n, m in small.named_modules() if isinstance(m, torch.nn.Conv2d)}
+    assert len(widths) == len(dense) > 10
+    assert all(w % 8 == 0 or w == dense[n] for n, w in widths.items()), widths
+    assert any(w < dense[n] for n, w in widths.items())
+    assert small.meta["strfx_shrink"]["round_to"] == 8
+
+
+def test_round_to_is_validated_and_refused_on_a_shrunk_output(killed_run, tmp_path: Path) -> None:
+    run_dir, _ = killed_run
+    res = run("shrink", run_dir, "-o", tmp_path / "OUT", "--round-to", "0")
+    assert res.exit_code == 2 and "--round-to" in res.output
+    assert run("shrink", run_dir, "-o", tmp_path / "OUT").exit_code == 0
+    res = run("export", tmp_path / "OUT", "--onnx", tmp_path / "m.onnx", "--round-to", "8")
+    assert res.exit_code != 0 and "already shrunk" in res.output and len(res.output.strip().splitlines()) == 1
+    assert not (tmp_path / "m.onnx").exists()
