@@ -708,11 +708,18 @@ def _conv_out_zero(m: nn.modules.conv._ConvNd, in_zero: np.ndarray) -> np.ndarra
     g = m.groups
     cin, cout = m.in_channels, m.out_channels
     ig, og = cin // g, cout // g
-    nz = (m.weight.detach() != 0).flatten(2).any(-1).cpu().numpy()
+    w = m.weight.detach()
     live_in = ~in_zero.reshape(g, ig)
-    if m.transposed:  # weight (cin, cout/g, k...): nz (cin, og)
+    if live_in.all():  # the common case: one pass over the weight, no (out, in) pattern needed
+        if m.transposed:
+            reads_live = w.reshape(g, ig, og, -1).any(-1).any(1).cpu().numpy()
+        else:
+            reads_live = w.flatten(1).any(1).cpu().numpy()
+    elif m.transposed:  # weight (cin, cout/g, k...): nz (cin, og)
+        nz = w.flatten(2).any(-1).cpu().numpy()
         reads_live = (nz.reshape(g, ig, og) & live_in[:, :, None]).any(1)
     else:  # weight (cout, cin/g, k...): nz (cout, ig)
+        nz = w.flatten(2).any(-1).cpu().numpy()
         reads_live = (nz.reshape(g, og, ig) & live_in[:, None, :]).any(2)
     no_bias = np.ones(cout, dtype=bool) if m.bias is None else ~_nz(m.bias)
     return no_bias & ~reads_live.reshape(cout)
@@ -723,7 +730,7 @@ def _linear_out_zero(m: nn.Linear, in_zero: np.ndarray) -> np.ndarray:
     w = m.weight.detach()
     if in_zero.any():
         w = w[:, torch.from_numpy(~in_zero).to(w.device)]
-    reads_live = (w != 0).any(1).cpu().numpy()
+    reads_live = w.any(1).cpu().numpy()
     no_bias = np.ones(m.out_features, dtype=bool) if m.bias is None else ~_nz(m.bias)
     return no_bias & ~reads_live
 
