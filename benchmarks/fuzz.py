@@ -27,6 +27,9 @@ from typing import Any
 
 import torch
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _env import environment  # noqa: E402
+
 
 def run_case(seed: int) -> dict[str, Any]:
     import random
@@ -72,6 +75,7 @@ def render(results: list[dict[str, Any]], wall: float, workers: int, requested: 
     shrunk = [r for r in exact if r["after"] < r["before"]]
     ratio = sum(r["after"] / r["before"] for r in exact) / max(len(exact), 1)
     worst = max((r["err"] for r in exact), default=0.0)
+    env = environment()
     lines = [
         "# strfx fuzz: shrink on random DAG CNNs",
         "",
@@ -91,7 +95,8 @@ def render(results: list[dict[str, Any]], wall: float, workers: int, requested: 
         f"- crashes: **{counts['CRASH']}**",
         f"- exact cases whose parameter count dropped: {len(shrunk):,}; mean params after/before: {ratio:.3f}",
         f"- wall time {wall:.0f} s on {workers} worker(s), {platform.processor() or platform.machine()}, "
-        f"torch {torch.__version__}",
+        f"torch {torch.__version__}; finished {env['date']}, strfx commit {env['commit']}, {env['nproc']} CPUs "
+        f"(load average at the end {env['loadavg'][0]:.1f})",
         "",
     ]
     bad = [r for r in results if r["outcome"] in ("refused", "SILENT MISMATCH", "CRASH")]
