@@ -404,9 +404,9 @@ def render_markdown(data: dict[str, Any]) -> str:
             f"ratio is {statistics.median(r['analysis_s'] / r['tp_analysis_s'] for r in both):.2f}×. "
             + (f"At the standard 224 px input: strfx {s224:.1f} s vs Torch-Pruning {tp224:.1f} s = "
                f"**{s224 / tp224:.2f}×** ({len(both224)} models). " if both224 and tp224 else "")
-            + "strfx's time is torch.fx tracing, shapes on meta tensors (no data, no weights touched) and the "
-            "channel rules, so it does not grow with the input; Torch-Pruning's is one real forward pass with "
-            "hooks on the live model, so it does.")
+            + "strfx's time is torch.fx tracing, shapes on meta tensors (no data) and the channel rules, which "
+            "read each weight once to find all-zero filters; none of it grows with the input. Torch-Pruning's "
+            "is one real forward pass with hooks on the live model, so it does.")
     if tp_fail:
         lines.append(f"- Torch-Pruning's `build_dependency` raised on {len(tp_fail)} models: "
                      + ", ".join(f"{r['model']}" for r in tp_fail) + ".")
