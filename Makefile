@@ -26,8 +26,8 @@ test: venv
 bench: venv
 	$(BIN)/python -m pip install -q -c constraints.txt -e '.[bench]'
 	$(BIN)/python benchmarks/mnist.py --seeds 3
-	$(BIN)/python benchmarks/train_cost.py --models resnet18 resnet50 --batch 32 16 --rounds 3 --profile resnet18
-	$(BIN)/python benchmarks/latency.py --rounds 3
+	$(BIN)/python benchmarks/train_cost.py --models resnet18 resnet50 --batch 32 16 --rounds 15 --profile resnet18
+	$(BIN)/python benchmarks/latency.py --rounds 5
 	$(BIN)/python benchmarks/zoo.py
 	$(BIN)/python benchmarks/fuzz.py
 
