@@ -8,7 +8,10 @@ the weights, same number of SGD steps; each has one sparsity knob that is swept)
 
 * ``dense``       — no pruning (reference error).
 * ``str``         — strfx unstructured STR; knob = threshold decay λ_s (drives g(s) up).
-* ``str-struct``  — strfx structured STR (gates after conv1/conv2/fc1); knob = λ_s.
+* ``str-struct``  — strfx structured STR (gates after conv1/conv2/fc1); knob = the gates' decay budget.
+* ``str-struct-ft`` — the same for 60 % of the steps, then thresholds frozen and the survivors
+  fine-tuned with the learning rate restarted (slimming's schedule, so the two differ only in how
+  they choose the channels).
 * ``han``         — Han et al. 2015: train dense for half the steps, then 3 rounds of global magnitude
   pruning + retraining (lr restarted at 1/10 of the peak); knob = final sparsity.
 * ``gmp``         — Zhu & Gupta 2017: uniform per-layer magnitude pruning on the cubic schedule from
@@ -98,6 +101,7 @@ GRIDS: dict[str, dict[str, list[float]]] = {
         "han": [0.95, 0.99],
         "gmp": [0.99],
         "str-struct": [0.1, 0.15, 0.25],
+        "str-struct-ft": [0.1, 0.25],
         "slim": [0.5, 0.75],
     },
 }
@@ -266,20 +270,40 @@ def run_one(arch: str, method: str, knob: float, seed: int, epochs: int, threads
         final = model
         sp, per = sparsity_of(weight_tensors(model))
 
-    elif method in ("str", "str-struct"):
+    elif method in ("str", "str-struct", "str-struct-ft"):
         mode = "unstructured" if method == "str" else "structured"
         gm = strfx.sparsify(model, mode, config={"s_init": S_INIT}, verify=False)
+        # str-struct-ft: STR learns the structure in the first 60 % of the steps, then the thresholds are
+        # frozen and the survivors fine-tuned with the learning rate restarted: slimming's schedule.
+        learn_steps = int(0.6 * total) if method == "str-struct-ft" else total
+
+        def lr_str(step: int) -> float:
+            if step < learn_steps:
+                return cosine(step, 0, learn_steps, LR)
+            return cosine(step, learn_steps, total, LR * RETRAIN_LR_FRAC)
+
+        spent = sum(lr_str(t) for t in range(learn_steps))
         # knob = threshold-decay budget D: λ_s·Σ_t lr_t = D, so decay alone would take s to s_init·e^(-D)
         # whatever the number of epochs (λ_s itself would mean different things at 6 and 20 epochs).
         budget = knob if method == "str" else STRUCT_D
-        lam = budget / sum(full_cosine(t) for t in range(total))
+        lam = budget / spent
         extra["threshold_decay"] = lam
         # str-struct's knob is the decay budget N on the gate vectors (λ_γ·Σ lr = N): with λ_s pulling s
         # towards 0, g(s) tops out near 0.5, so the gates' own decay decides how many fall below it.
-        nd = knob / sum(full_cosine(t) for t in range(total)) if method == "str-struct" else None
+        nd = knob / spent if method != "str" else None
         extra["norm_decay"] = nd
         groups = strfx.param_groups(gm, weight_decay=WD, threshold_decay=lam, norm_decay=nd)
-        fit(gm, groups, data, total, seed, full_cosine)
+
+        def freeze(step: int) -> None:
+            if step == learn_steps:  # dead channels stay dead (zero gradient below the threshold)
+                for g in groups:
+                    if g["name"] == "thresholds":
+                        for p in g["params"]:
+                            p.requires_grad_(False)
+                    if g["name"] == "norms":
+                        g["weight_decay"] = WD
+
+        fit(gm, groups, data, total, seed, lr_str, before_step=freeze)
         final = gm
         rep = strfx.report(gm, example)
         if method == "str":
@@ -424,7 +448,8 @@ def plot(rows: list[dict[str, Any]], runs: list[dict[str, Any]], out: Path, stem
     import matplotlib.pyplot as plt
 
     written = []
-    colors = {"str": "C0", "han": "C1", "gmp": "C2", "dense": "k", "str-struct": "C0", "slim": "C3"}
+    colors = {"str": "C0", "han": "C1", "gmp": "C2", "dense": "k", "str-struct": "C0", "str-struct-ft": "C9",
+              "slim": "C3"}
     for arch in sorted({r["arch"] for r in rows}):
         dense = [r for r in rows if r["arch"] == arch and r["method"] == "dense"]
         # error vs sparsity (unstructured)
@@ -455,7 +480,9 @@ def plot(rows: list[dict[str, Any]], runs: list[dict[str, Any]], out: Path, stem
 
         # error vs FLOPs (structured)
         fig, ax = plt.subplots(figsize=(6, 4))
-        for method, label in (("str-struct", "STR structured (strfx)"), ("slim", "network slimming (Liu)")):
+        for method, label in (("str-struct", "STR structured (strfx)"),
+                              ("str-struct-ft", "STR structured + fine-tune (strfx)"),
+                              ("slim", "network slimming (Liu)")):
             rs = [r for r in rows if r["arch"] == arch and r["method"] == method]
             pts = [(100 * r2["flops"] / r2["dense_flops"], r2["error"]) for r2 in runs
                    if r2["arch"] == arch and r2["method"] == method]
