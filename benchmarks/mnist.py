@@ -538,7 +538,7 @@ def plot(rows: list[dict[str, Any]], runs: list[dict[str, Any]], out: Path, stem
 
 
 def markdown(rows: list[dict[str, Any]], env: dict[str, Any], args: argparse.Namespace, plots: list[str],
-             wall_s: float, argv: list[str]) -> str:
+             wall_s: float, argv: list[str], note: str | None = None) -> str:
     lines = [
         "# MNIST: learned sparsity vs baselines and published tables",
         "",
@@ -547,7 +547,8 @@ def markdown(rows: list[dict[str, Any]], env: dict[str, Any], args: argparse.Nam
         f"(commit {env['commit']}), Python {env['python']}; {env['date']}  ",
         f"Seeds: {args.seeds_list}; epochs: {args.epochs_map} (same SGD step budget for every method), batch {BATCH}, "
         f"SGD momentum {MOMENTUM}, cosine lr peak {LR}, weight decay {WD} on weights, STR s_init {S_INIT}; "
-        f"wall time {wall_s / 60:.1f} min with {args.jobs} worker(s), 1 thread each.",
+        f"wall time {wall_s / 60:.1f} min with {args.jobs} worker(s), 1 thread each."
+        + (f"  \nNote: {note}." if note else ""),
         "",
         "Error: test error (%) of the final model, mean ± std over seeds. Sparsity: zero conv/linear weights.",
         "FLOPs: forward FLOPs (torch.utils.flop_counter, batch 1) of the architecture with dead channels removed.",
@@ -604,7 +605,7 @@ def main() -> None:
         rows = aggregate(saved["runs"])
         plots = plot(rows, saved["runs"], args.out, args.stem)
         (args.out / f"{args.stem}.md").write_text(markdown(rows, saved["env"], args, plots, saved["wall_s"],
-                                                          saved["argv"]))
+                                                          saved["argv"], saved.get("note")))
         return
     args.seeds_list = {a: list(range(args.seeds)) for a in args.arch}
     if args.seeds_lenet5 is not None and "lenet5" in args.seeds_list:
