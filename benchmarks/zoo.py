@@ -390,7 +390,8 @@ def render_markdown(data: dict[str, Any]) -> str:
         f"- Recipe: random init + `strfx.testing.randomize_`, `sparsify(structured)`, kill a random "
         f"{int(FRACTION[0] * 100)}–{int(FRACTION[1] * 100)}% of the channels of every prunable group, `shrink` "
         "(verified vs the masked model on the example and 2 random inputs), `export` to ONNX, onnxruntime vs the "
-        "masked model on the example and a fresh input. Tolerance: max relative error ≤ 1e-4.",
+        f"masked model on the example and a fresh input. Tolerance: max relative error ≤ 1e-4. Seed "
+        f"{meta.get('seed', SEED)} (weights, inputs, killed channels).",
         f"- **{len(ok)}/{n_all}** models shrunk with fewer parameters and max error ≤ 1e-4 in torch and onnxruntime"
         + (f" ({len(rows) - len(ok)} of the measured ones did not: see the status column)." if len(rows) > len(ok) else "."),
     ]
