@@ -136,23 +136,26 @@ def _weights_on_meta(gm: fx.GraphModule) -> Iterator[None]:
 
 # Leaf modules whose output is shaped like their only input. Their meta kernels are Python
 # decompositions (BatchNorm's is a third of a DenseNet's shape recording, LayerNorm's a third of a
-# ViT's); the shape is known, and the checks below keep a mis-sized input an error.
-_SAME_SHAPE = (
+# ViT's); the shape is known, and the checks below keep a mis-sized input an error. Exact types
+# only: a subclass may override forward, so it runs its real (meta) kernels.
+_SAME_SHAPE = {
     nn.ReLU, nn.ReLU6, nn.SiLU, nn.GELU, nn.Hardswish, nn.Hardsigmoid, nn.Sigmoid, nn.Tanh, nn.LeakyReLU,
-    nn.ELU, nn.Mish, nn.Identity, nn.modules.dropout._DropoutNd,
-)
+    nn.ELU, nn.Mish, nn.Identity, nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d,
+}
+_BATCHNORMS = {nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm}
 
 
 def _same_shape(mod: nn.Module, x: torch.Tensor) -> bool:
     """True when ``mod(x)`` is known to be shaped (and typed) like ``x`` and valid for it."""
-    if isinstance(mod, _SAME_SHAPE):
+    kind = type(mod)
+    if kind in _SAME_SHAPE:
         return True
-    if isinstance(mod, nn.modules.batchnorm._BatchNorm):
+    if kind in _BATCHNORMS:
         return x.ndim >= 2 and x.shape[1] == mod.num_features
-    if isinstance(mod, nn.LayerNorm):
+    if kind is nn.LayerNorm:
         n = len(mod.normalized_shape)
         return x.ndim >= n and tuple(x.shape[-n:]) == tuple(mod.normalized_shape)
-    if isinstance(mod, nn.GroupNorm):
+    if kind is nn.GroupNorm:
         return x.ndim >= 2 and x.shape[1] == mod.num_channels
     return False
 

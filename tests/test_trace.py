@@ -115,3 +115,17 @@ def test_sparsify_and_shrink_keep_a_frozen_batchnorm_frozen(mode: str):
     assert not gm.get_submodule("stem.1").training
     small = strfx.shrink(gm)
     assert small.training and not small.get_submodule("stem.1").training
+
+
+class HalfReLU(nn.ReLU):
+    """A subclass of a shape-preserving module that does change the shape."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(x)[:, : x.shape[1] // 2]
+
+
+def test_shape_shortcuts_apply_to_exact_module_types_only():
+    gm = trace(nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), HalfReLU()),
+               config=TraceConfig(leaf_modules=["HalfReLU"]))
+    record_shapes(gm, (torch.randn(2, 3, 8, 8),))
+    assert list(_shapes(gm).values())[-1] == (2, 2, 6, 6)
