@@ -111,6 +111,24 @@ def time_interleaved(calls: dict[str, Callable[[], Any]], rounds: int, warmup: i
     return {k: statistics.median(v) for k, v in times.items()}
 
 
+def time_batches(variants: dict[str, nn.Module], sessions: dict[str, Callable[[Any], Any]], batches: list[int],
+                 rounds: int, size: int, label: str) -> dict[str, dict[str, float]]:
+    """Median seconds per ``backend/variant`` and batch size: eager for every variant, ORT where exported."""
+    lat: dict[str, dict[str, float]] = {}
+    for b in batches:
+        x = torch.randn(b, 3, size, size)
+        xa = x.numpy()
+        calls: dict[str, Callable[[], Any]] = {}
+        for name, m in variants.items():
+            calls[f"eager/{name}"] = (lambda m=m: _eager(m, x))
+            if name in sessions:
+                calls[f"ort/{name}"] = (lambda s=sessions[name]: s(xa))
+        lat[str(b)] = time_interleaved(calls, rounds)
+        print(f"  {label} batch {b}: " + ", ".join(f"{k} {v * 1e3:.1f}ms" for k, v in lat[str(b)].items()),
+              flush=True)
+    return lat
+
+
 def structured(model_name: str, targets: list[float], round_to: int | None, round_targets: list[float],
                batches: list[int], rounds: int,
                ort_variants: set[str] | None, threads: int, tmp: Path, size: int) -> dict[str, Any]:
@@ -149,18 +167,7 @@ def structured(model_name: str, targets: list[float], round_to: int | None, roun
             info[name]["onnx_mb"] = path.stat().st_size / 2**20
             info[name]["ort_max_abs_err"] = ort_max_error(sessions[name], variants[name], size)
             print(f"  exported {path.name} ({time.perf_counter() - t0:.0f}s)", flush=True)
-    lat: dict[str, dict[str, float]] = {}
-    for b in batches:
-        x = torch.randn(b, 3, size, size)
-        xa = x.numpy()
-        calls: dict[str, Callable[[], Any]] = {}
-        for name, m in variants.items():
-            calls[f"eager/{name}"] = (lambda m=m: _eager(m, x))
-            if name in sessions:
-                calls[f"ort/{name}"] = (lambda s=sessions[name]: s(xa))
-        lat[str(b)] = time_interleaved(calls, rounds)
-        print(f"  {model_name} batch {b}: " + ", ".join(f"{k} {v * 1e3:.1f}ms" for k, v in lat[str(b)].items()),
-              flush=True)
+    lat = time_batches(variants, sessions, batches, rounds, size, model_name)
     rows = []
     for b, meds in lat.items():
         for key, sec in meds.items():
@@ -205,18 +212,8 @@ def unstructured(batches: list[int], rounds: int, threads: int, tmp: Path, size:
         sessions[name] = ort_runner(path, threads)
         info[name] = {"onnx_mb": len(raw) / 2**20, "onnx_zlib9_mb": len(zlib.compress(raw, 9)) / 2**20,
                       "exporter": exporter, "ort_max_abs_err": ort_max_error(sessions[name], m, size)}
-    lat = {}
-    for b in batches:
-        x = torch.randn(b, 3, size, size)
-        xa = x.numpy()
-        calls: dict[str, Callable[[], Any]] = {}
-        for name, m in variants.items():
-            calls[f"eager/{name}"] = (lambda m=m: _eager(m, x))
-            calls[f"ort/{name}"] = (lambda s=sessions[name]: s(xa))
-        lat[str(b)] = {k: v * 1e3 for k, v in time_interleaved(calls, rounds).items()}
-        print(f"  resnet50 unstructured batch {b}: " + ", ".join(f"{k} {v:.1f}ms" for k, v in lat[str(b)].items()),
-              flush=True)
-    info["latency_ms"] = lat
+    lat = time_batches(variants, sessions, batches, rounds, size, "resnet50 unstructured")
+    info["latency_ms"] = {b: {k: v * 1e3 for k, v in meds.items()} for b, meds in lat.items()}
     return info
 
 
