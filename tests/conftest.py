@@ -30,3 +30,26 @@ def write_model(tmp_path: Path):
         return path
 
     return _write
+
+
+@pytest.fixture
+def perturbed_ort(monkeypatch: pytest.MonkeyPatch) -> None:
+    """onnxruntime sessions inside strfx.export whose outputs are off by 1% of their max: a failed check."""
+    import importlib
+
+    import numpy as np
+
+    ex = importlib.import_module("strfx.export")  # the module; strfx.export is the function
+    real = ex._ort_session
+
+    class Perturbed:
+        def __init__(self, sess):
+            self.sess = sess
+
+        def get_inputs(self):
+            return self.sess.get_inputs()
+
+        def run(self, names, feed):
+            return [o + 1e-2 * np.abs(o).max() for o in self.sess.run(names, feed)]
+
+    monkeypatch.setattr(ex, "_ort_session", lambda path, threads: Perturbed(real(path, threads)))

@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-import importlib
 import json
 import subprocess
 import sys
 import textwrap
 from pathlib import Path
 
-import numpy as np
 import onnxruntime as ort
 import pytest
 import torch
@@ -187,23 +185,8 @@ def test_bad_inputs_are_one_line_and_write_nothing(killed_run, tmp_path: Path) -
     assert debug.returncode != 0 and "Traceback" in debug.stderr
 
 
-def test_verification_failure_exits_nonzero_and_leaves_nothing(killed_run, tmp_path: Path,
-                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+def test_verification_failure_exits_nonzero_and_leaves_nothing(killed_run, tmp_path: Path, perturbed_ort) -> None:
     """Were onnxruntime to disagree with torch (simulated by perturbing its outputs), no file appears."""
-    ex = importlib.import_module("strfx.export")
-    real = ex._ort_session
-
-    class Perturbed:
-        def __init__(self, sess):
-            self.sess = sess
-
-        def get_inputs(self):
-            return self.sess.get_inputs()
-
-        def run(self, names, feed):
-            return [o + 1e-2 * np.abs(o).max() for o in self.sess.run(names, feed)]
-
-    monkeypatch.setattr(ex, "_ort_session", lambda path, threads: Perturbed(real(path, threads)))
     run_dir, _ = killed_run
     line = _one_line_error(run("export", run_dir, "--onnx", tmp_path / "m.onnx", "--pt2", tmp_path / "m.pt2"))
     assert "max relative error" in line and "nothing written" in line

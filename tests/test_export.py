@@ -132,22 +132,8 @@ def test_dynamo_exporter_and_exported_program_input(tmp_path: Path) -> None:
     assert max_rel_error(torch.from_numpy(got[0]), expected) <= 1e-4
 
 
-def test_mismatch_raises_and_writes_nothing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_mismatch_raises_and_writes_nothing(tmp_path: Path, perturbed_ort) -> None:
     """If onnxruntime disagreed with torch (simulated: its outputs are perturbed), nothing is published."""
-    ex = importlib.import_module("strfx.export")  # the module; strfx.export is the function
-    real = ex._ort_session
-
-    class Perturbed:
-        def __init__(self, sess):
-            self.sess = sess
-
-        def get_inputs(self):
-            return self.sess.get_inputs()
-
-        def run(self, names, feed):
-            return [o + 1e-2 * np.abs(o).max() for o in self.sess.run(names, feed)]
-
-    monkeypatch.setattr(ex, "_ort_session", lambda path, threads: Perturbed(real(path, threads)))
     loaded = load_model(str(EXAMPLES / "lenet5.py"))
     with pytest.raises(VerificationError, match="max relative error"):
         strfx.export(loaded.model, tmp_path / "m.onnx", loaded.example_inputs, pt2_path=tmp_path / "m.pt2")
