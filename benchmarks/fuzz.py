@@ -56,7 +56,7 @@ def run_case(seed: int) -> dict[str, Any]:
             gm.eval(), small.eval()
             y = random_like(x, seed + 1)
             err = max_rel_error(small(*y), gm(*y))
-        rep = small.meta["strfx_shrink"]
+        rep = small.strfx_shrink
         outcome = "exact" if err <= 1e-4 else "SILENT MISMATCH"
         return {**out, "outcome": outcome, "err": err, "before": rep["params_before"], "after": rep["params_after"],
                 "removed": rep["channels_removed"], "s": time.perf_counter() - t0}

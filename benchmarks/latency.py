@@ -149,7 +149,7 @@ def structured(model_name: str, targets: list[float], round_to: int | None, roun
             small = strfx.shrink(work, round_to=rt or 1).eval()
             name = f"{r:g}x" + (f"-round{rt}" if rt else "")
             f = flops(small, x1)
-            rep = small.meta["strfx_shrink"]
+            rep = small.strfx_shrink
             info[name] = {"target": r, "kill_fraction": frac, "round_to": rt, "killed": killed, "flops": f,
                           "flops_gain": dense_flops / f, "params": rep["params_after"],
                           "shrink_error": rep["max_error"], "shrink_s": time.perf_counter() - t0}

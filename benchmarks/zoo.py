@@ -247,7 +247,7 @@ def run_model(name: str, row: dict[str, Any]) -> dict[str, Any]:
         row["shrink_peak_alloc_extra_bytes"] = heap.extra
     if reset and base > 0 and peak > 0:
         row["shrink_peak_extra_bytes"] = (peak - base) * 1024
-    rep = shrunk.meta["strfx_shrink"]
+    rep = shrunk.strfx_shrink
     row["shrink_analysis_s"] = rep["analysis_s"]
     row["shrink_s"] = rep["shrink_s"]
     row["channels_removed"] = rep["channels_removed"]

@@ -1,25 +1,28 @@
-"""Channel-dependency analysis: which channels must be removed together, and which are dead.
+"""Channel-dependency analysis on the ATen graph: which channels go together, and which are dead.
 
-Every labelled dimension of every tensor in the graph gets one integer *channel id* per index
-(``TInfo.labels[dim]``). Ids are born where channels are born (conv/linear outputs) and flow through
-the graph with the per-op rules of :mod:`strfx.passes.channel_rules`; an op that couples channels
-(residual add, grouped conv, channel shuffle, a module called twice) unions their ids. After the
+Runs on the ``GraphModule`` of :func:`strfx.passes.capture.capture`. Every labelled dimension of
+every tensor in the graph — activations *and* parameters — gets one integer *channel id* per index
+(``TInfo.labels[dim]``). Ids are born where channels are born (conv/linear/embedding outputs) and
+flow with the per-op rules of :mod:`strfx.passes.channel_rules`; an op that couples channels
+(residual add, grouped conv, channel shuffle, a weight used twice) unions their ids, and an op that
+reads a parameter along a channel dim labels that parameter's dim with the same ids. After the
 walk, one union-find root = one *channel*: the set of (tensor, dim, index) positions that can only
-be removed together. The networkx graph of (tensor, dim) pieces linked through shared channels has
-the *channel groups* as connected components.
+be removed together, parameters included — so cutting a channel is slicing every tensor that
+carries its id, and a group maps back to the user's parameters by their qualified names.
 
 A channel is **dead** when it is not blocked (an op the registry does not understand, a model
 output, a LayerNorm over it, ...) and every position of it that is *consumed* by a channel-mixing
 op (conv/linear input, a sum over channels) is provably exactly zero from the parameters alone
-(``TInfo.zero``). Positions only consumed element-wise are removed together with their consumers'
-outputs, so they need not be zero. Everything runs on the shapes of ``node.meta["tensor_meta"]``;
-no data passes through the model. Cost is linear in the number of (node, channel) positions.
+(``TInfo.zero``). Everything runs on the shapes in ``node.meta["val"]``; no data passes through
+the model. Cost is linear in the number of (node, channel) positions.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from typing import Any, Iterable
+
+import re
 
 import networkx as nx
 import numpy as np
@@ -98,6 +101,17 @@ class UnionFind:
                 r = nxt
 
 
+@dataclass
+class Writer:
+    """An op that writes channels with per-channel parameters (where structured STR can act)."""
+
+    node: fx.Node
+    kind: str  # "conv", "linear", "embedding", "batch_norm", "norm"
+    ids: np.ndarray  # channel ids of its output along the written dim
+    params: list[tuple[str, int]]  # (qualified parameter name, dim) written per channel
+    affine: bool = True  # a norm with γ/β (else it cannot carry STR)
+
+
 class Ctx:
     """The state rules read and write while the analysis walks the graph in order."""
 
@@ -107,14 +121,11 @@ class Ctx:
         self.values: dict[fx.Node, Any] = {}
         self.blocked: list[tuple[np.ndarray, str]] = []
         self.live: list[np.ndarray] = []
-        self.bindings: dict[tuple[str, str], np.ndarray] = {}
         self.unknown_ops: dict[str, str] = {}
-        self._modules = dict(gm.named_modules())
+        self.writers: list[Writer] = []
+        self._consts: dict[fx.Node, Any] = {}
 
     # --- reading the graph -------------------------------------------------------------
-    def module(self, node: fx.Node) -> nn.Module:
-        return self._modules[node.target]
-
     def value(self, arg: Any) -> Any:
         return self.values.get(arg) if isinstance(arg, fx.Node) else None
 
@@ -123,13 +134,64 @@ class Ctx:
         return v if isinstance(v, TInfo) else None
 
     def shape(self, node: fx.Node) -> tuple[int, ...] | None:
-        tm = node.meta.get("tensor_meta")
-        shape = getattr(tm, "shape", None)
-        return tuple(int(s) for s in shape) if shape is not None else None
+        val = node.meta.get("val")
+        shape = getattr(val, "shape", None)
+        try:
+            return tuple(int(s) for s in shape) if shape is not None else None
+        except (TypeError, ValueError):  # a symbolic size
+            return None
 
     def fresh_value(self, node: fx.Node) -> Any:
         """Unlabelled TInfo(s) shaped like the node's recorded output (tuples kept as tuples)."""
-        return _unlabelled(node.meta.get("tensor_meta"))
+        return _unlabelled(node.meta.get("val"))
+
+    def param_name(self, arg: Any) -> str | None:
+        """Qualified name of the parameter/buffer ``arg`` reads directly (a ``get_attr`` node)."""
+        return arg.target if isinstance(arg, fx.Node) and arg.op == "get_attr" else None
+
+    def const(self, arg: Any) -> Any:
+        """The concrete value of ``arg`` when it depends on parameters and constants only, else None.
+
+        Parameter-only subgraphs (a parametrization, a weight computed in ``forward``) are evaluated
+        once, so rules can test what is exactly zero.
+        """
+        if not isinstance(arg, fx.Node):
+            return arg
+        if arg in self._consts:
+            return self._consts[arg]
+        value = None
+        if arg.op == "get_attr":
+            value = _fetch(self.gm, arg.target)
+        elif arg.op == "call_function" and arg.all_input_nodes and len(arg.all_input_nodes) < 16:
+            inputs = [self.const(n) for n in arg.all_input_nodes]
+            if all(v is not None for v in inputs):
+                try:
+                    with torch.no_grad():
+                        args, kwargs = fx.node.map_arg((arg.args, arg.kwargs), self.const)
+                        value = arg.target(*args, **kwargs)
+                except Exception:  # noqa: BLE001 - not foldable: treat as unknown
+                    value = None
+        self._consts[arg] = value
+        return value
+
+    def tensor(self, arg: Any) -> torch.Tensor | None:
+        v = self.const(arg)
+        return v if isinstance(v, torch.Tensor) else None
+
+    # --- facts --------------------------------------------------------------------------
+    def tie(self, arg: Any, dim: int, ids: np.ndarray) -> None:
+        """Label ``dim`` of a parameter/constant tensor with ``ids`` (union with an earlier label)."""
+        info = self.info(arg)
+        if info is None:
+            return
+        dim = dim % info.ndim if info.ndim else 0
+        if info.shape[dim] != len(ids):
+            self.block_ids(ids, f"a parameter of {getattr(arg, 'name', arg)} does not match its channels")
+            return
+        if dim in info.labels:
+            self.uf.union_arrays(info.labels[dim], ids)
+        else:
+            info.set(dim, ids)
 
     # --- facts --------------------------------------------------------------------------
     def new(self, n: int) -> np.ndarray:
@@ -150,40 +212,34 @@ class Ctx:
         if info is not None and dim in info.labels:
             self.live.append(info.labels[dim][~info.zero[dim]])
 
-    def bind(self, owner: str, key: str, ids: np.ndarray) -> None:
-        """A parameter sliced by ``ids``: a module called twice must be sliced the same way."""
-        prev = self.bindings.get((owner, key))
-        if prev is None:
-            self.bindings[(owner, key)] = ids
-        elif len(prev) == len(ids):
-            self.uf.union_arrays(prev, ids)
-        else:
-            self.block_ids(ids, f"{owner} is called with different channel counts")
-            self.block_ids(prev, f"{owner} is called with different channel counts")
+    def out_ids(self, arg: Any, dim: int, n: int) -> np.ndarray:
+        """Output-channel ids of an op writing through parameter ``arg`` along ``dim``.
 
-    def module_ids(self, owner: str, key: str, n: int) -> np.ndarray:
-        """The output-channel ids of a module (the same ids each time it is called)."""
-        ids = self.bindings.get((owner, key))
-        if ids is None or len(ids) != n:
-            ids = self.new(n)
-            self.bindings[(owner, key)] = ids
-        return ids
+        A weight used by two calls gives both outputs the same channels (they must be cut alike).
+        """
+        info = self.info(arg)
+        if info is not None and info.ndim:
+            dim = dim % info.ndim
+            if dim in info.labels and len(info.labels[dim]) == n:
+                return info.labels[dim]
+        return self.new(n)
 
 
-def _in_place(node: fx.Node) -> bool:
-    import operator
-
-    if node.op == "call_method":
-        return node.target.endswith("_") and not node.target.startswith("_")
-    return node.op == "call_function" and node.target in (operator.iadd, operator.isub, operator.imul,
-                                                           operator.itruediv)
+def _fetch(gm: nn.Module, target: str) -> Any:
+    obj: Any = gm
+    for part in target.split("."):
+        obj = getattr(obj, part)
+    return obj
 
 
 def _unlabelled(tm: Any) -> Any:
     if tm is None:
         return None
     if hasattr(tm, "shape") and hasattr(tm, "dtype"):
-        return TInfo(tuple(int(s) for s in tm.shape))
+        try:
+            return TInfo(tuple(int(s) for s in tm.shape))
+        except (TypeError, ValueError):  # symbolic sizes: not analysed
+            return None
     if isinstance(tm, (tuple, list)):
         return tuple(_unlabelled(t) for t in tm)
     if isinstance(tm, dict):
@@ -235,6 +291,18 @@ class ChannelAnalysis:
     groups: list[ChannelGroup]
     group_of_root: dict[int, int]
     unknown_ops: dict[str, str]
+    params: dict[str, dict[int, np.ndarray]] = field(default_factory=dict)  # qualified name -> dim -> ids
+    writers: list[Writer] = field(default_factory=list)
+
+    def group_of(self, ids: np.ndarray) -> int | None:
+        """The group of a set of channel ids (the first one's), or None."""
+        if len(ids) == 0:
+            return None
+        return self.group_of_root.get(int(self.roots[ids[0]]))
+
+    def prunable(self, ids: np.ndarray) -> bool:
+        """Whether any of these channels could ever be removed (not blocked)."""
+        return any(int(r) not in self.blocked for r in self.roots[ids])
 
     def keep(self, ids: np.ndarray) -> np.ndarray:
         return ~self.dead[ids]
@@ -271,31 +339,38 @@ class ChannelAnalysis:
         return kept_back
 
 
+def module_path(node: fx.Node) -> str:
+    """The module an ATen node came from (``layer1.0.conv1``), or '' for the root."""
+    stack = node.meta.get("nn_module_stack") or {}
+    if not stack:
+        return ""
+    path = list(stack.values())[-1][0]
+    return re.sub(r"^L\['self'\]\.?", "", path) if isinstance(path, str) else ""
+
+
 def _members(node: fx.Node, gm: fx.GraphModule) -> str:
-    if node.op == "call_module":
-        return f"{node.target} ({type(gm.get_submodule(node.target)).__name__})"
+    if node.op == "get_attr":
+        return f"{node.target} (parameter)"
     if node.op == "call_function":
-        return f"{node.name} ({getattr(node.target, '__name__', str(node.target))})"
-    return f"{node.name} ({node.op} {node.target})"
+        op = getattr(node.target, "__name__", str(node.target))
+        where = module_path(node)
+        return f"{where or node.name} ({op})"
+    return f"{node.name} ({node.op})"
 
 
 def analyze_channels(gm: fx.GraphModule, keep_one: bool = True) -> ChannelAnalysis:
     """Run the channel rules over ``gm`` (which must carry ``tensor_meta``) and find dead channels."""
     from strfx.passes.channel_rules import lookup, unknown_rule
 
-    if not any("tensor_meta" in n.meta for n in gm.graph.nodes):
-        raise StrfxError("channel analysis needs recorded shapes; trace the model with example inputs first")
+    if not any("val" in n.meta for n in gm.graph.nodes):
+        raise StrfxError("channel analysis needs the graph of strfx.passes.capture (shapes in node.meta['val'])")
     ctx = Ctx(gm)
     with torch.no_grad():
         for node in gm.graph.nodes:
-            rule = lookup(ctx, node)
+            rule = lookup(node)
             if rule is None:
                 rule = unknown_rule
-            value = rule.analyze(ctx, node)
-            ctx.values[node] = value
-            if _in_place(node) and isinstance(value, TInfo) and isinstance(ctx.info(node.args[0]), TInfo):
-                # later readers of the mutated tensor see the new values (zero-ness included)
-                ctx.values[node.args[0]] = value
+            ctx.values[node] = rule.analyze(ctx, node)
 
     roots = ctx.uf.roots()
     n_ids = len(roots)
@@ -360,9 +435,13 @@ def analyze_channels(gm: fx.GraphModule, keep_one: bool = True) -> ChannelAnalys
         reasons = list(dict.fromkeys(blocked[r] for r in chans if r in blocked))
         groups.append(ChannelGroup(gid, len(chans), int(removable_root[chans].sum()), members, reasons))
 
+    params: dict[str, dict[int, np.ndarray]] = {}
     for node, value in ctx.values.items():
         node.meta[META_KEY] = value
+        if node.op == "get_attr" and isinstance(value, TInfo) and value.labels:
+            params[node.target] = dict(value.labels)
     return ChannelAnalysis(
         values={n.name: v for n, v in ctx.values.items()}, roots=roots, blocked=blocked, dead=dead,
-        groups=groups, group_of_root=group_of_root, unknown_ops=ctx.unknown_ops,
+        groups=groups, group_of_root=group_of_root, unknown_ops=ctx.unknown_ops, params=params,
+        writers=ctx.writers,
     )

@@ -1,22 +1,24 @@
-"""The channel-rule registry: for each op kind, how channels map from its inputs to its outputs.
+"""The channel-rule registry, keyed by ATen operator: how channels map from an op's inputs to its outputs.
 
-One table (``MODULE_RULES``, ``FUNCTION_RULES``, ``METHOD_RULES``, looked up by :func:`lookup`) says
-for every op strfx understands
+One table (:data:`RULES`, looked up by :func:`lookup` with an ``OpOverload``, then its overload
+packet) says for every op strfx understands
 
 * ``analyze(ctx, node)``: the output's channel ids and provably-zero slices, computed from the
   inputs' (:class:`~strfx.passes.channel_analysis.TInfo`), plus the couplings (``ctx.uf``), the
-  positions that must be zero to be removed (``ctx.sink``) and the channels that can never be
-  removed (``ctx.block``);
-* ``shrink(s, node)``: how to cut the op's parameters, attributes and constant arguments once the
-  dead channels are known (None: nothing to cut).
+  parameters each channel lives in (``ctx.tie``), the positions that must be zero to be removed
+  (``ctx.sink``) and the channels that can never be removed (``ctx.block``);
+* ``shrink(s, node)``: how to rewrite the op's constant arguments (view sizes, conv groups, split
+  sizes, ...) once the dead channels are known. Parameters need no rule: every parameter dim that
+  carries channel ids is cut by :mod:`strfx.passes.shrink` itself.
 
-An op that is not in the table goes to :data:`unknown_rule`: every channel it touches is blocked
-and the report names the op. Nothing is guessed.
+Element-wise ops are recognised by ATen's own ``pointwise`` tag, and whether ``f(0) == 0`` is asked
+of the op itself (it is run on zeros with the node's constant arguments), never assumed. An op that
+is not in the table goes to :data:`unknown_rule`: every channel it touches is blocked and the
+report names its overload. Nothing is guessed.
 """
 
 from __future__ import annotations
 
-import builtins
 import math
 import operator
 from dataclasses import dataclass
@@ -25,16 +27,15 @@ from typing import Any, Callable
 import numpy as np
 import torch
 import torch.fx as fx
-import torch.nn.functional as F
-from torch import nn
 
-from strfx.modules import STRBatchNorm, STRGate
-from strfx.passes.channel_analysis import Ctx, TInfo, infos_of
+from strfx.passes.channel_analysis import Ctx, TInfo, Writer, infos_of
+
+aten = torch.ops.aten
 
 
 @dataclass(frozen=True)
 class Rule:
-    """How one op kind maps channels (``analyze``) and how it is cut (``shrink``)."""
+    """How one op maps channels (``analyze``) and how its constant arguments are cut (``shrink``)."""
 
     name: str
     analyze: Callable[[Ctx, fx.Node], Any]
@@ -61,19 +62,31 @@ def _copy(info: TInfo, shape: tuple[int, ...] | None = None, zero: bool = True) 
     return out
 
 
-def _op_name(node: fx.Node) -> str:
+def op_name(node: fx.Node) -> str:
     t = node.target
-    if node.op == "call_module":
-        return str(t)
-    return t if isinstance(t, str) else getattr(t, "__name__", str(t))
+    return str(t) if isinstance(t, torch._ops.OpOverload) else getattr(t, "__name__", str(t))
 
 
-def _is_zero_scalar(v: Any) -> bool:
-    return isinstance(v, (int, float, bool)) and v == 0
+def short_name(node: fx.Node) -> str:
+    """``layer_norm`` for ``aten.layer_norm.default``: the op as a user would name it."""
+    t = node.target
+    return t.overloadpacket.__name__ if isinstance(t, torch._ops.OpOverload) else op_name(node)
 
 
 def _nz(t: torch.Tensor | None) -> np.ndarray | None:
     return None if t is None else (t.detach() != 0).cpu().numpy()
+
+
+def _nz_along(t: torch.Tensor, dim: int) -> np.ndarray:
+    """Per index of ``dim``: whether any entry of ``t`` there is non-zero."""
+    t = t.detach()
+    if t.dim() == 0:
+        return np.array([bool(t != 0)])
+    return (t != 0).movedim(dim, 0).reshape(t.shape[dim], -1).any(1).cpu().numpy()
+
+
+def _is_tensor_node(a: Any) -> bool:
+    return isinstance(a, fx.Node) and isinstance(a.meta.get("val"), torch.Tensor)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -82,18 +95,17 @@ def _nz(t: torch.Tensor | None) -> np.ndarray | None:
 def _unknown(ctx: Ctx, node: fx.Node) -> Any:
     touched = infos_of((node.args, node.kwargs), ctx)
     if any(i.labels for i in touched):
-        name = _op_name(node)
-        kind = type(ctx.module(node)).__name__ if node.op == "call_module" else name
-        ctx.unknown_ops.setdefault(kind, node.name)
+        name = op_name(node)
+        ctx.unknown_ops.setdefault(name, node.name)
         for i in touched:
-            ctx.block(i, f"unsupported op {kind} ({node.name})")
+            ctx.block(i, f"unsupported op {name} ({node.name})")
     return ctx.fresh_value(node)
 
 
 unknown_rule = Rule("unknown", _unknown)
 
 
-def _placeholder(ctx: Ctx, node: fx.Node) -> Any:
+def _fresh(ctx: Ctx, node: fx.Node) -> Any:
     return ctx.fresh_value(node)
 
 
@@ -103,8 +115,8 @@ def _output(ctx: Ctx, node: fx.Node) -> Any:
     return None
 
 
-def _meta_only(ctx: Ctx, node: fx.Node) -> Any:
-    """size(), shape, dim(): reads no channel values (a dynamic size follows the cut tensor)."""
+def _no_value(ctx: Ctx, node: fx.Node) -> Any:
+    """Size queries and asserts: read no channel values (a size follows the cut tensor)."""
     return None
 
 
@@ -118,104 +130,117 @@ def _blocking(reason: str) -> Callable[[Ctx, fx.Node], Any]:
 
 
 # ---------------------------------------------------------------------------------------------
-# element-wise
+# element-wise (ATen's pointwise tag), broadcasting
 # ---------------------------------------------------------------------------------------------
-def _elementwise(zero_preserving: bool | Callable[[fx.Node], bool]) -> Callable[[Ctx, fx.Node], Any]:
-    """out[i] depends on in[i] only: channels pass through; ``f(0) == 0`` keeps zero slices zero."""
-
-    def analyze(ctx: Ctx, node: fx.Node) -> Any:
-        x = ctx.info(node.args[0]) if node.args else None
-        if x is None:
-            return _unknown(ctx, node)
-        for other in infos_of((node.args[1:], node.kwargs), ctx):
-            ctx.block(other, f"tensor argument of {_op_name(node)} ({node.name})")
-        zp = zero_preserving(node) if callable(zero_preserving) else zero_preserving
-        shape = ctx.shape(node)
-        if shape is not None and tuple(shape) != x.shape:
-            return _unknown(ctx, node)
-        return _copy(x, zero=zp)
-
-    return analyze
+_SAMPLES = {torch.bool: (True, False, True, False), "int": (1, -3, 7, 2), "float": (-2.5, 0.7, 3.0, 1e4)}
 
 
-def _clamp_zp(node: fx.Node) -> bool:
-    lo = arg(node, 1, "min")
-    hi = arg(node, 2, "max")
-    ok_lo = lo is None or (isinstance(lo, (int, float)) and lo <= 0)
-    ok_hi = hi is None or (isinstance(hi, (int, float)) and hi >= 0)
-    return ok_lo and ok_hi
+def _sample(val: torch.Tensor, trial: int) -> torch.Tensor:
+    kind = torch.bool if val.dtype == torch.bool else ("float" if val.is_floating_point() else "int")
+    return torch.tensor(_SAMPLES[kind][trial], dtype=val.dtype)
 
 
-def _pow_zp(node: fx.Node) -> bool:
-    e = arg(node, 1, "exponent")
-    return isinstance(e, (int, float)) and e > 0
+def _zero_image(ctx: Ctx, node: fx.Node, zero_operands: set[int]) -> bool:
+    """Whether the op gives exactly 0 whenever the operands in ``zero_operands`` are 0.
+
+    Asked of the op itself, never assumed: it runs on one-element tensors, zeros at those operands
+    and several non-zero values at the other tensor operands, with the node's constant arguments
+    (``hardtanh(x, 0.5, 2.0)`` maps 0 to 0.5, so it is not zero-preserving; ``mul`` is whatever the
+    other factor is).
+    """
+    for trial in range(4):
+        args = [(torch.zeros((), dtype=a.meta["val"].dtype) if k in zero_operands else _sample(a.meta["val"], trial))
+                if _is_tensor_node(a) else a for k, a in enumerate(node.args)]
+        kwargs = {key: _sample(a.meta["val"], trial) if _is_tensor_node(a) else a for key, a in node.kwargs.items()}
+        try:
+            with torch.no_grad():
+                out = node.target(*args, **kwargs)
+        except Exception:  # noqa: BLE001 - cannot tell: not zero-preserving
+            return False
+        if not (isinstance(out, torch.Tensor) and out.numel() == 1 and bool((out == 0).all())):
+            return False
+    return True
 
 
-# ---------------------------------------------------------------------------------------------
-# broadcasting binary ops
-# ---------------------------------------------------------------------------------------------
-def _binary(kind: str) -> Callable[[Ctx, fx.Node], Any]:
-    """add/sub couple channels and are zero where all operands are; mul is zero where any is."""
+def _pointwise(ctx: Ctx, node: fx.Node) -> Any:
+    """out[..., c, ...] reads operand[..., c, ...] only (with broadcasting).
 
-    def analyze(ctx: Ctx, node: fx.Node) -> Any:
-        shape = ctx.shape(node)
-        operands = [arg(node, 0, "input"), arg(node, 1, "other")]
-        tensors = [(ctx.info(a), a) for a in operands if ctx.info(a) is not None]
-        if shape is None:
-            for t, _ in tensors:
-                ctx.block(t, f"{_op_name(node)} without a recorded shape ({node.name})")
-            return ctx.fresh_value(node)
-        out = TInfo(shape)
-        R = len(shape)
-        scalars_zero = all(_is_zero_scalar(a) for a in operands if ctx.info(a) is None)
-        for d in range(R):
-            labelled: list[tuple[TInfo, int, int]] = []  # info, its dim, operand index
-            full_unlabelled = False
-            narrow = 0
-            for k, a in enumerate(operands):
-                t = ctx.info(a)
-                if t is None:
-                    if isinstance(a, fx.Node) and a in ctx.values and ctx.values[a] is not None:
-                        full_unlabelled = True  # a non-tensor value: be safe
-                    continue
-                dd = d - (R - t.ndim)
-                if dd < 0:
-                    narrow += 1  # broadcast along d: the same (unknown) value lands in every channel
-                    continue
-                if dd in t.labels:
-                    if t.shape[dd] == shape[d]:
-                        labelled.append((t, dd, k))
-                    else:
-                        ctx.block_ids(t.labels[dd], f"{_op_name(node)} broadcasts a channel dim ({node.name})")
-                elif t.shape[dd] == shape[d] and shape[d] != 1:
-                    full_unlabelled = True
-                else:
-                    narrow += 1
-            if not labelled:
-                continue
-            if full_unlabelled:
-                for t, dd, _ in labelled:
-                    ctx.block_ids(t.labels[dd], f"{_op_name(node)} with an operand strfx cannot cut ({node.name})")
-                continue
-            ids = labelled[0][0].labels[labelled[0][1]]
-            for t, dd, _ in labelled[1:]:
-                ctx.uf.union_arrays(ids, t.labels[dd])
-            zs = [t.zero[dd] for t, dd, _ in labelled]
-            if kind == "add":
-                zero = np.logical_and.reduce(zs) if (narrow == 0 and scalars_zero) else np.zeros(len(ids), bool)
-            elif kind == "mul":
-                zero = np.logical_or.reduce(zs)
-            else:  # div: only a zero numerator
-                num = [t.zero[dd] for t, dd, k in labelled if k == 0]
-                zero = num[0].copy() if num else np.zeros(len(ids), bool)
-            out.set(d, ids, zero)
+    Channel dims of all full-size operands are coupled (a residual add). A parameter or constant
+    operand spanning a channel dim (layer scale ``γ·x``, a per-channel bias) is labelled with the
+    channel and cut with it; any other full-size operand strfx cannot label blocks the dim. A
+    channel is zero where the op maps the zero operands to zero: for ``mul`` one zero operand
+    suffices, for ``add`` every operand must be zero; both are decided by running the op on zeros.
+    """
+    shape = ctx.shape(node)
+    operands = [(k, a) for k, a in enumerate(node.args) if _is_tensor_node(a)]
+    if shape is None:
+        return _unknown(ctx, node)
+    R = len(shape)
+    out = TInfo(shape)
+    if not any(ctx.info(a) is not None and ctx.info(a).labels for _, a in operands):
+        # constants combined with constants/inputs: nothing to follow (still unlabelled)
         return out
+    single_zero = {k: _zero_image(ctx, node, {k}) for k, _ in operands}
+    all_zero = _zero_image(ctx, node, {k for k, _ in operands})
+    for d in range(R):
+        labelled: list[tuple[int, TInfo, int]] = []  # operand index, info, dim
+        params: list[tuple[int, Any, int]] = []  # unlabelled parameter operands spanning d
+        blocked_by = None
+        for k, a in operands:
+            t = ctx.info(a)
+            if t is None:
+                blocked_by = "an operand strfx cannot follow"
+                continue
+            dd = d - (R - t.ndim)
+            if dd < 0 or t.shape[dd] == 1 and shape[d] != 1:
+                continue  # broadcast along d: the same value lands in every channel
+            if dd in t.labels:
+                labelled.append((k, t, dd))
+            elif ctx.const(a) is not None:
+                params.append((k, a, dd))
+            elif shape[d] != 1:
+                blocked_by = "an operand strfx cannot cut"
+        if not labelled:
+            continue
+        ids = labelled[0][1].labels[labelled[0][2]]
+        if blocked_by is not None:
+            for _, t, dd in labelled:
+                ctx.block_ids(t.labels[dd], f"{op_name(node)} with {blocked_by} ({node.name})")
+            continue
+        for _, t, dd in labelled[1:]:
+            ctx.uf.union_arrays(ids, t.labels[dd])
+        for _, a, dd in params:
+            ctx.tie(a, dd, ids)
+        zeros = {k: t.zero[dd] for k, t, dd in labelled}
+        for k, a, dd in params:
+            zeros[k] = ~_nz_along(ctx.tensor(a), dd) if ctx.tensor(a) is not None else np.zeros(len(ids), bool)
+        n = len(ids)
+        zero = np.zeros(n, bool)
+        for k, z in zeros.items():
+            if single_zero[k]:
+                zero |= z
+        if all_zero and len(zeros) == len(operands):
+            zero |= np.logical_and.reduce(list(zeros.values()))
+        out.set(d, ids, zero)
+    return out
 
-    return analyze
+
+def _identity(ctx: Ctx, node: fx.Node) -> Any:
+    """clone, alias, dtype casts, dropout in eval: the value passes through."""
+    x = ctx.info(node.args[0]) if node.args else None
+    if x is None:
+        return _unknown(ctx, node)
+    shape = ctx.shape(node)
+    return _copy(x, shape) if shape == x.shape else _unknown(ctx, node)
+
+
+def _where(ctx: Ctx, node: fx.Node) -> Any:
+    """``where(cond, a, b)``: a pointwise select; the condition's channels are coupled too."""
+    return _pointwise(ctx, node)
 
 
 # ---------------------------------------------------------------------------------------------
-# cat / stack / split / chunk / getitem
+# cat / stack / split / getitem / slice / select
 # ---------------------------------------------------------------------------------------------
 def _cat(stack: bool) -> Callable[[Ctx, fx.Node], Any]:
     def analyze(ctx: Ctx, node: fx.Node) -> Any:
@@ -265,15 +290,15 @@ def _cat(stack: bool) -> Callable[[Ctx, fx.Node], Any]:
 
 def _split(ctx: Ctx, node: fx.Node) -> Any:
     x = ctx.info(node.args[0])
-    tms = node.meta.get("tensor_meta")
-    if x is None or not isinstance(tms, (tuple, list)):
+    vals = node.meta.get("val")
+    if x is None or not isinstance(vals, (tuple, list)):
         return _unknown(ctx, node)
     dim = ndim_dim(arg(node, 2, "dim", 0), x.ndim)
-    sizes = [int(t.shape[dim]) for t in tms]
     outs = []
     start = 0
-    for t, n in zip(tms, sizes):
-        o = TInfo(tuple(int(s) for s in t.shape))
+    for v in vals:
+        o = TInfo(tuple(int(s) for s in v.shape))
+        n = o.shape[dim]
         for d, ids in x.labels.items():
             if d == dim:
                 o.set(d, ids[start:start + n], x.zero[d][start:start + n])
@@ -285,79 +310,85 @@ def _split(ctx: Ctx, node: fx.Node) -> Any:
 
 
 def _split_shrink(s: Any, node: fx.Node) -> None:
-    """Pieces lose different numbers of channels: rewrite as ``torch.split`` with explicit sizes."""
+    """Pieces may lose different numbers of channels: always explicit sizes (``split_with_sizes``)."""
     x = s.info(node.args[0])
     if x is None:
         return
     dim = ndim_dim(arg(node, 2, "dim", 0), x.ndim)
-    keep = s.keep_of(x, dim)
-    if keep is None:
+    if s.keep_of(x, dim) is None:
         return
-    outs = s.out_value(node)
-    sizes = [int(s.keep_count(o, dim)) for o in outs]
-    node.op = "call_function"
-    node.target = torch.split
+    sizes = [int(s.keep_count(o, dim)) for o in s.out_value(node)]
+    node.target = aten.split_with_sizes.default
     node.args = (node.args[0], sizes, dim)
     node.kwargs = {}
+
+
+def _unbind(ctx: Ctx, node: fx.Node) -> Any:
+    x = ctx.info(node.args[0])
+    vals = node.meta.get("val")
+    if x is None or not isinstance(vals, (tuple, list)):
+        return _unknown(ctx, node)
+    dim = ndim_dim(arg(node, 1, "dim", 0), x.ndim)
+    if dim in x.labels:
+        ctx.block_ids(x.labels[dim], f"unbind of a channel dim ({node.name})")
+    outs = []
+    for v in vals:
+        o = TInfo(tuple(int(s) for s in v.shape))
+        for d, ids in x.labels.items():
+            if d != dim:
+                o.set(d - (d > dim), ids, x.zero[d])
+        outs.append(o)
+    return tuple(outs)
 
 
 def _getitem(ctx: Ctx, node: fx.Node) -> Any:
     base, idx = node.args[0], node.args[1]
     v = ctx.value(base)
-    if isinstance(v, (tuple, list)):
-        return v[idx] if isinstance(idx, int) and -len(v) <= idx < len(v) else _unknown(ctx, node)
-    if isinstance(v, dict):
-        return v.get(idx)
-    if not isinstance(v, TInfo):
-        return ctx.fresh_value(node) if not any(i.labels for i in infos_of(node.args, ctx)) else _unknown(ctx, node)
+    if isinstance(v, (tuple, list)) and isinstance(idx, int) and -len(v) <= idx < len(v):
+        return v[idx]
+    return _unknown(ctx, node)
+
+
+_FULL = (0, None, math.inf)
+
+
+def _slice(ctx: Ctx, node: fx.Node) -> Any:
+    """``x[:, a:b]``: a full slice passes channels; a partial slice of a channel dim is followed
+    (the kept part keeps its ids) but blocks the channels, as the slice bounds are constants."""
+    x = ctx.info(node.args[0])
     shape = ctx.shape(node)
-    if shape is None:
+    if x is None or shape is None:
         return _unknown(ctx, node)
-    items = idx if isinstance(idx, tuple) else (idx,)
-    if any(isinstance(i, fx.Node) and isinstance(ctx.value(i), TInfo) for i in items) or any(
-        isinstance(i, (list, torch.Tensor)) for i in items
-    ):
-        return _unknown(ctx, node)  # advanced indexing
-    n_real = sum(1 for i in items if i is not None and i is not Ellipsis)
+    dim = ndim_dim(arg(node, 1, "dim", 0), x.ndim)
+    start, end, step = arg(node, 2, "start"), arg(node, 3, "end"), arg(node, 4, "step", 1)
     out = TInfo(shape)
-    src, dst = 0, 0
-    for it in items:
-        if it is Ellipsis:
-            skip = v.ndim - n_real
-            for _ in range(skip):
-                if src in v.labels:
-                    out.set(dst, v.labels[src], v.zero[src])
-                src += 1
-                dst += 1
-        elif it is None:
-            dst += 1
-        elif isinstance(it, slice):
-            if src in v.labels:
-                full = it == slice(None, None, None)
-                if full:
-                    out.set(dst, v.labels[src], v.zero[src])
-                else:
-                    ctx.block_ids(v.labels[src], f"slicing a channel dim ({node.name})")
-                    rng = range(v.shape[src])[it] if all(
-                        not isinstance(p, fx.Node) for p in (it.start, it.stop, it.step)) else None
-                    if rng is not None and len(rng) == shape[dst]:
-                        sel = np.asarray(list(rng), dtype=np.int64)
-                        out.set(dst, v.labels[src][sel], v.zero[src][sel])
-            src += 1
-            dst += 1
-        else:  # an integer (or an int-valued node): the dim disappears
-            if src in v.labels:
-                ctx.block_ids(v.labels[src], f"indexing a channel dim ({node.name})")
-            src += 1
-    while src < v.ndim:
-        if src in v.labels:
-            out.set(dst, v.labels[src], v.zero[src])
-        src += 1
-        dst += 1
-    for d in list(out.labels):
-        if d >= len(shape) or shape[d] != len(out.labels[d]):
-            ctx.block_ids(out.labels.pop(d), f"indexing strfx could not follow ({node.name})")
-            out.zero.pop(d)
+    for d, ids in x.labels.items():
+        if d != dim:
+            out.set(d, ids, x.zero[d])
+            continue
+        if shape[d] == x.shape[d] and step == 1:
+            out.set(d, ids, x.zero[d])
+            continue
+        ctx.block_ids(ids, f"slicing a channel dim ({node.name})")
+        if all(isinstance(p, (int, type(None))) for p in (start, end, step)):
+            sel = np.arange(x.shape[d])[slice(start, end, step)]
+            if len(sel) == shape[d]:
+                out.set(d, ids[sel], x.zero[d][sel])
+    return out
+
+
+def _select(ctx: Ctx, node: fx.Node) -> Any:
+    x = ctx.info(node.args[0])
+    shape = ctx.shape(node)
+    if x is None or shape is None:
+        return _unknown(ctx, node)
+    dim = ndim_dim(arg(node, 1, "dim", 0), x.ndim)
+    out = TInfo(shape)
+    for d, ids in x.labels.items():
+        if d == dim:
+            ctx.block_ids(ids, f"indexing a channel dim ({node.name})")
+        else:
+            out.set(d - (d > dim), ids, x.zero[d])
     return out
 
 
@@ -391,6 +422,13 @@ def _match_blocks(a: tuple[int, ...], b: tuple[int, ...]) -> list[tuple[list[int
                 j += 1
             else:
                 return None
+        # trailing size-1 dims join the current block
+        while i < len(a) and a[i] == 1 and (j >= len(b) or b[j] != 1):
+            ii.append(i)
+            i += 1
+        while j < len(b) and b[j] == 1 and (i >= len(a) or a[i] != 1):
+            jj.append(j)
+            j += 1
         blocks.append((ii, jj))
     return blocks
 
@@ -415,8 +453,6 @@ def _reshape(ctx: Ctx, node: fx.Node) -> Any:
     if blocks is None:
         ctx.block(x, f"reshape strfx cannot follow ({node.name})")
         return out
-    found = _shape_args(node)
-    dynamic = {k for k, v in enumerate(found[1]) if isinstance(v, fx.Node)} if found and len(found[1]) == len(shape) else set()
     for ii, jj in blocks:
         labelled = [d for d in ii if d in x.labels]
         if not labelled:
@@ -425,8 +461,9 @@ def _reshape(ctx: Ctx, node: fx.Node) -> Any:
             ctx.block(x, f"reshape merging two channel dims ({node.name})", dims=labelled)
             continue
         d = labelled[0]
-        if len(ii) == 1 and len(jj) == 1:
-            out.set(jj[0], x.labels[d], x.zero[d])
+        big = [k for k in jj if shape[k] != 1]
+        if len([k for k in ii if x.shape[k] != 1]) == 1 and len(big) == 1:
+            out.set(big[0], x.labels[d], x.zero[d])
             continue
         total = math.prod(x.shape[k] for k in ii)
         if total > MAX_RESHAPE_POSITIONS or not jj:
@@ -441,118 +478,57 @@ def _reshape(ctx: Ctx, node: fx.Node) -> Any:
         if not varying:
             ctx.block_ids(x.labels[d], f"reshape folding a channel dim away ({node.name})")
             continue
-        dyn_varying = [k for k in varying if jj[k] in dynamic]
-        a = max(dyn_varying or varying, key=lambda k: (T.shape[k], k))
+        a = max(varying, key=lambda k: (T.shape[k], k))
         Tm = np.moveaxis(T, a, 0).reshape(T.shape[a], -1)
         Zm = np.moveaxis(Z, a, 0).reshape(T.shape[a], -1)
         if len(varying) > 1:
             for row in Tm:
                 ctx.uf.union_all(row)
         out.set(jj[a], Tm[:, 0].copy(), Zm.all(axis=1))
-    # A size computed at run time (``c // g`` from ``x.size()``) follows the cut only where the cut is.
-    for k in sorted(dynamic):
-        dep = _depends_on_channels(ctx, found[1][k])
-        if dep and k not in out.labels:
-            ctx.block(x, f"reshape with a size computed from channels ({node.name})")
-            ctx.block(out, f"reshape with a size computed from channels ({node.name})")
-            return TInfo(shape)
-        if not dep and k in out.labels:
-            ctx.block_ids(out.labels.pop(k), f"reshape with a fixed computed size ({node.name})")
-            out.zero.pop(k)
     return out
 
 
-def _depends_on_channels(ctx: Ctx, n: Any, depth: int = 0) -> bool:
-    """Whether a run-time int is computed from the size of a channel dim (unknown: assume yes)."""
-    if not isinstance(n, fx.Node):
-        return False
-    if depth > 12:
-        return True
-    v = ctx.values.get(n)
-    if isinstance(v, TInfo):
-        return bool(v.labels)
-    if n.op == "call_function" and n.target is operator.getitem and isinstance(n.args[1], int):
-        src = n.args[0]
-        if isinstance(src, fx.Node) and _is_size_of(src):
-            t = ctx.info(src.args[0])
-            return t is not None and ndim_dim(n.args[1], t.ndim) in t.labels
-    if n.op == "call_method" and n.target == "size" and isinstance(arg(n, 1, "dim"), int):
-        t = ctx.info(n.args[0])
-        return t is not None and ndim_dim(arg(n, 1, "dim"), t.ndim) in t.labels
-    if _is_size_of(n):
-        t = ctx.info(n.args[0])
-        return t is None or bool(t.labels)
-    if n.op == "placeholder":
-        return False
-    return any(_depends_on_channels(ctx, a, depth + 1) for a in n.all_input_nodes)
+def _sizes_shrink(index: int, name: str) -> Callable[[Any, fx.Node], None]:
+    """Constant sizes of cut dims (``view``/``reshape``/``expand``) become the new channel counts."""
+
+    def shrink(s: Any, node: fx.Node) -> None:
+        out = s.out_value(node)
+        if not isinstance(out, TInfo):
+            return
+        sizes = arg(node, index, name)
+        if not isinstance(sizes, (list, tuple)) or len(sizes) != len(out.shape):
+            return
+        new = list(sizes)
+        for d in out.labels:
+            n = s.keep_count(out, d)
+            if n != out.shape[d] and isinstance(new[d], int) and new[d] != -1:
+                new[d] = n
+        if new != list(sizes):
+            args = list(node.args)
+            args[index] = new
+            node.args = tuple(args)
+
+    return shrink
 
 
-def _is_size_of(n: fx.Node) -> bool:
-    return (n.op == "call_method" and n.target == "size" and len(n.args) == 1 and not n.kwargs) or (
-        n.op == "call_function" and n.target is builtins.getattr and n.args[1:] == ("shape",))
-
-
-def _shape_args(node: fx.Node) -> tuple[int, list[Any]] | None:
-    """Index in node.args where the target shape starts, and the shape as a list."""
-    name = _op_name(node)
-    if node.op == "call_method" and name in ("view", "reshape"):
-        rest = list(node.args[1:])
-        if len(rest) == 1 and isinstance(rest[0], (list, tuple)):
-            return 1, list(rest[0])
-        return -1, rest
-    if node.op == "call_function" and name == "reshape":
-        shp = arg(node, 1, "shape")
-        return (1, list(shp)) if isinstance(shp, (list, tuple)) else None
-    return None
-
-
-def _reshape_shrink(s: Any, node: fx.Node) -> None:
-    """Constant sizes of cut dims in view/reshape/unflatten become the new channel counts."""
+def _unflatten_shrink(s: Any, node: fx.Node) -> None:
     out = s.out_value(node)
     if not isinstance(out, TInfo):
         return
-    changes = {d: s.keep_count(out, d) for d in out.labels if s.keep_count(out, d) != out.shape[d]}
-    if not changes:
-        return
-    name = _op_name(node)
-    if name == "unflatten":
-        dim = ndim_dim(arg(node, 1, "dim"), len(out.shape) - len(arg(node, 2, "sizes")) + 1)
-        sizes = list(arg(node, 2, "sizes"))
-        for d, n in changes.items():
-            k = d - dim
-            if 0 <= k < len(sizes) and isinstance(sizes[k], int) and sizes[k] != -1:
-                sizes[k] = n
-        node.args = (node.args[0], dim, tuple(sizes))
-        node.kwargs = {}
-        return
-    found = _shape_args(node)
-    if found is None:
-        return  # flatten/squeeze/unsqueeze compute their sizes from the input
-    where, shp = found
-    if len(shp) != len(out.shape):
-        return
-    for d, n in changes.items():
-        if isinstance(shp[d], int) and shp[d] != -1:
-            shp[d] = n
-    if where == -1:
-        node.args = (node.args[0], *shp)
-    else:
-        args = list(node.args)
-        if len(args) > where:
-            args[where] = tuple(shp)
-            node.args = tuple(args)
-        else:
-            node.kwargs = {**node.kwargs, "shape": tuple(shp)}
+    dim, sizes = arg(node, 1, "dim"), list(arg(node, 2, "sizes"))
+    dim = ndim_dim(dim, len(out.shape) - len(sizes) + 1)
+    for k in range(len(sizes)):
+        d = dim + k
+        if d in out.labels and isinstance(sizes[k], int) and sizes[k] != -1:
+            sizes[k] = s.keep_count(out, d)
+    node.args = (node.args[0], dim, sizes)
 
 
 def _permute(ctx: Ctx, node: fx.Node) -> Any:
     x = ctx.info(node.args[0])
     shape = ctx.shape(node)
-    if x is None or shape is None:
-        return _unknown(ctx, node)
-    rest = node.args[1:] if node.op == "call_method" else (arg(node, 1, "dims"),)
-    dims = list(rest[0]) if len(rest) == 1 and isinstance(rest[0], (list, tuple)) else list(rest)
-    if len(dims) != x.ndim or not all(isinstance(d, int) for d in dims):
+    dims = arg(node, 1, "dims")
+    if x is None or shape is None or not isinstance(dims, (list, tuple)) or len(dims) != x.ndim:
         return _unknown(ctx, node)
     out = TInfo(shape)
     for new, old in enumerate(dims):
@@ -565,10 +541,12 @@ def _permute(ctx: Ctx, node: fx.Node) -> Any:
 def _transpose(ctx: Ctx, node: fx.Node) -> Any:
     x = ctx.info(node.args[0])
     shape = ctx.shape(node)
-    d0, d1 = arg(node, 1, "dim0"), arg(node, 2, "dim1")
-    if x is None or shape is None or not isinstance(d0, int) or not isinstance(d1, int):
+    if x is None or shape is None:
         return _unknown(ctx, node)
-    d0, d1 = ndim_dim(d0, x.ndim), ndim_dim(d1, x.ndim)
+    if node.target in (aten.t.default, aten.numpy_T.default):
+        d0, d1 = 0, max(x.ndim - 1, 0)
+    else:
+        d0, d1 = ndim_dim(arg(node, 1, "dim0"), x.ndim), ndim_dim(arg(node, 2, "dim1"), x.ndim)
     perm = list(range(x.ndim))
     perm[d0], perm[d1] = perm[d1], perm[d0]
     out = TInfo(shape)
@@ -597,7 +575,7 @@ def _expand(ctx: Ctx, node: fx.Node) -> Any:
 # reductions, spatial ops, softmax
 # ---------------------------------------------------------------------------------------------
 def _reduce(kind: str) -> Callable[[Ctx, fx.Node], Any]:
-    """sum over channels mixes them (zeros add nothing); mean/max over channels changes with the count."""
+    """A sum over channels mixes them (zeros add nothing); mean/max/var over channels change with the count."""
 
     def analyze(ctx: Ctx, node: fx.Node) -> Any:
         x = ctx.info(node.args[0])
@@ -606,7 +584,7 @@ def _reduce(kind: str) -> Callable[[Ctx, fx.Node], Any]:
             return _unknown(ctx, node)
         dims = arg(node, 1, "dim")
         keepdim = bool(arg(node, 2, "keepdim", False))
-        if dims is None:
+        if dims is None or dims == []:
             red = list(range(x.ndim))
         elif isinstance(dims, int):
             red = [ndim_dim(dims, x.ndim)]
@@ -614,6 +592,8 @@ def _reduce(kind: str) -> Callable[[Ctx, fx.Node], Any]:
             red = [ndim_dim(d, x.ndim) for d in dims]
         else:
             return _unknown(ctx, node)
+        if len(shape) == x.ndim:
+            keepdim = True
         out = TInfo(shape)
         for d, ids in x.labels.items():
             if d in red:
@@ -623,39 +603,44 @@ def _reduce(kind: str) -> Callable[[Ctx, fx.Node], Any]:
                     ctx.block_ids(ids, f"{kind} over a channel dim ({node.name})")
                 continue
             nd = d if keepdim else d - sum(1 for r in red if r < d)
-            out.set(nd, ids, x.zero[d])
+            out.set(nd, ids, x.zero[d] if kind in ("sum", "mean", "max") else None)
         return out
 
     return analyze
 
 
-def _spatial(n_spatial: Callable[[fx.Node, TInfo], int], zero_preserving: bool | Callable[[Ctx, fx.Node], bool] = True):
-    """Pooling/interpolate/pad: channels pass through, the last ``n_spatial`` dims must not be channels."""
+def _spatial(n_spatial: Callable[[fx.Node, TInfo], int], zero_preserving: bool | Callable[[fx.Node], bool] = True):
+    """Pooling/upsampling/pad: channels pass through, the last ``n_spatial`` dims must not be channels."""
 
     def analyze(ctx: Ctx, node: fx.Node) -> Any:
         x = ctx.info(node.args[0])
         shape = ctx.shape(node)
+        if isinstance(node.meta.get("val"), (tuple, list)):  # max_pool with indices
+            vals = ctx.fresh_value(node)
+            shape = vals[0].shape if vals and vals[0] is not None else None
         if x is None or shape is None or len(shape) != x.ndim:
             return _unknown(ctx, node)
         k = n_spatial(node, x)
-        zp = zero_preserving(ctx, node) if callable(zero_preserving) else zero_preserving
+        zp = zero_preserving(node) if callable(zero_preserving) else zero_preserving
         out = TInfo(shape)
         for d, ids in x.labels.items():
             if d >= x.ndim - k:
-                ctx.block_ids(ids, f"{_op_name(node)} over a channel dim ({node.name})")
+                ctx.block_ids(ids, f"{op_name(node)} over a channel dim ({node.name})")
             else:
                 out.set(d, ids, x.zero[d] if zp else None)
+        if isinstance(node.meta.get("val"), (tuple, list)):  # (values, indices): indices follow the values
+            return (out, _copy(out, zero=False))
         return out
 
     return analyze
 
 
-def _pool_dims(k: int) -> Callable[[fx.Node, TInfo], int]:
-    return lambda node, x: k
-
-
 def _all_but_two(node: fx.Node, x: TInfo) -> int:
     return max(x.ndim - 2, 0)
+
+
+def _fixed(k: int) -> Callable[[fx.Node, TInfo], int]:
+    return lambda node, x: k
 
 
 def _pad_dims(node: fx.Node, x: TInfo) -> int:
@@ -663,28 +648,16 @@ def _pad_dims(node: fx.Node, x: TInfo) -> int:
     return len(pad) // 2 if isinstance(pad, (list, tuple)) else x.ndim
 
 
-def _pad_zp(ctx: Ctx, node: fx.Node) -> bool:
-    if node.op == "call_module":
-        m = ctx.module(node)
-        return float(getattr(m, "value", 0.0)) == 0.0
-    mode = arg(node, 2, "mode", "constant")
-    value = arg(node, 3, "value", None)
+def _pad_zp(node: fx.Node) -> bool:
+    mode = arg(node, 2, "mode", "constant") if node.target is aten.pad.default else "constant"
+    value = arg(node, 3, "value", None) if node.target is aten.pad.default else arg(node, 2, "value", 0)
     return mode != "constant" or value is None or value == 0
-
-
-def _pad_module_dims(node: fx.Node, x: TInfo) -> int:
-    return x.ndim - 2 if x.ndim > 2 else x.ndim
 
 
 def _softmax(ctx: Ctx, node: fx.Node) -> Any:
     x = ctx.info(node.args[0])
-    if x is None:
-        return _unknown(ctx, node)
-    if node.op == "call_module":
-        dim = ctx.module(node).dim
-    else:
-        dim = arg(node, 1, "dim")
-    if not isinstance(dim, int):
+    dim = arg(node, 1, "dim")
+    if x is None or not isinstance(dim, int):
         return _unknown(ctx, node)
     dim = ndim_dim(dim, x.ndim)
     out = TInfo(x.shape)
@@ -697,463 +670,437 @@ def _softmax(ctx: Ctx, node: fx.Node) -> Any:
 
 
 # ---------------------------------------------------------------------------------------------
-# weight layers
+# weight layers: conv, linear, embedding
 # ---------------------------------------------------------------------------------------------
-def _conv_out_zero(m: nn.modules.conv._ConvNd, in_zero: np.ndarray) -> np.ndarray:
+def _conv_args(node: fx.Node) -> tuple[bool, int]:
+    """(transposed, groups) of any ATen convolution overload."""
+    t = node.target
+    if t is aten.convolution.default:
+        return bool(arg(node, 6, "transposed")), int(arg(node, 8, "groups", 1))
+    if t.overloadpacket in (aten.conv_transpose1d, aten.conv_transpose2d, aten.conv_transpose3d):
+        return True, int(arg(node, 6, "groups", 1))
+    return False, int(arg(node, 6, "groups", 1))
+
+
+def _conv_out_zero(w: torch.Tensor | None, bias: torch.Tensor | None, has_bias: bool, transposed: bool,
+                   g: int, cin: int, cout: int, in_zero: np.ndarray) -> np.ndarray:
     """Output channels that are exactly zero: no bias, and every non-zero weight reads a zero input.
 
     Works per group on the (groups, out/g, in/g) weight pattern, never on a dense out×in matrix
     (a depthwise conv with 4,000 channels would otherwise build a 16M-entry one).
     """
-    g = m.groups
-    cin, cout = m.in_channels, m.out_channels
+    if w is None or (has_bias and bias is None):
+        return np.zeros(cout, dtype=bool)
     ig, og = cin // g, cout // g
-    w = m.weight.detach()
+    w = w.detach()
     live_in = ~in_zero.reshape(g, ig)
-    if live_in.all():  # the common case: one pass over the weight, no (out, in) pattern needed
-        if m.transposed:
+    if live_in.all():
+        if transposed:
             reads_live = w.reshape(g, ig, og, -1).any(-1).any(1).cpu().numpy()
         else:
             reads_live = w.flatten(1).any(1).cpu().numpy()
-    elif m.transposed:  # weight (cin, cout/g, k...): nz (cin, og)
+    elif transposed:
         nz = w.flatten(2).any(-1).cpu().numpy()
         reads_live = (nz.reshape(g, ig, og) & live_in[:, :, None]).any(1)
-    else:  # weight (cout, cin/g, k...): nz (cout, ig)
+    else:
         nz = w.flatten(2).any(-1).cpu().numpy()
         reads_live = (nz.reshape(g, og, ig) & live_in[:, None, :]).any(2)
-    no_bias = np.ones(cout, dtype=bool) if m.bias is None else ~_nz(m.bias)
+    no_bias = np.ones(cout, dtype=bool) if not has_bias else ~_nz(bias)
     return no_bias & ~reads_live.reshape(cout)
 
 
-def _linear_out_zero(m: nn.Linear, in_zero: np.ndarray) -> np.ndarray:
-    """Output features that are exactly zero: no bias, and every non-zero weight reads a zero input."""
-    w = m.weight.detach()
-    if in_zero.any():
-        w = w[:, torch.from_numpy(~in_zero).to(w.device)]
-    reads_live = w.any(1).cpu().numpy()
-    no_bias = np.ones(m.out_features, dtype=bool) if m.bias is None else ~_nz(m.bias)
-    return no_bias & ~reads_live
+def _needs_param(ctx: Ctx, node: fx.Node, w: Any, ids_to_block: list[np.ndarray]) -> bool:
+    """A weight must be a parameter read directly (a ``get_attr``) to be cut with its channels."""
+    if ctx.param_name(w) is not None:
+        return True
+    for ids in ids_to_block:
+        ctx.block_ids(ids, f"{op_name(node)} with a weight computed in the graph ({node.name})")
+    return False
 
 
 def _conv(ctx: Ctx, node: fx.Node) -> Any:
-    m = ctx.module(node)
     x = ctx.info(node.args[0])
+    w_node, b_node = node.args[1], arg(node, 2, "bias")
     shape = ctx.shape(node)
-    if x is None or shape is None:
+    w_shape = ctx.shape(w_node) if isinstance(w_node, fx.Node) else None
+    if x is None or shape is None or w_shape is None:
         return _unknown(ctx, node)
-    n_sp = len(m.kernel_size)
+    transposed, g = _conv_args(node)
+    n_sp = len(w_shape) - 2
     cdim = x.ndim - n_sp - 1
     for d in list(x.labels):
         if d != cdim:
-            ctx.block_ids(x.labels[d], f"{type(m).__name__} over a channel-labelled spatial dim ({node.name})")
-    g = m.groups
-    cin, cout = m.in_channels, m.out_channels
+            ctx.block_ids(x.labels[d], f"convolution over a channel-labelled spatial dim ({node.name})")
+    cin = x.shape[cdim]
+    cout = shape[len(shape) - n_sp - 1]
     ig, og = cin // g, cout // g
+    out_dim_w = 1 if transposed else 0
+    out_ids = ctx.out_ids(w_node, 0, cout) if not transposed else ctx.new(cout)
     xin = x.labels.get(cdim)
     in_zero = x.zero[cdim] if xin is not None else np.zeros(cin, dtype=bool)
-    out_ids = ctx.module_ids(node.target, "out", cout)
-    zero = _conv_out_zero(m, in_zero)
+    if not _needs_param(ctx, node, w_node, [out_ids] + ([xin] if xin is not None else [])):
+        out = TInfo(shape)
+        out.set(len(shape) - n_sp - 1, out_ids)
+        return out
+    w = ctx.tensor(w_node)
+    bias = ctx.tensor(b_node) if isinstance(b_node, fx.Node) else None
+    zero = _conv_out_zero(w, bias, isinstance(b_node, fx.Node), transposed, g, cin, cout, in_zero)
+    # parameters: the weight's out (and in) dims, the bias
+    if transposed:  # weight (cin, cout/g, k...)
+        if xin is not None:
+            ctx.tie(w_node, 0, xin)
+        if g == 1:
+            ctx.tie(w_node, 1, out_ids)
+    else:  # weight (cout, cin/g, k...)
+        ctx.tie(w_node, 0, out_ids)
+        if xin is not None and g == 1:
+            ctx.tie(w_node, 1, xin)
+    if isinstance(b_node, fx.Node):
+        ctx.tie(b_node, 0, out_ids)
     if g == 1:
         if xin is not None:
-            ctx.bind(node.target, "in", xin)
             ctx.sink(x, cdim)
     elif ig == 1:
         # depthwise-like: each input channel owns its og outputs; cut whole groups
         if xin is None:
-            ctx.block_ids(out_ids, f"grouped {type(m).__name__} on channels strfx cannot cut ({node.name})")
+            ctx.block_ids(out_ids, f"grouped convolution on channels strfx cannot cut ({node.name})")
         else:
-            ctx.bind(node.target, "in", xin)
             ctx.uf.union_arrays(np.repeat(xin, og), out_ids)
     else:
         # grouped: cut the same positions in every group so that the group structure stays valid
         if xin is not None:
-            ctx.bind(node.target, "in", xin)
             for col in xin.reshape(g, ig).T:
                 ctx.uf.union_all(col)
             ctx.sink(x, cdim)
         for col in out_ids.reshape(g, og).T:
             ctx.uf.union_all(col)
+        # the weight's per-group dims carry the first group's ids (all groups are cut alike)
+        if transposed:
+            ctx.tie(w_node, 1, out_ids.reshape(g, og)[0])
+        elif xin is not None:
+            ctx.tie(w_node, 1, xin.reshape(g, ig)[0])
+    params = [(w_node.target, out_dim_w)] + ([(b_node.target, 0)] if ctx.param_name(b_node) else [])
+    ctx.writers.append(Writer(node, "conv", out_ids, params))
     out = TInfo(shape)
     out.set(len(shape) - n_sp - 1, out_ids, zero)
     return out
 
 
-def _in_out_keep(s: Any, node: fx.Node, in_dim: int, out_dim: int) -> tuple[np.ndarray | None, np.ndarray | None]:
-    """Keep-masks of a module's input and output channels (None: nothing cut there).
-
-    ``in_dim``/``out_dim`` count from the end (-1 = last), as channel dims of conv and linear do.
-    """
-    x = s.info(node.args[0])
-    out = s.out_value(node)
-    return s.keep_of(x, x.ndim + in_dim), s.keep_of(out, out.ndim + out_dim)
-
-
 def _conv_shrink(s: Any, node: fx.Node) -> None:
-    m = s.module(node)
-    if not s.first_visit(node):
-        return
-    n_sp = len(m.kernel_size)
-    kin, kout = _in_out_keep(s, node, -n_sp - 1, -n_sp - 1)
-    if kin is None and kout is None:
-        return
-    g = m.groups
-    cin, cout = m.in_channels, m.out_channels
-    ig, og = cin // g, cout // g
-    kin = np.ones(cin, bool) if kin is None else kin
-    kout = np.ones(cout, bool) if kout is None else kout
-    w = m.weight.detach()
+    """Depthwise-like convs lose whole groups: ``groups`` becomes the kept input channel count."""
+    transposed, g = _conv_args(node)
     if g == 1:
-        w = w[kout][:, kin] if not m.transposed else w[kin][:, kout]
-        new_g = 1
-    elif ig == 1:
-        if not np.array_equal(np.repeat(kin, og), kout):
-            s.fail(node, "depthwise input and output cuts disagree")
-        w = w[kout] if not m.transposed else w[kin]
-        new_g = int(kin.sum())
-    else:
-        kin_g, kout_g = kin.reshape(g, ig), kout.reshape(g, og)
-        if not ((kin_g == kin_g[0]).all() and (kout_g == kout_g[0]).all()):
-            s.fail(node, "grouped conv cut differs between groups")
-        w = w[kout][:, kin_g[0]] if not m.transposed else w[kin][:, kout_g[0]]
-        new_g = g
-    m.weight = nn.Parameter(w.clone().contiguous(), requires_grad=m.weight.requires_grad)
-    if m.bias is not None:
-        m.bias = nn.Parameter(m.bias.detach()[kout].clone(), requires_grad=m.bias.requires_grad)
-    m.in_channels, m.out_channels, m.groups = int(kin.sum()), int(kout.sum()), new_g
+        return
+    x = s.info(node.args[0])
+    w_shape = s.shape(node.args[1])
+    if x is None or w_shape is None:
+        return
+    cdim = x.ndim - (len(w_shape) - 2) - 1
+    cin = x.shape[cdim]
+    if cin // g != 1:
+        return  # grouped: every group keeps the same positions, the count stays
+    new_g = s.keep_count(x, cdim)
+    idx = 8 if node.target is aten.convolution.default else 6
+    args = list(node.args)
+    while len(args) <= idx:  # fill defaulted arguments from the schema
+        sch = node.target._schema.arguments[len(args)]
+        args.append(node.kwargs.get(sch.name, sch.default_value))
+    args[idx] = new_g
+    node.args = tuple(args)
+    node.kwargs = {k: v for k, v in node.kwargs.items() if k != "groups"}
 
 
 def _linear(ctx: Ctx, node: fx.Node) -> Any:
-    m = ctx.module(node)
     x = ctx.info(node.args[0])
+    w_node, b_node = node.args[1], arg(node, 2, "bias")
     shape = ctx.shape(node)
     if x is None or shape is None:
         return _unknown(ctx, node)
     last = x.ndim - 1
     xin = x.labels.get(last)
-    in_zero = x.zero[last] if xin is not None else np.zeros(m.in_features, dtype=bool)
+    n_in, n_out = x.shape[last], shape[-1]
+    in_zero = x.zero[last] if xin is not None else np.zeros(n_in, dtype=bool)
+    out_ids = ctx.out_ids(w_node, 0, n_out)
+    if not _needs_param(ctx, node, w_node, [out_ids] + ([xin] if xin is not None else [])):
+        out = TInfo(shape)
+        out.set(len(shape) - 1, out_ids)
+        return out
+    w = ctx.tensor(w_node)
+    bias = ctx.tensor(b_node) if isinstance(b_node, fx.Node) else None
+    has_bias = isinstance(b_node, fx.Node)
+    ctx.tie(w_node, 0, out_ids)
     if xin is not None:
-        ctx.bind(node.target, "in", xin)
+        ctx.tie(w_node, 1, xin)
         ctx.sink(x, last)
-    out_ids = ctx.module_ids(node.target, "out", m.out_features)
+    if has_bias:
+        ctx.tie(b_node, 0, out_ids)
+    if w is None or has_bias and bias is None:
+        zero = np.zeros(n_out, bool)
+    else:
+        ww = w.detach()
+        if in_zero.any():
+            ww = ww[:, torch.from_numpy(~in_zero).to(ww.device)]
+        zero = ~ww.any(1).cpu().numpy() & (np.ones(n_out, bool) if not has_bias else ~_nz(bias))
+    bias_zero = not has_bias or (bias is not None and not _nz(bias).any())
     out = TInfo(shape)
-    bias_zero = m.bias is None or not _nz(m.bias).any()
     for d, ids in x.labels.items():
         if d != last:
             out.set(d, ids, x.zero[d] & bias_zero)
-    out.set(len(shape) - 1, out_ids, _linear_out_zero(m, in_zero))
+    out.set(len(shape) - 1, out_ids, zero)
+    params = [(w_node.target, 0)] + ([(b_node.target, 0)] if ctx.param_name(b_node) else [])
+    ctx.writers.append(Writer(node, "linear", out_ids, params))
     return out
 
 
-def _linear_shrink(s: Any, node: fx.Node) -> None:
-    m = s.module(node)
-    if not s.first_visit(node):
-        return
-    kin, kout = _in_out_keep(s, node, -1, -1)
-    if kin is None and kout is None:
-        return
-    kin = np.ones(m.in_features, bool) if kin is None else kin
-    kout = np.ones(m.out_features, bool) if kout is None else kout
-    m.weight = nn.Parameter(m.weight.detach()[kout][:, kin].clone(), requires_grad=m.weight.requires_grad)
-    if m.bias is not None:
-        m.bias = nn.Parameter(m.bias.detach()[kout].clone(), requires_grad=m.bias.requires_grad)
-    m.in_features, m.out_features = int(kin.sum()), int(kout.sum())
-
-
-# ---------------------------------------------------------------------------------------------
-# per-channel modules: norms, gates, PReLU
-# ---------------------------------------------------------------------------------------------
-def _channel_dim(m: nn.Module, ndim: int) -> int:
-    if isinstance(m, STRGate):
-        return m.channel_dim % ndim
-    if isinstance(m, nn.modules.instancenorm._InstanceNorm):
-        return 1 if ndim == m._get_no_batch_dim() + 1 else 0
-    if isinstance(m, nn.PReLU):
-        return 1 if ndim >= 2 else 0
-    return 1
-
-
-def _per_channel_zero(m: nn.Module, in_zero: np.ndarray) -> np.ndarray:
-    """Channels the module outputs as exactly zero (eval mode, running statistics)."""
-    n = len(in_zero)
-    never = np.zeros(n, dtype=bool)
-    if isinstance(m, STRGate):
-        return ~_nz(m.effective_weight()) | in_zero
-    if isinstance(m, nn.PReLU):
-        return in_zero.copy()
-    if isinstance(m, STRBatchNorm):
-        g = m.effective_weight().detach()
-        off = m.offset.detach()
-        zero = ~_nz(g) & ~_nz(off)
-        if m.running_mean is not None:
-            const = g * m.shift.detach() + off
-            zero |= in_zero & ~_nz(m.running_mean) & ~_nz(const)
-        return zero
-    if isinstance(m, (nn.modules.batchnorm._BatchNorm, nn.modules.instancenorm._InstanceNorm)):
-        affine = getattr(m, "affine", False)
-        w = m.weight if affine else None
-        b = m.bias if affine else None
-        b_zero = np.ones(n, bool) if b is None else ~_nz(b)
-        zero = never.copy()
-        if w is not None:
-            zero |= ~_nz(w) & b_zero
-        stats_zero = np.ones(n, bool)
-        if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.running_mean is not None:
-            stats_zero = ~_nz(m.running_mean)
-        zero |= in_zero & stats_zero & b_zero
-        return zero
-    if isinstance(m, nn.GroupNorm):
-        w = m.weight if m.affine else None
-        b_zero = np.ones(n, bool) if not m.affine else ~_nz(m.bias)
-        zero = never.copy()
-        if w is not None:
-            zero |= ~_nz(w) & b_zero
-        per = n // m.num_groups
-        group_zero = np.repeat(in_zero.reshape(m.num_groups, per).all(axis=1), per)
-        return zero | (group_zero & b_zero)
-    return never
-
-
-def _per_channel(ctx: Ctx, node: fx.Node) -> Any:
-    m = ctx.module(node)
-    x = ctx.info(node.args[0])
+def _embedding(ctx: Ctx, node: fx.Node) -> Any:
+    w_node = node.args[0]
     shape = ctx.shape(node)
-    if x is None or shape is None or tuple(shape) != x.shape:
+    w = ctx.tensor(w_node)
+    if shape is None or ctx.param_name(w_node) is None:
         return _unknown(ctx, node)
-    cdim = _channel_dim(m, x.ndim)
-    stats_over_other_dims = isinstance(m, (nn.GroupNorm, nn.modules.instancenorm._InstanceNorm))
+    for i in infos_of((node.args[1],), ctx):
+        ctx.block(i, f"embedding indices ({node.name})")
+    ids = ctx.out_ids(w_node, 1, shape[-1])
+    ctx.tie(w_node, 1, ids)
     out = TInfo(shape)
-    keeps_zero = isinstance(m, (STRGate, nn.PReLU))
-    for d, ids in x.labels.items():
-        if d == cdim:
-            continue
-        if stats_over_other_dims:
-            ctx.block_ids(ids, f"{type(m).__name__} normalizes over channels ({node.name})")
-        else:
-            out.set(d, ids, x.zero[d] if keeps_zero else None)
-    ids = x.labels.get(cdim)
-    has_params = not isinstance(m, nn.PReLU) or m.num_parameters > 1
-    if ids is None:
-        return out
-    if isinstance(m, nn.GroupNorm):
-        for row in ids.reshape(m.num_groups, -1):
-            ctx.uf.union_all(row)
-    if has_params:
-        ctx.bind(node.target, "c", ids)
-    out.set(cdim, ids, _per_channel_zero(m, x.zero[cdim]))
+    out.set(len(shape) - 1, ids, ~_nz_along(w, 1) if w is not None else None)
+    ctx.writers.append(Writer(node, "embedding", ids, [(w_node.target, 1)]))
     return out
 
 
-def _slice_param(m: nn.Module, name: str, keep: np.ndarray) -> None:
-    t = getattr(m, name, None)
-    if t is None:
-        return
-    new = t.detach()[torch.as_tensor(keep)].clone()
-    if isinstance(t, nn.Parameter):
-        setattr(m, name, nn.Parameter(new, requires_grad=t.requires_grad))
-    else:
-        setattr(m, name, new)
+# ---------------------------------------------------------------------------------------------
+# per-channel ops: norms, PReLU
+# ---------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class NormArgs:
+    """Where a norm overload keeps its operands (None: it has no such operand)."""
+
+    weight: int
+    bias: int | None
+    mean: int | None = None
+    var: int | None = None
+    groups: int | None = None  # the num_groups argument
+    use_input_stats: int | None = None
+    stats_over_channels: bool = False  # group/instance norm: statistics over more than one channel
 
 
-def _per_channel_shrink(s: Any, node: fx.Node) -> None:
-    m = s.module(node)
-    if not s.first_visit(node):
-        return
+NORMS: dict[Any, NormArgs] = {
+    aten._native_batch_norm_legit_no_training.default: NormArgs(1, 2, 3, 4),
+    aten._native_batch_norm_legit.default: NormArgs(1, 2, 3, 4, use_input_stats=5),
+    aten._native_batch_norm_legit.no_stats: NormArgs(1, 2, use_input_stats=3),
+    aten._native_batch_norm_legit_functional.default: NormArgs(1, 2, 3, 4, use_input_stats=5),
+    aten.native_batch_norm.default: NormArgs(1, 2, 3, 4, use_input_stats=5),
+    aten.batch_norm.default: NormArgs(1, 2, 3, 4, use_input_stats=5),
+    aten.instance_norm.default: NormArgs(1, 2, 3, 4, use_input_stats=5, stats_over_channels=False),
+    aten.group_norm.default: NormArgs(2, 3, groups=1, stats_over_channels=True),
+    aten.native_group_norm.default: NormArgs(1, 2, groups=6, stats_over_channels=True),
+}
+
+
+def _norm(ctx: Ctx, node: fx.Node) -> Any:
+    """Batch/instance/group norm over dim 1: each channel is normalised on its own statistics
+    (group norm: within its group, so groups are cut whole)."""
+    spec = NORMS[node.target]
+    x = ctx.info(node.args[0])
+    val = node.meta.get("val")
+    multi = isinstance(val, (tuple, list))
+    shape = tuple(int(s) for s in (val[0] if multi else val).shape) if val is not None else None
+    if x is None or shape is None or shape != x.shape or x.ndim < 2:
+        return _unknown(ctx, node)
+    is_instance = node.target is aten.instance_norm.default
+    out = TInfo(shape)
+    for d, ids in x.labels.items():
+        if d == 1:
+            continue
+        if spec.stats_over_channels or is_instance:
+            ctx.block_ids(ids, f"{short_name(node)} normalizes over these channels ({node.name})")
+        else:
+            out.set(d, ids)
+    ids = x.labels.get(1)
+    if ids is None:
+        return (out, *ctx.fresh_value(node)[1:]) if multi else out
+    n = x.shape[1]
+    w_node, b_node = arg(node, spec.weight, "weight"), arg(node, spec.bias, "bias") if spec.bias is not None else None
+    m_node = arg(node, spec.mean, "running_mean") if spec.mean is not None else None
+    v_node = arg(node, spec.var, "running_var") if spec.var is not None else None
+    groups = int(arg(node, spec.groups, "group")) if spec.groups is not None else None
+    if groups:
+        for row in ids.reshape(groups, -1):
+            ctx.uf.union_all(row)
+    params = []
+    for p in (w_node, b_node, m_node, v_node):
+        if isinstance(p, fx.Node):
+            if ctx.param_name(p) is None:
+                ctx.block_ids(ids, f"{op_name(node)} with a parameter computed in the graph ({node.name})")
+            ctx.tie(p, 0, ids)
+    for p in (w_node, b_node):
+        if ctx.param_name(p) is not None:
+            params.append((p.target, 0))
+    # which channels come out exactly zero
+    w, b = ctx.tensor(w_node), ctx.tensor(b_node)
+    b_zero = np.ones(n, bool) if not isinstance(b_node, fx.Node) else (~_nz(b) if b is not None else np.zeros(n, bool))
+    zero = np.zeros(n, bool)
+    if isinstance(w_node, fx.Node) and w is not None:
+        zero |= ~_nz(w) & b_zero
+    use_stats = arg(node, spec.use_input_stats, "training") if spec.use_input_stats is not None else m_node is None
+    if use_stats is True or m_node is None:  # statistics of the input itself: a zero channel stays 0 (x̂ = 0)
+        if groups:
+            zero |= np.repeat(x.zero[1].reshape(groups, -1).all(axis=1), n // groups) & b_zero
+        else:
+            zero |= x.zero[1] & b_zero
+    else:  # running statistics: x̂ = -mean/σ, zero only where the running mean is zero too
+        mean = ctx.tensor(m_node)
+        if mean is not None:
+            zero |= x.zero[1] & ~_nz(mean) & b_zero
+    out.set(1, ids, zero)
+    kind = "batch_norm" if "batch_norm" in op_name(node) else "norm"
+    ctx.writers.append(Writer(node, kind, ids, params, affine=isinstance(w_node, fx.Node) and isinstance(b_node, fx.Node)))
+    return (out, *ctx.fresh_value(node)[1:]) if multi else out
+
+
+def _group_norm_shrink(s: Any, node: fx.Node) -> None:
+    """Group norm loses whole groups: its group count (and C) follow the cut."""
+    spec = NORMS[node.target]
     x = s.info(node.args[0])
-    if x is None:
+    if x is None or 1 not in x.labels:
         return
-    keep = s.keep_of(x, _channel_dim(m, x.ndim))
+    keep = s.keep_of(x, 1)
     if keep is None:
         return
-    n = int(keep.sum())
-    if isinstance(m, nn.PReLU):
-        if m.num_parameters > 1:
-            _slice_param(m, "weight", keep)
-            m.num_parameters = n
-        return
-    if isinstance(m, nn.GroupNorm):
-        per = m.num_channels // m.num_groups
-        groups = keep.reshape(m.num_groups, per)
-        if not (groups == groups[:, :1]).all():
-            s.fail(node, "GroupNorm cut splits a group")
-        m.num_groups, m.num_channels = int(groups[:, 0].sum()), n
-    for name in ("weight", "bias", "shift", "offset", "running_mean", "running_var"):
-        _slice_param(m, name, keep)
-    for attr in ("num_features", "num_channels"):
-        if hasattr(m, attr) and not isinstance(m, nn.GroupNorm):
-            setattr(m, attr, n)
+    args = list(node.args)
+    g = int(args[spec.groups])
+    per = x.shape[1] // g
+    args[spec.groups] = int(keep.reshape(g, per)[:, 0].sum())
+    if node.target is aten.native_group_norm.default:
+        args[4] = int(keep.sum())  # C
+    node.args = tuple(args)
 
 
-def _layer_norm(ctx: Ctx, node: fx.Node) -> Any:
+def _last_dims_norm(ctx: Ctx, node: fx.Node) -> Any:
+    """layer_norm / rms_norm over the last dims: the statistics mix those channels."""
     x = ctx.info(node.args[0])
-    shape = ctx.shape(node)
-    if x is None or shape is None:
+    val = node.meta.get("val")
+    multi = isinstance(val, (tuple, list))
+    if x is None:
         return _unknown(ctx, node)
-    if node.op == "call_module":
-        m = ctx.module(node)
-        k = len(m.normalized_shape)
-        bias = m.bias
-    else:
-        ns = arg(node, 1, "normalized_shape")
-        k = len(ns) if isinstance(ns, (list, tuple)) else 1
-        bias = None
-        b = arg(node, 3, "bias")
-        if isinstance(b, fx.Node):
-            bias = torch.ones(1)  # a bias we do not read: assume non-zero
-    out = TInfo(shape)
-    bias_zero = bias is None or not _nz(bias).any()
+    ns = arg(node, 1, "normalized_shape")
+    k = len(ns) if isinstance(ns, (list, tuple)) else 1
+    b_node = arg(node, 3, "bias") if node.target is not aten.rms_norm.default else None
+    b = ctx.tensor(b_node) if isinstance(b_node, fx.Node) else None
+    bias_zero = not isinstance(b_node, fx.Node) or (b is not None and not _nz(b).any())
+    out = TInfo(x.shape)
     for d, ids in x.labels.items():
         if d >= x.ndim - k:
-            ctx.block_ids(ids, f"LayerNorm normalizes across these channels ({node.name})")
+            ctx.block_ids(ids, f"{short_name(node)} normalizes across these channels ({node.name})")
         else:
             out.set(d, ids, x.zero[d] & bias_zero)
+    return (out, *ctx.fresh_value(node)[1:]) if multi else out
+
+
+def _prelu(ctx: Ctx, node: fx.Node) -> Any:
+    x = ctx.info(node.args[0])
+    w_node = node.args[1]
+    if x is None:
+        return _unknown(ctx, node)
+    out = _copy(x)
+    w_shape = ctx.shape(w_node)
+    if w_shape and w_shape[0] > 1 and x.ndim >= 2 and 1 in x.labels:
+        ctx.tie(w_node, 0, x.labels[1])
     return out
-
-
-def _mha(ctx: Ctx, node: fx.Node) -> Any:
-    """Attention internals are left unpruned: its inputs' channels are blocked, never guessed."""
-    for i in infos_of((node.args, node.kwargs), ctx):
-        ctx.block(i, f"MultiheadAttention inputs are not pruned ({node.name})")
-    return ctx.fresh_value(node)
 
 
 # ---------------------------------------------------------------------------------------------
 # the registry
 # ---------------------------------------------------------------------------------------------
-ZP, NZP = _elementwise(True), _elementwise(False)
-R_ZP = Rule("elementwise", ZP)
-R_NZP = Rule("elementwise (f(0) != 0)", NZP)
-R_ADD = Rule("add/sub", _binary("add"))
-R_MUL = Rule("mul", _binary("mul"))
-R_DIV = Rule("div", _binary("div"))
+R_POINTWISE = Rule("pointwise", _pointwise)
+R_ID = Rule("identity", _identity)
 R_CAT = Rule("cat", _cat(False))
 R_STACK = Rule("stack", _cat(True))
-R_SPLIT = Rule("split/chunk", _split, _split_shrink)
-R_RESHAPE = Rule("reshape", _reshape, _reshape_shrink)
-R_PERMUTE = Rule("permute", _permute)
-R_TRANSPOSE = Rule("transpose", _transpose)
-R_EXPAND = Rule("expand", _expand)
-R_META = Rule("size/shape", _meta_only)
-R_SOFTMAX = Rule("softmax", _softmax)
-R_LN = Rule("layer_norm", _layer_norm)
+R_SPLIT = Rule("split", _split, _split_shrink)
+R_VIEW = Rule("view", _reshape, _sizes_shrink(1, "size"))
+R_RESHAPE = Rule("reshape", _reshape, _sizes_shrink(1, "shape"))
+R_RESHAPE_NOARGS = Rule("reshape", _reshape)
 R_SUM, R_MEAN, R_AMAX = Rule("sum", _reduce("sum")), Rule("mean", _reduce("mean")), Rule("amax", _reduce("max"))
-R_MATMUL = Rule("matmul", _blocking("attention/matmul internals are not pruned"))
+R_ATTENTION = Rule("attention", _blocking("attention/matmul internals are not pruned"))
+R_CONV = Rule("conv", _conv, _conv_shrink)
+R_NORM = Rule("norm", _norm)
+R_GROUP_NORM = Rule("group_norm", _norm, _group_norm_shrink)
+R_SOFTMAX = Rule("softmax", _softmax)
+R_NONE = Rule("size/assert", _no_value)
 
 
-def _pool_rule(k: int) -> Rule:
-    return Rule(f"pool{k}d", _spatial(_pool_dims(k)))
+def _pool(k: int | None) -> Rule:
+    return Rule("pool", _spatial(_fixed(k) if k is not None else _all_but_two))
 
 
-MODULE_RULES: dict[type, Rule] = {
-    nn.modules.conv._ConvNd: Rule("conv", _conv, _conv_shrink),
-    nn.Linear: Rule("linear", _linear, _linear_shrink),
-    STRBatchNorm: Rule("STR-BN", _per_channel, _per_channel_shrink),
-    STRGate: Rule("STR gate", _per_channel, _per_channel_shrink),
-    nn.modules.batchnorm._BatchNorm: Rule("batchnorm", _per_channel, _per_channel_shrink),
-    nn.modules.instancenorm._InstanceNorm: Rule("instancenorm", _per_channel, _per_channel_shrink),
-    nn.GroupNorm: Rule("groupnorm", _per_channel, _per_channel_shrink),
-    nn.PReLU: Rule("prelu", _per_channel, _per_channel_shrink),
-    nn.LayerNorm: Rule("layernorm", _layer_norm),
-    nn.MultiheadAttention: Rule("multihead attention", _mha),
-    nn.Flatten: Rule("flatten", _reshape),
-    nn.Unflatten: Rule("unflatten", _reshape),
-    nn.Softmax: R_SOFTMAX,
-    nn.LogSoftmax: R_SOFTMAX,
-    nn.MaxPool1d: _pool_rule(1), nn.MaxPool2d: _pool_rule(2), nn.MaxPool3d: _pool_rule(3),
-    nn.AvgPool1d: _pool_rule(1), nn.AvgPool2d: _pool_rule(2), nn.AvgPool3d: _pool_rule(3),
-    nn.AdaptiveAvgPool1d: _pool_rule(1), nn.AdaptiveAvgPool2d: _pool_rule(2), nn.AdaptiveAvgPool3d: _pool_rule(3),
-    nn.AdaptiveMaxPool1d: _pool_rule(1), nn.AdaptiveMaxPool2d: _pool_rule(2), nn.AdaptiveMaxPool3d: _pool_rule(3),
-    nn.Upsample: Rule("upsample", _spatial(_all_but_two)),
-    nn.modules.padding._ConstantPadNd: Rule("pad", _spatial(_pad_module_dims, _pad_zp)),
-    nn.modules.padding._ReflectionPadNd: Rule("pad", _spatial(_pad_module_dims)),
-    nn.modules.padding._ReplicationPadNd: Rule("pad", _spatial(_pad_module_dims)),
-}
-for _cls in (nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.ELU, nn.SELU, nn.CELU, nn.GELU, nn.SiLU, nn.Mish, nn.Hardswish,
-             nn.Hardtanh, nn.Tanh, nn.Softshrink, nn.Hardshrink, nn.Tanhshrink, nn.Identity,
-             nn.modules.dropout._DropoutNd):
-    MODULE_RULES[_cls] = R_ZP
-for _cls in (nn.Sigmoid, nn.Hardsigmoid, nn.Softplus, nn.LogSigmoid):
-    MODULE_RULES[_cls] = R_NZP
-# Modules known by class name, without importing their package (torchvision.ops.StochasticDepth
-# scales whole samples: element-wise on channels, zero stays zero).
-MODULE_NAME_RULES: dict[str, Rule] = {"StochasticDepth": R_ZP}
-
-FUNCTION_RULES: dict[Any, Rule] = {
-    operator.add: R_ADD, operator.iadd: R_ADD, operator.sub: R_ADD, operator.isub: R_ADD,
-    torch.add: R_ADD, torch.sub: R_ADD, torch.subtract: R_ADD,
-    operator.mul: R_MUL, operator.imul: R_MUL, torch.mul: R_MUL, torch.multiply: R_MUL,
-    operator.truediv: R_DIV, operator.itruediv: R_DIV, torch.div: R_DIV, torch.true_divide: R_DIV,
-    operator.neg: R_ZP, torch.neg: R_ZP, torch.abs: R_ZP, operator.pow: Rule("pow", _elementwise(_pow_zp)),
-    torch.cat: R_CAT, torch.concat: R_CAT, torch.concatenate: R_CAT, torch.stack: R_STACK,
-    torch.split: R_SPLIT, torch.chunk: R_SPLIT,
-    operator.getitem: Rule("getitem", _getitem),
-    torch.reshape: R_RESHAPE, torch.flatten: R_RESHAPE, torch.squeeze: R_RESHAPE, torch.unsqueeze: R_RESHAPE,
-    torch.permute: R_PERMUTE, torch.transpose: R_TRANSPOSE, torch.swapaxes: R_TRANSPOSE,
-    torch.mean: R_MEAN, torch.sum: R_SUM, torch.amax: R_AMAX,
-    torch.softmax: R_SOFTMAX, F.softmax: R_SOFTMAX, F.log_softmax: R_SOFTMAX,
-    F.layer_norm: R_LN,
-    builtins.getattr: R_META,
-    torch.matmul: R_MATMUL, operator.matmul: R_MATMUL, torch.bmm: R_MATMUL, torch.einsum: R_MATMUL,
-    F.interpolate: Rule("interpolate", _spatial(_all_but_two)),
-    F.pad: Rule("pad", _spatial(_pad_dims, _pad_zp)),
-    torch.clamp: Rule("clamp", _elementwise(_clamp_zp)), torch.clip: Rule("clamp", _elementwise(_clamp_zp)),
-}
-for _fn in (torch.relu, torch.relu_, F.relu, F.relu_, F.relu6, F.gelu, F.silu, F.mish, F.hardswish, F.hardtanh,
-            F.leaky_relu, F.elu, F.selu, F.celu, torch.tanh, F.tanh, F.dropout, F.dropout1d, F.dropout2d,
-            F.dropout3d, F.alpha_dropout, torch.dropout, F.hardshrink, F.softshrink, F.tanhshrink):
-    FUNCTION_RULES[_fn] = R_ZP
-for _fn in (torch.sigmoid, F.sigmoid, F.hardsigmoid, torch.exp, F.softplus, F.logsigmoid, torch.cos):
-    FUNCTION_RULES[_fn] = R_NZP
-for _k, _fn in ((1, F.max_pool1d), (2, F.max_pool2d), (3, F.max_pool3d), (1, F.avg_pool1d), (2, F.avg_pool2d),
-                (3, F.avg_pool3d), (1, F.adaptive_avg_pool1d), (2, F.adaptive_avg_pool2d), (3, F.adaptive_avg_pool3d),
-                (1, F.adaptive_max_pool1d), (2, F.adaptive_max_pool2d), (3, F.adaptive_max_pool3d),
-                (1, torch.max_pool1d), (2, torch.max_pool2d), (3, torch.max_pool3d), (1, torch.avg_pool1d),
-                (1, torch.adaptive_avg_pool1d)):
-    FUNCTION_RULES[_fn] = _pool_rule(_k)
-
-METHOD_RULES: dict[str, Rule] = {
-    "add": R_ADD, "add_": R_ADD, "sub": R_ADD, "sub_": R_ADD,
-    "mul": R_MUL, "mul_": R_MUL, "div": R_DIV, "div_": R_DIV,
-    "view": R_RESHAPE, "reshape": R_RESHAPE, "flatten": R_RESHAPE, "unflatten": R_RESHAPE,
-    "squeeze": R_RESHAPE, "unsqueeze": R_RESHAPE,
-    "permute": R_PERMUTE, "transpose": R_TRANSPOSE, "swapaxes": R_TRANSPOSE,
-    "expand": R_EXPAND, "split": R_SPLIT, "chunk": R_SPLIT,
-    "mean": R_MEAN, "sum": R_SUM, "amax": R_AMAX,
-    "softmax": R_SOFTMAX, "log_softmax": R_SOFTMAX,
-    "size": R_META, "dim": R_META, "numel": R_META,
-    "clamp": Rule("clamp", _elementwise(_clamp_zp)), "clamp_min": Rule("clamp", _elementwise(_clamp_zp)),
-    "pow": Rule("pow", _elementwise(_pow_zp)),
-    "matmul": R_MATMUL, "bmm": R_MATMUL,
-}
-for _m in ("relu", "relu_", "tanh", "tanh_", "neg", "abs", "contiguous", "clone", "detach", "float", "to",
-           "hardtanh"):
-    METHOD_RULES[_m] = R_ZP
-for _m in ("sigmoid", "sigmoid_", "exp"):
-    METHOD_RULES[_m] = R_NZP
-
-OP_RULES: dict[str, Rule] = {
-    "placeholder": Rule("input", _placeholder),
-    "get_attr": Rule("constant", _placeholder),
+RULES: dict[Any, Rule] = {
+    "placeholder": Rule("input", _fresh),
+    "get_attr": Rule("parameter", _fresh),
     "output": Rule("output", _output),
+    operator.getitem: Rule("getitem", _getitem),
+    aten.linear: Rule("linear", _linear),
+    aten.embedding: Rule("embedding", _embedding),
+    aten.prelu: Rule("prelu", _prelu), aten._prelu_kernel: Rule("prelu", _prelu),
+    aten.layer_norm: Rule("layer_norm", _last_dims_norm), aten.native_layer_norm: Rule("layer_norm", _last_dims_norm),
+    aten.rms_norm: Rule("rms_norm", _last_dims_norm),
+    aten.cat: R_CAT, aten.concat: R_CAT, aten.stack: R_STACK,
+    aten.split: R_SPLIT, aten.split_with_sizes: R_SPLIT, aten.chunk: R_SPLIT, aten.unsafe_split: R_SPLIT,
+    aten.unbind: Rule("unbind", _unbind),
+    aten.slice: Rule("slice", _slice), aten.select: Rule("select", _select),
+    aten.view: R_VIEW, aten._unsafe_view: R_VIEW, aten.reshape: R_RESHAPE,
+    aten.expand: Rule("expand", _expand, _sizes_shrink(1, "size")),
+    aten.flatten: R_RESHAPE_NOARGS, aten.squeeze: R_RESHAPE_NOARGS, aten.unsqueeze: R_RESHAPE_NOARGS,
+    aten.unflatten: Rule("unflatten", _reshape, _unflatten_shrink),
+    aten.permute: Rule("permute", _permute), aten.transpose: Rule("transpose", _transpose),
+    aten.t: Rule("transpose", _transpose), aten.swapaxes: Rule("transpose", _transpose),
+    aten.sum: R_SUM, aten.mean: R_MEAN, aten.amax: R_AMAX,
+    aten.softmax: R_SOFTMAX, aten._softmax: R_SOFTMAX, aten.log_softmax: R_SOFTMAX, aten._log_softmax: R_SOFTMAX,
+    aten.clone: R_ID, aten.alias: R_ID, aten._to_copy: R_ID, aten.contiguous: R_ID, aten.detach: R_ID,
+    aten.lift_fresh_copy: R_ID, aten.dropout: R_ID, aten.feature_dropout: R_ID, aten.alpha_dropout: R_ID,
+    aten.to: R_ID, aten.type_as: R_ID,
+    aten.matmul: R_ATTENTION, aten.bmm: R_ATTENTION, aten.mm: R_ATTENTION, aten.baddbmm: R_ATTENTION,
+    aten.addmm: R_ATTENTION, aten.einsum: R_ATTENTION, aten.scaled_dot_product_attention: R_ATTENTION,
+    aten.sym_size: R_NONE, aten.sym_numel: R_NONE, aten.sym_stride: R_NONE,
+    aten._assert_tensor_metadata: R_NONE, aten._assert_scalar: R_NONE, aten.sym_constrain_range_for_size: R_NONE,
+    aten.upsample_nearest1d: _pool(1), aten.upsample_nearest2d: _pool(2), aten.upsample_nearest3d: _pool(3),
+    aten.upsample_bilinear2d: _pool(2), aten.upsample_bicubic2d: _pool(2), aten.upsample_linear1d: _pool(1),
+    aten.upsample_trilinear3d: _pool(3), aten._upsample_nearest_exact2d: _pool(2),
+    aten._upsample_bilinear2d_aa: _pool(2),
+    aten.pad: Rule("pad", _spatial(_pad_dims, _pad_zp)), aten.constant_pad_nd: Rule("pad", _spatial(_pad_dims, _pad_zp)),
+    aten.reflection_pad1d: _pool(1), aten.reflection_pad2d: _pool(2), aten.reflection_pad3d: _pool(3),
+    aten.replication_pad1d: _pool(1), aten.replication_pad2d: _pool(2), aten.replication_pad3d: _pool(3),
+    aten.where: R_POINTWISE,
 }
+for _name in ("conv1d", "conv2d", "conv3d", "convolution", "conv_transpose1d", "conv_transpose2d", "conv_transpose3d"):
+    RULES[getattr(aten, _name)] = R_CONV
+for _op, _spec in NORMS.items():
+    RULES[_op] = R_GROUP_NORM if _spec.groups is not None else R_NORM
+for _k, _names in ((1, ("max_pool1d", "avg_pool1d", "adaptive_avg_pool1d", "adaptive_max_pool1d",
+                        "max_pool1d_with_indices")),
+                   (2, ("max_pool2d", "avg_pool2d", "adaptive_avg_pool2d", "adaptive_max_pool2d",
+                        "max_pool2d_with_indices", "_adaptive_avg_pool2d")),
+                   (3, ("max_pool3d", "avg_pool3d", "adaptive_avg_pool3d", "adaptive_max_pool3d",
+                        "max_pool3d_with_indices", "_adaptive_avg_pool3d"))):
+    for _name in _names:
+        if hasattr(aten, _name):
+            RULES[getattr(aten, _name)] = _pool(_k)
 
 
-def lookup(ctx: Ctx, node: fx.Node) -> Rule | None:
+def lookup(node: fx.Node) -> Rule | None:
     """The rule for ``node`` or None (then :data:`unknown_rule` applies)."""
-    if node.op in OP_RULES:
-        return OP_RULES[node.op]
-    if node.op == "call_module":
-        mod = ctx.module(node)
-        for cls in type(mod).__mro__:
-            if cls in MODULE_RULES:
-                return MODULE_RULES[cls]
-            if cls.__name__ in MODULE_NAME_RULES:
-                return MODULE_NAME_RULES[cls.__name__]
+    if node.op in ("placeholder", "get_attr", "output"):
+        return RULES[node.op]
+    if node.op != "call_function":
         return None
-    if node.op == "call_function":
-        try:
-            return FUNCTION_RULES.get(node.target)
-        except TypeError:  # unhashable target
-            return None
-    if node.op == "call_method":
-        return METHOD_RULES.get(node.target)
-    return None
+    t = node.target
+    if isinstance(t, torch._ops.OpOverload):
+        rule = RULES.get(t) or RULES.get(t.overloadpacket)
+        if rule is not None:
+            return rule
+        if torch.Tag.pointwise in t.tags:
+            return R_POINTWISE
+        return None
+    try:
+        return RULES.get(t)
+    except TypeError:  # unhashable target
+        return None

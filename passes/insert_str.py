@@ -1,272 +1,185 @@
-"""Insert STR into a traced model.
+"""Insert STR into the user's own model, guided by its captured ATen graph.
 
-* ``unstructured``: every conv/linear weight (also weights used functionally through ``get_attr``
-  and the projection weights inside ``nn.MultiheadAttention``) gets an :class:`~strfx.modules.STRWeight`
-  parametrization. The graph's dataflow is unchanged; the weight a node reads is thresholded.
-* ``structured``: every affine BatchNorm node is swapped for an :class:`~strfx.modules.STRBatchNorm`
-  (STR-BN) computing the same function; every other conv/linear producer gets a new
-  :class:`~strfx.modules.STRGate` node right after it (all its users re-pointed to the gate), unless
-  its output is the model's output, goes straight into a normalization that would undo a zero, or
-  (when shapes are recorded) belongs to channel groups the channel analysis blocks — gating those
-  would sparsify channels that can never be removed.
+The graph only *finds* where STR goes; STR itself is attached to the eager module as
+``torch.nn.utils.parametrize`` parametrizations of existing parameters, found by the qualified
+names the graph's ``get_attr`` nodes carry:
 
-Each touched node gets ``node.meta["strfx"]``: what was inserted and on which parameter.
+* ``unstructured``: every weight read by a convolution or linear op gets an
+  :class:`~strfx.modules.STRWeight` (also weights used functionally, and the projections inside
+  ``nn.MultiheadAttention``);
+* ``structured``: for every channel group the analysis can prune, each op that *writes* the group's
+  channels with per-channel parameters gets STR there — STR-BN (an ``STRWeight`` on γ and an
+  :class:`~strfx.modules.STRShift` on β) for a batch norm, and otherwise one
+  :class:`~strfx.modules.STRUnit` importance vector per group, applied by
+  :class:`~strfx.modules.UnitScale` to the rows of conv/linear weights and biases, the γ/β of other
+  norms and the columns of embeddings. A writer whose output only feeds a norm is left alone: the
+  norm would undo a zero there, and STR goes on the norm instead.
+
+Insertion is exact by construction (each parametrization stores what gives back the parameter's
+value) and :func:`strfx.sparsify` checks it on the example inputs.
 """
 
 from __future__ import annotations
 
 import fnmatch
-from dataclasses import dataclass
-
+import operator
+import numpy as np
+import torch
 import torch.fx as fx
-import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils import parametrize
 
 from strfx.config import SparsifyConfig
 from strfx.errors import NothingToSparsifyError
-from strfx.modules import STRBatchNorm, STRGate, STRWeight
+from strfx.modules import STRShift, STRUnit, STRWeight, UnitScale
+from strfx.passes.channel_analysis import ChannelAnalysis, Writer
 
-# Module kind -> (index of the output-channel dim in its weight, channel dim of its output).
-WEIGHT_MODULES: dict[type[nn.Module], tuple[int, int]] = {
-    nn.Conv1d: (0, 1),
-    nn.Conv2d: (0, 1),
-    nn.Conv3d: (0, 1),
-    nn.ConvTranspose1d: (1, 1),
-    nn.ConvTranspose2d: (1, 1),
-    nn.ConvTranspose3d: (1, 1),
-    nn.Linear: (0, -1),
-}
-# Functional op -> same, for weights read through get_attr.
-WEIGHT_FUNCTIONS = {
-    F.linear: (0, -1),
-    F.conv1d: (0, 1),
-    F.conv2d: (0, 1),
-    F.conv3d: (0, 1),
-    F.conv_transpose1d: (1, 1),
-    F.conv_transpose2d: (1, 1),
-    F.conv_transpose3d: (1, 1),
-}
-# A zero channel going into these does not stay zero, so a gate right before them is useless.
-NORMALIZATIONS = (nn.modules.batchnorm._BatchNorm, nn.GroupNorm, nn.LayerNorm, nn.modules.instancenorm._InstanceNorm)
+aten = torch.ops.aten
+_CONVS = {aten.conv1d, aten.conv2d, aten.conv3d, aten.convolution, aten.conv_transpose1d, aten.conv_transpose2d,
+          aten.conv_transpose3d}
 
 
-@dataclass
-class WeightSite:
-    """A weight read by one node: ``owner.attr`` is the parameter, ``node`` the op using it."""
-
-    node: fx.Node
-    owner: str  # qualified name of the module holding the parameter ("" for the root)
-    attr: str  # parameter name inside owner, may be dotted ("out_proj.weight")
-    weight_channel_dim: int
-    output_channel_dim: int | None  # None when the node's output is not channel-wise (MHA internals)
-
-    @property
-    def qualname(self) -> str:
-        return f"{self.owner}.{self.attr}" if self.owner else self.attr
-
-
-def _split(qualname: str) -> tuple[str, str]:
+def _owner(qualname: str) -> tuple[str, str]:
     owner, _, attr = qualname.rpartition(".")
     return owner, attr
-
-
-def weight_sites(gm: fx.GraphModule) -> list[WeightSite]:
-    """Every conv/linear weight in graph order (a weight used by two nodes appears twice)."""
-    sites: list[WeightSite] = []
-    for node in gm.graph.nodes:
-        if node.op == "call_module":
-            mod = gm.get_submodule(node.target)
-            kind = next((k for k in WEIGHT_MODULES if isinstance(mod, k)), None)
-            if kind is not None:
-                wdim, odim = WEIGHT_MODULES[kind]
-                sites.append(WeightSite(node, node.target, "weight", wdim, odim))
-            elif isinstance(mod, nn.MultiheadAttention):
-                names = ["in_proj_weight"] if mod.in_proj_weight is not None else [
-                    "q_proj_weight", "k_proj_weight", "v_proj_weight"]
-                sites += [WeightSite(node, node.target, n, 0, None) for n in names]
-                # MHA returns a tuple: its outputs are not gated here
-                sites.append(WeightSite(node, node.target, "out_proj.weight", 0, None))
-        elif node.op == "call_function" and node.target in WEIGHT_FUNCTIONS:
-            w = node.args[1] if len(node.args) > 1 else node.kwargs.get("weight")
-            if isinstance(w, fx.Node) and w.op == "get_attr":
-                wdim, odim = WEIGHT_FUNCTIONS[node.target]
-                owner, attr = _split(w.target)
-                sites.append(WeightSite(node, owner, attr, wdim, odim))
-    return sites
 
 
 def _excluded(name: str, patterns: list[str]) -> bool:
     return any(fnmatch.fnmatchcase(name, p) for p in patterns)
 
 
-def _skip_by_position(sites: list[WeightSite], config: SparsifyConfig) -> set[int]:
-    """Indices of sites left dense by keep_first_dense / keep_last_dense / exclude."""
-    skip = {i for i, s in enumerate(sites) if _excluded(s.owner, config.exclude) or _excluded(s.qualname, config.exclude)}
-    nodes = list(dict.fromkeys(s.node for s in sites))
-    if nodes and config.keep_first_dense:
-        skip |= {i for i, s in enumerate(sites) if s.node is nodes[0]}
-    if nodes and config.keep_last_dense:
-        skip |= {i for i, s in enumerate(sites) if s.node is nodes[-1]}
+def _transposed(node: fx.Node) -> bool:
+    packet = node.target.overloadpacket
+    if packet is aten.convolution:
+        return bool(node.args[6])
+    return packet in (aten.conv_transpose1d, aten.conv_transpose2d, aten.conv_transpose3d)
+
+
+def weight_sites(gm: fx.GraphModule) -> list[tuple[fx.Node, str, int]]:
+    """(op node, qualified weight name, output-channel dim of the weight) of every conv/linear weight."""
+    sites = []
+    for node in gm.graph.nodes:
+        if node.op != "call_function" or not isinstance(node.target, torch._ops.OpOverload):
+            continue
+        packet = node.target.overloadpacket
+        if packet in _CONVS or packet is aten.linear:
+            w = node.args[1] if len(node.args) > 1 else node.kwargs.get("weight")
+            if isinstance(w, fx.Node) and w.op == "get_attr":
+                sites.append((node, w.target, 1 if packet in _CONVS and _transposed(node) else 0))
+    return sites
+
+
+def _skip(names: list[str], config: SparsifyConfig) -> set[int]:
+    """Indices left dense by ``exclude`` / ``keep_first_dense`` / ``keep_last_dense``."""
+    skip = {i for i, n in enumerate(names) if _excluded(_owner(n)[0], config.exclude) or _excluded(n, config.exclude)}
+    if names and config.keep_first_dense:
+        skip.add(0)
+    if names and config.keep_last_dense:
+        skip.add(len(names) - 1)
     return skip
 
 
-def _insert_unstructured(gm: fx.GraphModule, config: SparsifyConfig) -> int:
-    sites = weight_sites(gm)
-    skip = _skip_by_position(sites, config)
-    done: set[str] = set()
-    for i, site in enumerate(sites):
-        if i in skip or site.qualname in done:
+def _module(model: nn.Module, path: str) -> nn.Module:
+    return model.get_submodule(path) if path else model
+
+
+def insert_unstructured(model: nn.Module, gm: fx.GraphModule, config: SparsifyConfig) -> int:
+    names = list(dict.fromkeys(name for _, name, _ in weight_sites(gm)))
+    dims = {name: dim for _, name, dim in weight_sites(gm)}
+    skip = _skip(names, config)
+    count = 0
+    for i, name in enumerate(names):
+        if i in skip:
             continue
-        if not site.owner:
-            site = _move_root_parameter(gm, site)
-        owner_path, _, leaf_attr = site.qualname.rpartition(".")
-        owner = gm.get_submodule(owner_path) if owner_path else gm
-        weight = getattr(owner, leaf_attr)
-        strw = STRWeight(weight, config.s_init, config.threshold_fn, config.per_channel_threshold, site.weight_channel_dim)
+        owner, attr = _owner(name)
+        mod = _module(model, owner)
+        weight = getattr(mod, attr)
+        strw = STRWeight(weight, config.s_init, config.threshold_fn, config.per_channel_threshold, dims[name])
         strw.to(device=weight.device, dtype=weight.dtype)
-        parametrize.register_parametrization(owner, leaf_attr, strw, unsafe=True)
-        done.add(site.qualname)
-        site.node.meta.setdefault("strfx", {}).setdefault("str_weights", []).append(site.qualname)
-    return len(done)
-
-
-def _move_root_parameter(gm: fx.GraphModule, site: WeightSite) -> WeightSite:
-    """Move a weight owned by the GraphModule itself into a holder submodule.
-
-    parametrize swaps the class of the module it parametrizes, which a GraphModule's generated
-    ``__call__`` does not survive; a plain holder module takes the parametrization instead.
-    """
-    holder = nn.Module()
-    holder.register_parameter("weight", getattr(gm, site.attr))
-    name = f"{site.attr}_str"
-    gm.add_submodule(name, holder)
-    delattr(gm, site.attr)
-    for node in gm.graph.nodes:
-        if node.op == "get_attr" and node.target == site.attr:
-            node.target = f"{name}.weight"
-    return WeightSite(site.node, name, "weight", site.weight_channel_dim, site.output_channel_dim)
-
-
-def _swap_batchnorms(gm: fx.GraphModule, config: SparsifyConfig) -> int:
-    count = 0
-    for node in gm.graph.nodes:
-        if node.op != "call_module":
-            continue
-        mod = gm.get_submodule(node.target)
-        if not isinstance(mod, nn.modules.batchnorm._BatchNorm) or not mod.affine:
-            continue
-        if _excluded(node.target, config.exclude):
-            continue
-        new = STRBatchNorm.from_batchnorm(mod, config.s_init, config.threshold_fn, config.bn_gamma_min)
-        owner_path, _, name = node.target.rpartition(".")
-        setattr(gm.get_submodule(owner_path) if owner_path else gm, name, new)
-        node.meta["strfx"] = {"str": "bn", "module": node.target}
+        parametrize.register_parametrization(mod, attr, strw, unsafe=True)
         count += 1
     return count
 
 
-def _gate_channels(gm: fx.GraphModule, site: WeightSite) -> int:
-    owner = gm.get_submodule(site.owner) if site.owner else gm
-    weight = owner.get_parameter(site.attr) if "." in site.attr else getattr(owner, site.attr)
-    dim = site.weight_channel_dim
-    groups = 1
-    if site.node.op == "call_module":
-        groups = getattr(gm.get_submodule(site.node.target), "groups", 1)
-    return weight.shape[dim] * (groups if dim == 1 else 1)
+def _covered(w: Writer, norm_nodes: set[fx.Node]) -> bool:
+    """Whether every use of the writer's output is a norm (which would undo a zero written here)."""
+    users = list(w.node.users)
+    return bool(users) and all(u in norm_nodes or (u.target is operator.getitem and u.args[1] != 0) for u in users)
 
 
-def _needs_gate(gm: fx.GraphModule, node: fx.Node) -> bool:
-    users = list(node.users)
-    if any(u.op == "output" for u in users):
-        return False  # the model's outputs cannot lose channels
-    if len(users) == 1 and users[0].op == "call_module":
-        nxt = gm.get_submodule(users[0].target)
-        if isinstance(nxt, (STRBatchNorm, *NORMALIZATIONS)):
-            return False  # STR-BN already thresholds these channels / a norm would undo the zero
-    return True
-
-
-def _unprunable_outputs(gm: fx.GraphModule, sites: list[WeightSite]) -> set[fx.Node]:
-    """Producers whose every output channel is blocked by the channel analysis (e.g. a residual
-    stream normalised by LayerNorm): a gate there would sparsify channels that can never be removed.
-    Needs recorded shapes; without them every producer counts as prunable."""
-    if not any("tensor_meta" in n.meta for n in gm.graph.nodes):
-        return set()
-    from strfx.passes.channel_analysis import META_KEY, TInfo, analyze_channels
-
-    analysis = analyze_channels(gm)
-    blocked: set[fx.Node] = set()
-    for site in sites:
-        info = site.node.meta.get(META_KEY)
-        if not isinstance(info, TInfo) or site.output_channel_dim is None:
-            continue
-        dim = site.output_channel_dim % info.ndim
-        ids = info.labels.get(dim)
-        if ids is None or all(int(r) in analysis.blocked for r in analysis.roots[ids]):
-            blocked.add(site.node)
-    for node in gm.graph.nodes:
-        node.meta.pop(META_KEY, None)
-    return blocked
-
-
-def _insert_gates(gm: fx.GraphModule, config: SparsifyConfig) -> int:
-    sites = [s for s in weight_sites(gm) if s.output_channel_dim is not None]
-    skip = _skip_by_position(sites, config)
-    last_node = sites[-1].node if sites else None
-    unprunable = _unprunable_outputs(gm, sites)
+def insert_structured(model: nn.Module, analysis: ChannelAnalysis, config: SparsifyConfig) -> int:
+    norm_nodes = {w.node for w in analysis.writers if w.kind in ("batch_norm", "norm")}
+    # a norm's input may pass through getitem-free ops only in the ATen graph; its users are direct
+    writers = [w for w in analysis.writers if analysis.prunable(w.ids)]
+    covered = {id(w) for w in writers if w.kind not in ("batch_norm", "norm") and _covered(w, norm_nodes)}
+    producers: dict[fx.Node, list[str]] = {}
+    for w in writers:
+        if id(w) in covered:
+            for u in w.node.users:
+                producers.setdefault(u, []).append(_owner(w.params[0][0])[0])
+    names = [w.params[0][0] if w.params else "" for w in writers]
+    skip = _skip(names, config)
+    units: dict[int, tuple[STRUnit, dict[int, int]]] = {}
+    done: set[str] = set()
     count = 0
-    for i, site in enumerate(sites):
-        node = site.node
-        if i in skip or node is last_node or not _needs_gate(gm, node) or "strfx_gate" in node.meta:
+    for i, w in enumerate(writers):
+        if i in skip or id(w) in covered or not w.params or not w.affine or w.params[0][0] in done:
             continue
-        if node in unprunable:
-            node.meta.setdefault("strfx", {})["no_gate"] = "every output channel is blocked by the channel analysis"
+        owner = _owner(w.params[0][0])[0]
+        if w.kind == "batch_norm" and len(w.params) == 2:
+            mod = _module(model, owner)
+            gamma_attr, beta_attr = _owner(w.params[0][0])[1], _owner(w.params[1][0])[1]
+            gamma = getattr(mod, gamma_attr)
+            strw = STRWeight(gamma, config.s_init, config.threshold_fn, role="norm")
+            strw.to(device=gamma.device, dtype=gamma.dtype)
+            strw.producers = producers.get(w.node, [])
+            parametrize.register_parametrization(mod, gamma_attr, strw, unsafe=True)
+            shift = STRShift(mod.parametrizations[gamma_attr], config.bn_gamma_min)
+            parametrize.register_parametrization(mod, beta_attr, shift, unsafe=True)
+            done.update(name for name, _ in w.params)
+            count += 1
             continue
-        gate = STRGate(_gate_channels(gm, site), site.output_channel_dim, config.s_init, config.threshold_fn)
-        owner = gm.get_submodule(site.owner) if site.owner else gm
-        gate.to(device=next(owner.parameters()).device)
-        base = f"{node.target}_gate" if node.op == "call_module" else f"{node.name}_gate"
-        name, k = base, 1
-        while _has_submodule(gm, name):
-            name, k = f"{base}{k}", k + 1
-        gm.add_submodule(name, gate)
-        with gm.graph.inserting_after(node):
-            gate_node = gm.graph.call_module(name, (node,))
-        node.replace_all_uses_with(gate_node, delete_user_cb=lambda u: u is not gate_node)
-        if "tensor_meta" in node.meta:
-            gate_node.meta["tensor_meta"] = node.meta["tensor_meta"]
-        gate_node.meta["strfx"] = {"str": "gate", "module": name, "producer": node.name}
-        node.meta["strfx_gate"] = name
-        count += 1
+        if not config.gates:
+            continue
+        group = analysis.group_of(w.ids)
+        if group not in units:
+            unit_roots = sorted({int(r) for v in writers if analysis.group_of(v.ids) == group for r in analysis.roots[v.ids]})
+            unit = STRUnit(len(unit_roots), config.s_init, config.threshold_fn)
+            unit.producers = []
+            units[group] = (unit, {r: k for k, r in enumerate(unit_roots)})
+            count += 1
+        unit, position = units[group]
+        index = torch.as_tensor(np.array([position[int(r)] for r in analysis.roots[w.ids]], dtype=np.int64))
+        for name, dim in w.params:
+            if name in done:
+                continue
+            p_owner, attr = _owner(name)
+            mod = _module(model, p_owner)
+            tensor = getattr(mod, attr)
+            scale = UnitScale(unit, index.to(tensor.device), dim)
+            unit.to(device=tensor.device)
+            parametrize.register_parametrization(mod, attr, scale, unsafe=True)
+            done.add(name)
+        unit.producers.append(owner)
     return count
 
 
-def _has_submodule(gm: nn.Module, name: str) -> bool:
-    try:
-        gm.get_submodule(name)
-        return True
-    except AttributeError:
-        return False
-
-
-def insert_str(gm: fx.GraphModule, config: SparsifyConfig) -> fx.GraphModule:
-    """Insert STR in place (the caller owns ``gm``) and return it."""
+def insert_str(model: nn.Module, gm: fx.GraphModule, config: SparsifyConfig,
+               analysis: ChannelAnalysis | None = None) -> nn.Module:
+    """Attach STR to ``model`` in place (the caller owns it: :func:`strfx.sparsify` passes a deep copy)."""
     if config.mode == "unstructured":
-        if _insert_unstructured(gm, config) == 0:
+        if insert_unstructured(model, gm, config) == 0:
             raise NothingToSparsifyError(
-                f"unstructured mode found no conv/linear weight to sparsify in {gm.__class__.__name__} "
+                f"unstructured mode found no conv/linear weight to sparsify in {type(model).__name__} "
                 f"(exclude={config.exclude}); check sparsify.exclude and the keep_*_dense options"
             )
     else:
-        n = _swap_batchnorms(gm, config)
-        if config.gates:
-            n += _insert_gates(gm, config)
-        if n == 0:
+        assert analysis is not None
+        if insert_structured(model, analysis, config) == 0:
             raise NothingToSparsifyError(
-                f"structured mode found nothing to gate in {gm.__class__.__name__}: no affine BatchNorm and no "
-                "conv/linear producer whose channels could be removed; use --mode unstructured"
+                f"structured mode found nothing to gate in {type(model).__name__}: no channel group that "
+                "could ever be removed (see `strfx inspect MODEL --groups` for what blocks them); "
+                "use --mode unstructured"
             )
-    gm.graph.lint()
-    gm.recompile()
-    return gm
+    return model
+

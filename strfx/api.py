@@ -6,14 +6,12 @@ import copy
 from typing import Any, Sequence
 
 import torch
-import torch.fx as fx
 from torch import nn
 
 from strfx.config import SparsifyConfig, coerce_sparsify_config
-from strfx.errors import VerificationError
-from strfx.modules import str_channel_modules, threshold_parameters
-from strfx.passes import insert_str, trace
-from strfx.passes.trace import eval_mode
+from strfx.errors import StrfxError, VerificationError
+from strfx.modules import norm_parameters, threshold_parameters
+from strfx.passes import analyze_channels, capture, eval_mode, insert_str
 from strfx.verify import max_rel_error
 
 TOLERANCE = 1e-4
@@ -34,29 +32,42 @@ def sparsify(
     example_inputs: Sequence[torch.Tensor] | torch.Tensor | None = None,
     config: SparsifyConfig | dict[str, Any] | None = None,
     verify: bool = True,
-) -> fx.GraphModule:
-    """Trace ``model`` and return a GraphModule with STR inserted; ``model`` itself is not modified.
+) -> nn.Module:
+    """A deep copy of ``model`` — same class, same forward — with STR attached as parametrizations.
 
-    ``mode`` ("unstructured" or "structured") overrides ``config.mode``. With ``example_inputs``,
-    shapes are recorded on the graph and the result is checked against the original model on them
-    (max relative error ≤ 1e-4, else :class:`VerificationError`).
+    ``mode`` ("unstructured" or "structured") overrides ``config.mode``. The model is captured with
+    ``torch.export`` on ``example_inputs`` to find where STR goes (conv/linear weights; channel
+    groups and the parameters that write them); the copy is then trained like the original
+    (``.train()``/``.eval()``, dropout, DDP, ``torch.compile`` and its own methods behave as before).
+    With ``verify`` the copy is checked against ``model`` on the example inputs (max relative error
+    ≤ 1e-4, else :class:`VerificationError`). ``model`` itself is not modified.
     """
     cfg = coerce_sparsify_config(config, mode=mode)
     inputs = _as_tuple(example_inputs)
-    original = copy.deepcopy(model)  # the user's model stays untouched (parametrize mutates modules)
-    gm = trace(original, inputs, cfg.trace)
-    insert_str(gm, cfg)
-    gm.meta["strfx"] = {"config": cfg, "example_inputs": inputs}
-    if verify and inputs is not None:
-        check_equivalent(gm, model, inputs, what=f"{cfg.mode} STR insertion")
-    return gm
+    if inputs is None:
+        raise StrfxError("sparsify needs example_inputs: strfx captures the model with torch.export on them "
+                         "to find where STR goes (e.g. example_inputs=(torch.randn(1, 3, 224, 224),))")
+    result = copy.deepcopy(model)  # the user's model stays untouched (parametrize mutates modules)
+    gm = capture(model, inputs, cfg.capture)
+    analysis = analyze_channels(gm) if cfg.mode == "structured" else None
+    insert_str(result, gm, cfg, analysis)
+    result._strfx = {"config": cfg, "example_inputs": inputs}
+    if verify:
+        check_equivalent(result, model, inputs, what=f"{cfg.mode} STR insertion")
+    return result
+
+
+def sparsify_config(model: nn.Module) -> SparsifyConfig | None:
+    """The configuration :func:`sparsify` used for ``model`` (None for other models)."""
+    return getattr(model, "_strfx", {}).get("config")
 
 
 @torch.no_grad()
 def check_equivalent(new: nn.Module, reference: nn.Module, inputs: Sequence[Any], what: str) -> float:
     """Compare ``new`` with ``reference`` in eval mode; raise a one-line error beyond tolerance."""
     with eval_mode(new), eval_mode(reference):
-        err = max_rel_error(new(*inputs), reference(*inputs))
+        err = max_rel_error(new(*[t.clone() if isinstance(t, torch.Tensor) else t for t in inputs]),
+                            reference(*[t.clone() if isinstance(t, torch.Tensor) else t for t in inputs]))
     if err > TOLERANCE:
         raise VerificationError(f"{what} changed the model's outputs: max relative error {err:.3g} > {TOLERANCE:g}")
     return err
@@ -71,13 +82,13 @@ def param_groups(
     """Optimizer parameter groups for STR training, each with a ``name``.
 
     In STR, weight decay on the thresholds ``s`` is what raises them and so drives sparsity up
-    (``threshold_decay``, default ``weight_decay``). ``norm_decay`` applies to STR-BN γ and gate
-    vectors (default ``weight_decay``). Everything else gets ``weight_decay``, as in the paper.
+    (``threshold_decay``, default ``weight_decay``). ``norm_decay`` applies to STR-BN γ and
+    importance vectors (default ``weight_decay``). Everything else gets ``weight_decay``, as in the paper.
     """
     thresholds = threshold_parameters(model)
-    norms = [m.weight for m in str_channel_modules(model).values()]
+    norms = norm_parameters(model)
     special = {id(p) for p in thresholds + norms}
-    rest = [p for p in model.parameters() if id(p) not in special]
+    rest = list({id(p): p for p in model.parameters() if id(p) not in special}.values())
     groups = [
         {"name": "weights", "params": rest, "weight_decay": weight_decay},
         {"name": "thresholds", "params": thresholds,

@@ -29,27 +29,21 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
-class TraceConfig(_Strict):
-    """How the model is traced with torch.fx."""
+class CaptureConfig(_Strict):
+    """How the model is captured with ``torch.export`` (the ATen graph strfx analyses and cuts)."""
 
-    leaf_modules: list[str] = Field(
-        default_factory=lambda: ["StochasticDepth"],
-        description="Modules kept as single call_module nodes instead of traced through. An entry "
-        "matches a class name ('StochasticDepth'), a dotted class path ('torchvision.ops.StochasticDepth') "
-        "or a glob over module names ('features.3.*'). Use it for code FX cannot trace (data-dependent "
-        "control flow) and for modules whose behaviour depends on train/eval mode.",
-    )
-    concrete_args: dict[str, Any] = Field(
-        default_factory=dict,
-        description="Arguments of forward() fixed at trace time (torch.fx concrete_args), e.g. flags.",
-    )
+    strict: bool = Field(False, description="torch.export's strict mode (TorchDynamo tracing). The default, "
+                         "non-strict, runs the model's Python as is and records the ATen ops it calls.")
+    dynamic_batch: bool = Field(True, description="Exported programs (.pt2, ONNX) take any batch size "
+                                "(dim 0 of every tensor input is a torch.export Dim); analysis always "
+                                "uses the example shapes.")
 
 
 class SparsifyConfig(_Strict):
     """Where and how STR is inserted."""
 
     mode: Mode = Field("unstructured", description="'unstructured': STR on conv/linear weights; "
-                       "'structured': STR-BN on BatchNorm γ and STR gates on BN-free producers.")
+                       "'structured': STR-BN on BatchNorm γ/β and one STR importance vector per channel group without BatchNorm.")
     s_init: float = Field(
         -15.0,
         description="Initial threshold parameter s; g(s_init) is the first threshold (sigmoid(-15) ≈ 3e-7). "
@@ -67,7 +61,8 @@ class SparsifyConfig(_Strict):
     keep_first_dense: bool = Field(False, description="Leave the first weight layer (in graph order) dense.")
     keep_last_dense: bool = Field(False, description="Leave the last weight layer (in graph order) dense.")
     gates: bool = Field(
-        True, description="Structured: insert an STR gate after producers that have no BatchNorm to threshold."
+        True, description="Structured: give channel groups without a BatchNorm an STR importance vector "
+        "(applied to the parameters that write the group's channels)."
     )
     bn_gamma_min: float = Field(
         1e-3,
@@ -75,7 +70,7 @@ class SparsifyConfig(_Strict):
         description="Structured: BatchNorm channels with |γ| below this keep their β as a fixed offset "
         "instead of β̂ = β/γ (dividing by a tiny γ would blow β̂ up).",
     )
-    trace: TraceConfig = Field(default_factory=TraceConfig, description="torch.fx tracing options.")
+    capture: CaptureConfig = Field(default_factory=CaptureConfig, description="torch.export capture options.")
 
 
 class StrfxConfig(_Strict):

@@ -45,10 +45,10 @@ import math
 from typing import Any, Sequence
 
 import torch
-import torch.fx as fx
+from torch import nn
 
-from strfx.modules import str_channel_modules, str_weights
-from strfx.report import _per_module_flops, _shrunk_flops, _structured_producers
+from strfx.modules import channel_carriers, str_weights
+from strfx.report import _per_module_flops, _shrunk_flops, carrier_producers
 from strfx.train_config import ControllerConfig
 
 
@@ -64,18 +64,19 @@ class SparsityMeter:
     resumed run see the same numbers.
     """
 
-    def __init__(self, gm: fx.GraphModule, mode: str, example_inputs: Sequence[Any], exact_every: int = 10):
+    def __init__(self, gm: nn.Module, mode: str, example_inputs: Sequence[Any], exact_every: int = 10):
         self.gm, self.mode, self.inputs, self.exact_every = gm, mode, tuple(example_inputs), exact_every
         self.weights = list(str_weights(gm).items())
-        self.channels = list(str_channel_modules(gm).items())
+        self.channels = list(channel_carriers(gm).items())
         self.flops: dict[str, float] = {}
         self.dense_flops = 0.0
         self.ratio, self.since, self.calibrated_on = 1.0, exact_every, ""
         if mode == "structured":
             dense, per_module = _per_module_flops(gm, example_inputs)
             self.dense_flops = float(dense)
-            producers = _structured_producers(gm)
-            self.flops = {name: float(per_module.get(producers[name], 0)) for name, _ in self.channels if name in producers}
+            producers = carrier_producers(gm)
+            self.flops = {name: float(sum(per_module.get(p, 0) for p in producers.get(name, [])))
+                          for name, _ in self.channels}
 
     @torch.no_grad()
     def layer_zeros(self) -> dict[str, tuple[int, int]]:
@@ -83,11 +84,11 @@ class SparsityMeter:
         out: dict[str, tuple[int, int]] = {}
         for name, strw in self.weights:
             owner, _, attr = name.rpartition(".")
-            original = self.gm.get_submodule(owner).parametrizations[attr].original
+            original = (self.gm.get_submodule(owner) if owner else self.gm).parametrizations[attr].original
             thr = strw.threshold()
             out[name] = (int((original.abs() <= thr).sum()), original.numel())
-        for name, mod in self.channels:
-            g = mod.effective_weight()
+        for name, carrier in self.channels:
+            g = carrier.value()
             out[name] = (int((g == 0).sum()), g.numel())
         return out
 
@@ -108,7 +109,7 @@ class SparsityMeter:
         return 1.0 - shrunk / max(self.dense_flops, 1.0) if shrunk is not None else float("nan")
 
     def _dead_pattern(self) -> str:
-        masks = [(mod.effective_weight() == 0).to(torch.uint8) for _, mod in self.channels]
+        masks = [(carrier.value() == 0).to(torch.uint8) for _, carrier in self.channels]
         return hashlib.sha1(torch.cat(masks).cpu().numpy().tobytes()).hexdigest() if masks else ""
 
     @torch.no_grad()

@@ -89,7 +89,7 @@ def shrink_run(run_dir: str | Path, out: str | Path, force: bool = False, round_
     masked.eval()
     inputs = tuple(loaded.example_inputs)
     shrunk = shrink(masked, inputs, round_to=round_to).eval()
-    rep = shrunk.meta["strfx_shrink"]
+    rep = shrunk.strfx_shrink
     with torch.no_grad():
         expected = masked(*inputs)
     try:

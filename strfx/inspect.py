@@ -4,13 +4,13 @@ from __future__ import annotations
 
 from typing import Any, Sequence
 
-import torch.fx as fx
 from pydantic import BaseModel
 from torch import nn
+from torch.nn.utils import parametrize
 
 from strfx.api import sparsify
 from strfx.config import SparsifyConfig
-from strfx.modules import STRBatchNorm, STRGate
+from strfx.modules import channel_carriers
 
 
 class PlanRow(BaseModel):
@@ -21,23 +21,26 @@ class PlanRow(BaseModel):
     structured: str
 
 
-def _structured_cover(gm: fx.GraphModule) -> dict[str, str]:
-    """Producer module name → the STR-BN/gate that thresholds its output channels."""
+def _structured_cover(model: nn.Module) -> dict[str, str]:
+    """Producer module name → the STR-BN/importance vector that decides its output channels."""
+    from strfx.report import carrier_producers
+
     cover: dict[str, str] = {}
-    for node in gm.graph.nodes:
-        if node.op != "call_module":
+    carriers = channel_carriers(model)
+    for name, producers in carrier_producers(model).items():
+        carrier = carriers.get(name)
+        if carrier is None:
             continue
-        mod = gm.get_submodule(node.target)
-        src = node.args[0] if node.args else None
-        if isinstance(mod, (STRBatchNorm, STRGate)) and isinstance(src, fx.Node) and src.op == "call_module":
-            kind = "STR-BN" if isinstance(mod, STRBatchNorm) else "gate"
-            cover[src.target] = f"{kind} {node.target} ({mod.weight.numel()} ch)"
+        n = carrier.value().numel()
+        label = f"STR-BN {name} ({n} ch)" if carrier.kind == "bn" else f"importance vector ({n} units)"
+        for prod in producers:
+            cover[prod] = label
     return cover
 
 
 def plan(model: nn.Module, example_inputs: Sequence[Any], config: SparsifyConfig) -> list[PlanRow]:
     """One row per weight layer: what unstructured and structured STR would put on it."""
-    results: dict[str, fx.GraphModule | str] = {}
+    results: dict[str, nn.Module | str] = {}
     for mode in ("unstructured", "structured"):
         try:
             results[mode] = sparsify(model, mode, config=config, verify=False)
@@ -56,10 +59,11 @@ def plan(model: nn.Module, example_inputs: Sequence[Any], config: SparsifyConfig
     for name, mod in unstructured.named_modules():
         if not isinstance(mod, (nn.modules.conv._ConvNd, nn.Linear)):
             continue
-        parametrized = hasattr(mod, "parametrizations") and "weight" in mod.parametrizations
+        parametrized = parametrize.is_parametrized(mod, "weight")
         tensor = mod.parametrizations["weight"].original if parametrized else mod.weight
         rows.append(PlanRow(
-            layer=name, type=(type(mod).__bases__[0] if parametrized else type(mod)).__name__, weight_shape=list(tensor.shape),
+            layer=name, type=(type(mod).__bases__[0] if parametrize.is_parametrized(mod) else type(mod)).__name__,
+            weight_shape=list(tensor.shape),
             unstructured="STR on weight" if f"{name}.weight" in touched else "dense",
             structured=cover.get(name, "—" if not isinstance(structured, str) else structured),
         ))

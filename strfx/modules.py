@@ -14,9 +14,14 @@ How each mode carries it, and why:
   ``call_module`` node, by a leaf module's internals (``nn.MultiheadAttention.in_proj_weight``)
   or by a functional ``F.linear`` through ``get_attr``; it needs no per-layer-kind forward, and
   ``remove_parametrizations(leave_parametrized=True)`` folds it into a plain weight.
-* **Structured** — :class:`STRBatchNorm` (STR-BN) replaces a BatchNorm and :class:`STRGate` is a
-  new per-channel gate node after a BN-free producer. Both change the dataflow, so they are real
-  graph rewrites (module swap, node insertion), done by ``strfx.passes.insert_str``.
+* **Structured** — STR-BN (the STR-BN report): a BatchNorm's γ gets an :class:`STRWeight`
+  (``role="norm"``) and its β an :class:`STRShift`, so the layer computes ``γ'·(x̂ + β̂)`` and a
+  zero γ' makes the channel exactly zero. Channel groups with no BatchNorm get one
+  :class:`STRUnit` importance vector ``u' = sign(u)·relu(|u| - g(s))``, applied by
+  :class:`UnitScale` parametrizations to every parameter that writes the group's channels (rows of
+  conv/linear weights and biases, γ/β of other norms). Everything is a parametrization of an
+  existing parameter of the user's own modules: the model keeps its class and forward, so
+  ``.train()``/``.eval()``, dropout, DDP and the model's own methods behave as before.
 """
 
 from __future__ import annotations
@@ -111,7 +116,8 @@ class STRWeight(_Thresholded):
     """Parametrization ``W -> sign(W) * relu(|W| - g(s))`` for ``parametrize.register_parametrization``.
 
     ``s`` is one scalar per layer, or one per output channel (``per_channel=True``; ``channel_dim``
-    is 0 for conv/linear weights and 1 for transposed convs).
+    is 0 for conv/linear weights and 1 for transposed convs). ``s`` is 1-D even when scalar:
+    FSDP2 refuses 0-d parameters.
     """
 
     def __init__(
@@ -121,8 +127,10 @@ class STRWeight(_Thresholded):
         fn: str = "sigmoid",
         per_channel: bool = False,
         channel_dim: int = 0,
+        role: str = "weight",
     ) -> None:
         super().__init__()
+        self.role = role  # "weight": unstructured STR; "norm": STR-BN γ
         shape: tuple[int, ...] = (1,)
         if per_channel:
             dims = [1] * weight.dim()
@@ -140,151 +148,148 @@ class STRWeight(_Thresholded):
         return soft_threshold_inverse(weight, self.s, self.fn)
 
 
-def _channel_view(t: torch.Tensor, ndim: int, channel_dim: int) -> torch.Tensor:
-    shape = [1] * ndim
-    shape[channel_dim] = t.numel()
-    return t.reshape(shape)
+class STRShift(nn.Module):
+    """Parametrization of a norm's β for STR-BN: ``β = γ'·β̂ + β₀``, so the layer is ``γ'(x̂ + β̂) + β₀``.
 
-
-class STRBatchNorm(_Thresholded):
-    """STR-BN: ``y = γ' * (x̂ + β̂) + β₀`` with ``γ' = sign(γ) * relu(|γ| - g(s))``.
-
-    ``x̂`` is the normalized input (running statistics as in ``nn.BatchNorm``). A channel whose γ'
-    is zero outputs exactly ``β₀``, which is zero except for channels converted with ``|γ|`` below
-    ``gamma_min``: dividing by such a γ to get β̂ = β/γ would blow β̂ (and its gradients) up, so
-    those channels keep their β in the frozen buffer ``offset`` (β₀) and β̂ = 0 instead.
+    ``γ'`` is read from the same module's STR-parametrized weight (``gamma``, the weight's
+    ``ParametrizationList``, kept as a plain attribute: not a submodule, so no module cycle, and a
+    deep copy of the model maps it to the copy's own list). Channels whose ``|γ|`` is below
+    ``gamma_min`` at insertion keep their β in the frozen buffer ``offset`` (β₀) and β̂ = 0: dividing
+    by a tiny γ would blow β̂ and its gradients up.
     """
 
-    def __init__(
-        self,
-        num_features: int,
-        eps: float = 1e-5,
-        momentum: float | None = 0.1,
-        track_running_stats: bool = True,
-        s_init: float = -15.0,
-        fn: str = "sigmoid",
-    ) -> None:
+    def __init__(self, gamma: nn.Module, gamma_min: float = 1e-3) -> None:
         super().__init__()
-        self.num_features = num_features
-        self.eps = eps
-        self.momentum = momentum
-        self.track_running_stats = track_running_stats
-        self.weight = nn.Parameter(torch.ones(num_features))  # γ
-        self.shift = nn.Parameter(torch.zeros(num_features))  # β̂
-        self.register_buffer("offset", torch.zeros(num_features))  # β₀
-        self._init_threshold((1,), s_init, fn)
-        if track_running_stats:
-            self.register_buffer("running_mean", torch.zeros(num_features))
-            self.register_buffer("running_var", torch.ones(num_features))
-            self.register_buffer("num_batches_tracked", torch.tensor(0, dtype=torch.long))
-        else:
-            self.running_mean = None
-            self.running_var = None
-            self.num_batches_tracked = None
+        object.__setattr__(self, "gamma", gamma)
+        self.gamma_min = gamma_min
+        self.register_buffer("offset", torch.zeros(gamma.original.shape, dtype=gamma.original.dtype,
+                                                   device=gamma.original.device))
 
-    @classmethod
-    def from_batchnorm(
-        cls, bn: nn.modules.batchnorm._BatchNorm, s_init: float, fn: str = "sigmoid", gamma_min: float = 1e-3
-    ) -> "STRBatchNorm":
-        """An STR-BN computing the same function as ``bn`` (up to g(s_init))."""
-        if not bn.affine:
-            raise ValueError("STR-BN needs an affine BatchNorm (it thresholds γ)")
-        new = cls(bn.num_features, bn.eps, bn.momentum, bn.track_running_stats, s_init, fn)
-        new.to(device=bn.weight.device, dtype=bn.weight.dtype)
-        with torch.no_grad():
-            gamma, beta = bn.weight.detach(), bn.bias.detach()
-            small = gamma.abs() < gamma_min
-            safe_gamma = torch.where(small, torch.ones_like(gamma), gamma)
-            new.weight.copy_(soft_threshold_inverse(gamma, new.s, fn))  # so that γ' == γ
-            new.shift.copy_(torch.where(small, torch.zeros_like(beta), beta / safe_gamma))
-            new.offset.copy_(torch.where(small, beta, torch.zeros_like(beta)))
-            if bn.track_running_stats:
-                new.running_mean.copy_(bn.running_mean)
-                new.running_var.copy_(bn.running_var)
-                new.num_batches_tracked.copy_(bn.num_batches_tracked)
-        new.train(bn.training)
-        return new
+    def forward(self, shift: torch.Tensor) -> torch.Tensor:
+        return self.gamma() * shift + self.offset
 
-    def effective_weight(self) -> torch.Tensor:
-        """γ' — zero entries are dead channels."""
-        return soft_threshold(self.weight, self.s, self.fn)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # Same train/eval statistics rules as nn.modules.batchnorm._BatchNorm.forward.
-        factor = 0.0 if self.momentum is None else self.momentum
-        if self.training and self.track_running_stats and self.num_batches_tracked is not None:
-            self.num_batches_tracked.add_(1)
-            factor = 1.0 / float(self.num_batches_tracked) if self.momentum is None else self.momentum
-        use_batch_stats = self.training or self.running_mean is None
-        # γ'(x̂ + β̂) + β₀ == γ'x̂ + (γ'β̂ + β₀): handing the per-channel γ' and γ'β̂ + β₀ to the native
-        # batch_norm kernel fuses the affine part (no activation-sized temporaries saved for backward;
-        # ~2× faster forward+backward than three elementwise ops after an affine-free batch_norm).
-        gamma = self.effective_weight()
-        return F.batch_norm(
-            x,
-            self.running_mean if not self.training or self.track_running_stats else None,
-            self.running_var if not self.training or self.track_running_stats else None,
-            gamma,
-            gamma * self.shift + self.offset,
-            use_batch_stats,
-            factor,
-            self.eps,
-        )
-
-    def extra_repr(self) -> str:
-        return f"{self.num_features}, eps={self.eps}, momentum={self.momentum}, fn={self.fn}"
+    @torch.no_grad()
+    def right_inverse(self, beta: torch.Tensor) -> torch.Tensor:
+        g = self.gamma()
+        small = g.abs() < self.gamma_min
+        self.offset.copy_(torch.where(small, beta, torch.zeros_like(beta)))
+        return torch.where(small, torch.zeros_like(beta), beta / torch.where(small, torch.ones_like(g), g))
 
 
-class STRGate(_Thresholded):
-    """A per-channel gate ``y = x * g'`` with ``g' = sign(g) * relu(|g| - g(s))``, ``g'`` init 1.
+class STRUnit(_Thresholded):
+    """A per-unit importance vector ``u' = sign(u)·relu(|u| - g(s))``, ``u'`` starting at exactly 1.
 
-    Structured STR for producers without a BatchNorm (LayerNorm nets, MLPs, bias-only convs):
-    unstructured STR on a per-channel importance vector. ``channel_dim`` is 1 for NC... tensors
-    and -1 for channels-last ones (Linear outputs).
+    STR on an importance vector (the STR-BN report's thesis): one per channel group with no
+    BatchNorm; every :class:`UnitScale` of the group multiplies its parameter by it, so a zero entry
+    makes the unit exactly zero wherever it is written.
     """
 
-    def __init__(self, num_channels: int, channel_dim: int, s_init: float = -15.0, fn: str = "sigmoid") -> None:
+    def __init__(self, num_units: int, s_init: float = -15.0, fn: str = "sigmoid") -> None:
         super().__init__()
-        self.num_channels = num_channels
-        self.channel_dim = channel_dim
         self._init_threshold((1,), s_init, fn)
-        # raw gate such that the thresholded gate g' starts at exactly 1
-        self.weight = nn.Parameter(soft_threshold_inverse(torch.ones(num_channels), self.s, fn))
+        self.weight = nn.Parameter(soft_threshold_inverse(torch.ones(num_units), self.s, fn))
 
     def effective_weight(self) -> torch.Tensor:
         return soft_threshold(self.weight, self.s, self.fn)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x * _channel_view(self.effective_weight(), x.dim(), self.channel_dim % x.dim())
-
     def extra_repr(self) -> str:
-        return f"{self.num_channels}, channel_dim={self.channel_dim}, fn={self.fn}"
+        return f"{self.weight.numel()}, fn={self.fn}"
 
 
-STR_MODULES: tuple[type[nn.Module], ...] = (STRBatchNorm, STRGate)
+class UnitScale(nn.Module):
+    """Parametrization ``W -> W · u'[index]`` along ``dim``: the rows (or γ/β entries) of a writer.
+
+    ``index[i]`` is the unit of the group that entry ``i`` of ``dim`` writes (a writer may cover
+    part of a group, in any order, as after a concat or a channel shuffle).
+    """
+
+    def __init__(self, unit: STRUnit, index: torch.Tensor, dim: int) -> None:
+        super().__init__()
+        self.unit = unit
+        self.dim = dim
+        self.register_buffer("index", index.to(torch.long))
+
+    def forward(self, w: torch.Tensor) -> torch.Tensor:
+        shape = [1] * w.dim()
+        shape[self.dim] = -1
+        return w * self.unit.effective_weight()[self.index].reshape(shape).to(w.dtype)
+
+    def right_inverse(self, w: torch.Tensor) -> torch.Tensor:
+        """At insertion u' = 1, so the stored tensor is the weight itself."""
+        return w
 
 
-def str_weights(model: nn.Module) -> dict[str, STRWeight]:
-    """Qualified name of each STR-parametrized weight (``"layer1.0.conv1.weight"``) → its STRWeight."""
-    found: dict[str, STRWeight] = {}
+STR_PARAMETRIZATIONS = (STRWeight, STRShift, UnitScale)
+
+
+def _parametrized(model: nn.Module) -> list[tuple[str, str, nn.Module]]:
+    """(module name, tensor name, ParametrizationList) of every parametrized tensor in ``model``."""
+    out = []
     for mod_name, mod in model.named_modules():
         plist = getattr(mod, "parametrizations", None)
-        if plist is None:
+        if plist is None or not isinstance(plist, nn.ModuleDict):
             continue
         for tensor_name, chain in plist.items():
-            for p in chain:
-                if isinstance(p, STRWeight):
-                    found[f"{mod_name}.{tensor_name}" if mod_name else tensor_name] = p
+            out.append((mod_name, tensor_name, chain))
+    return out
+
+
+def _qual(owner: str, name: str) -> str:
+    return f"{owner}.{name}" if owner else name
+
+
+def str_weights(model: nn.Module, role: str | None = "weight") -> dict[str, STRWeight]:
+    """Qualified name of each STR-thresholded tensor (``"layer1.0.conv1.weight"``) → its STRWeight.
+
+    ``role="weight"``: unstructured STR on conv/linear weights; ``"norm"``: STR-BN γ; None: both.
+    """
+    found: dict[str, STRWeight] = {}
+    for owner, tensor, chain in _parametrized(model):
+        for p in chain:
+            if isinstance(p, STRWeight) and (role is None or p.role == role):
+                found[_qual(owner, tensor)] = p
     return found
 
 
-def str_channel_modules(model: nn.Module) -> dict[str, STRBatchNorm | STRGate]:
-    """Qualified name → every STR-BN and gate in ``model``."""
-    return {n: m for n, m in model.named_modules() if isinstance(m, STR_MODULES)}
+def str_units(model: nn.Module) -> dict[str, STRUnit]:
+    """Each distinct STR importance vector, named after the first tensor it scales."""
+    found: dict[int, tuple[str, STRUnit]] = {}
+    for owner, tensor, chain in _parametrized(model):
+        for p in chain:
+            if isinstance(p, UnitScale) and id(p.unit) not in found:
+                found[id(p.unit)] = (_qual(owner, tensor).rpartition(".")[0] or _qual(owner, tensor), p.unit)
+    return {name: unit for name, unit in found.values()}
+
+
+class Carrier:
+    """One structured STR vector: an STR-BN γ' or an importance vector u'; zeros are dead units."""
+
+    def __init__(self, name: str, kind: str, value: Callable[[], torch.Tensor], threshold: Callable[[], torch.Tensor],
+                 raw: nn.Parameter) -> None:
+        self.name, self.kind, self.value, self.threshold, self.raw = name, kind, value, threshold, raw
+
+
+def channel_carriers(model: nn.Module) -> dict[str, Carrier]:
+    """Name → every structured STR vector of ``model`` (STR-BN γ by its module, units by their first writer)."""
+    out: dict[str, Carrier] = {}
+    for owner, tensor, chain in _parametrized(model):
+        for p in chain:
+            if isinstance(p, STRWeight) and p.role == "norm":
+                out[owner] = Carrier(owner, "bn", chain, p.threshold, chain.original)
+    for name, unit in str_units(model).items():
+        out[name if name not in out else f"{name}.unit"] = Carrier(name, "gate", unit.effective_weight,
+                                                                    unit.threshold, unit.weight)
+    return out
 
 
 def threshold_parameters(model: nn.Module) -> list[nn.Parameter]:
-    """Every STR threshold ``s`` in ``model``."""
-    params = [p.s for p in str_weights(model).values()]
-    params += [m.s for m in str_channel_modules(model).values()]
-    return params
+    """Every STR threshold ``s`` in ``model`` (each once)."""
+    params = {id(p.s): p.s for p in str_weights(model, role=None).values()}
+    params.update({id(u.s): u.s for u in str_units(model).values()})
+    return list(params.values())
+
+
+def norm_parameters(model: nn.Module) -> list[nn.Parameter]:
+    """The raw vectors structured STR thresholds: STR-BN γ and importance vectors (each once)."""
+    params = {id(c.raw): c.raw for c in channel_carriers(model).values()}
+    return list(params.values())

@@ -12,18 +12,18 @@ from __future__ import annotations
 from typing import Any, Literal, Sequence
 
 import torch
-import torch.fx as fx
 from pydantic import BaseModel, Field
 from torch import nn
+from torch.nn.utils import parametrize
 from torch.utils.flop_counter import FlopCounterMode
 
-from strfx.modules import STRBatchNorm, STRGate, str_channel_modules, str_weights, threshold_parameters
+from strfx.modules import STR_PARAMETRIZATIONS, STRUnit, channel_carriers, str_weights
 
 
 class LayerReport(BaseModel):
     """One STR-carrying tensor."""
 
-    name: str = Field(description="Qualified name of the weight, STR-BN or gate.")
+    name: str = Field(description="Qualified name of the weight, the STR-BN norm or the first layer an importance vector scales.")
     kind: Literal["weight", "bn", "gate"]
     elements: int = Field(description="Weights (unstructured) or channels (structured).")
     zeros: int = Field(description="Elements that are exactly zero after thresholding.")
@@ -90,17 +90,45 @@ def _per_module_flops(model: nn.Module, inputs: Sequence[Any]) -> tuple[int, dic
     return int(counter.get_total_flops()), per_module
 
 
-def _structured_producers(model: nn.Module) -> dict[str, str]:
-    """STR-BN/gate module name → the call_module producer it thresholds (graph models only)."""
-    out: dict[str, str] = {}
-    if not isinstance(model, fx.GraphModule):
-        return out
-    for node in model.graph.nodes:
-        if node.op == "call_module" and isinstance(model.get_submodule(node.target), (STRBatchNorm, STRGate)):
-            src = node.args[0] if node.args else None
-            if isinstance(src, fx.Node) and src.op == "call_module":
-                out[node.target] = src.target
+def carrier_producers(model: nn.Module) -> dict[str, list[str]]:
+    """Structured carrier name → the modules whose output channels it decides (for FLOPs estimates)."""
+    out: dict[str, list[str]] = {}
+    for owner, tensor, chain in _parametrized_tensors(model):
+        for p in chain:
+            if getattr(p, "role", None) == "norm":
+                out[owner] = list(getattr(p, "producers", [])) or [owner]
+    for name, carrier in channel_carriers(model).items():
+        if carrier.kind == "gate":
+            unit = carrier.raw
+            for mod in model.modules():
+                if isinstance(mod, STRUnit) and mod.weight is unit:
+                    out[name] = list(getattr(mod, "producers", []))
     return out
+
+
+def _parametrized_tensors(model: nn.Module) -> list[tuple[str, str, nn.Module]]:
+    out = []
+    for owner, mod in model.named_modules():
+        if parametrize.is_parametrized(mod):
+            out += [(owner, t, chain) for t, chain in mod.parametrizations.items()]
+    return out
+
+
+def used_tensors(model: nn.Module) -> list[torch.Tensor]:
+    """The tensors the forward pass computes with: thresholded values instead of raw STR parameters;
+    thresholds and importance vectors themselves are not counted."""
+    used: dict[int, torch.Tensor] = {}
+    for mod in model.modules():
+        if isinstance(mod, (*STR_PARAMETRIZATIONS, STRUnit, parametrize.ParametrizationList)):
+            continue
+        for p in mod._parameters.values():
+            if p is not None:
+                used[id(p)] = p
+        if parametrize.is_parametrized(mod):
+            for name in mod.parametrizations:
+                t = getattr(mod, name)
+                used[id(t)] = t
+    return list(used.values())
 
 
 def _shrunk_flops(model: nn.Module, inputs: Sequence[Any], dense: int, zeros: bool,
@@ -125,7 +153,7 @@ def _shrunk_flops(model: nn.Module, inputs: Sequence[Any], dense: int, zeros: bo
 def report(model: nn.Module, example_inputs: Sequence[Any] | torch.Tensor | None = None, name: str | None = None,
            shrunk_flops: bool = True) -> Report:
     """Report sparsity, thresholds, params and FLOPs of a model returned by :func:`strfx.sparsify`."""
-    meta = getattr(model, "meta", {}).get("strfx", {}) if isinstance(model, fx.GraphModule) else {}
+    meta = getattr(model, "_strfx", {})
     if example_inputs is None:
         example_inputs = meta.get("example_inputs")
     if isinstance(example_inputs, torch.Tensor):
@@ -136,29 +164,21 @@ def report(model: nn.Module, example_inputs: Sequence[Any] | torch.Tensor | None
     density: dict[str, float] = {}
     for qualname, strw in str_weights(model).items():
         owner, _, attr = qualname.rpartition(".")
-        w = model.get_submodule(owner).parametrizations[attr]()  # thresholded weight
+        w = getattr(model.get_submodule(owner) if owner else model, attr)  # thresholded weight
         zeros = int((w == 0).sum())
         layers.append(LayerReport(name=qualname, kind="weight", elements=w.numel(), zeros=zeros,
                                   sparsity=zeros / max(w.numel(), 1), threshold=float(strw.threshold().mean())))
         density[owner] = 1 - layers[-1].sparsity
-    producers = _structured_producers(model)
-    for mod_name, mod in str_channel_modules(model).items():
-        g = mod.effective_weight()
+    producers = carrier_producers(model)
+    for carrier_name, carrier in channel_carriers(model).items():
+        g = carrier.value()
         zeros = int((g == 0).sum())
-        layers.append(LayerReport(name=mod_name, kind="bn" if isinstance(mod, STRBatchNorm) else "gate",
-                                  elements=g.numel(), zeros=zeros, sparsity=zeros / max(g.numel(), 1),
-                                  threshold=float(mod.threshold().mean())))
-        if mod_name in producers:
-            density[producers[mod_name]] = 1 - layers[-1].sparsity
+        layers.append(LayerReport(name=carrier_name, kind=carrier.kind, elements=g.numel(), zeros=zeros,
+                                  sparsity=zeros / max(g.numel(), 1), threshold=float(carrier.threshold().mean())))
+        for prod in producers.get(carrier_name, []):
+            density[prod] = 1 - layers[-1].sparsity
 
-    # Count what the forward pass uses: thresholded tensors instead of their raw parameters.
-    thresholds = {id(p) for p in threshold_parameters(model)}
-    effective = {id(mod.weight): mod.effective_weight() for mod in str_channel_modules(model).values()}
-    for qualname in str_weights(model):
-        owner, _, attr = qualname.rpartition(".")
-        chain = model.get_submodule(owner).parametrizations[attr]
-        effective[id(chain.original)] = chain()
-    used = [effective.get(id(p), p) for p in model.parameters() if id(p) not in thresholds]
+    used = used_tensors(model)
     params = sum(t.numel() for t in used)
     nonzero = sum(int((t != 0).sum()) for t in used)
 

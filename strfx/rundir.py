@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 import torch
-import torch.fx as fx
+from torch import nn
 
 from strfx.config import StrfxConfig, dump_config, load_config
 from strfx.errors import OutputExistsError, StrfxError
@@ -103,14 +103,14 @@ def atomic_torch_save(obj: Any, path: str | Path) -> None:
         raise
 
 
-def write_run(folder: Path, model: fx.GraphModule, config: StrfxConfig, report_json: str) -> None:
+def write_run(folder: Path, model: nn.Module, config: StrfxConfig, report_json: str) -> None:
     """Write the three run files into ``folder`` (normally the temporary dir of :func:`atomic_dir`)."""
     (folder / CONFIG_FILE).write_text(dump_config(config))
     torch.save(model.state_dict(), folder / WEIGHTS_FILE)
     (folder / REPORT_FILE).write_text(report_json)
 
 
-def load_run(run_dir: str | Path) -> tuple[fx.GraphModule, LoadedModel, StrfxConfig]:
+def load_run(run_dir: str | Path) -> tuple[nn.Module, LoadedModel, StrfxConfig]:
     """Rebuild the sparsified model of a run directory: MODEL + config + weights."""
     from strfx.api import sparsify
 

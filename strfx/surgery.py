@@ -1,30 +1,46 @@
 """``strfx.shrink``: analyse channels, cut the dead ones, and prove the smaller model is the same.
 
+The pipeline, on one IR:
+
+1. fold STR into plain parameters on a deep copy of the model (``fold_str``);
+2. capture that copy with ``torch.export`` (:mod:`strfx.passes.capture`) and analyse its ATen graph;
+3. cut the graph (:mod:`strfx.passes.shrink`): every tensor that carries a dead channel is sliced,
+   constant sizes are rewritten;
+4. apply the same cut to the eager copy by parameter name and fix the module attributes that name
+   channel counts (``in_channels``, ``num_features``, ``normalized_shape``, ...), so the result is
+   still the user's own class (its methods, ``generate``, ``save_pretrained`` keep working);
+5. verify the eager result against the masked model; where the model's own forward hard-codes a
+   size no attribute carries, the eager copy fails that check and the cut ATen graph (a plain
+   ``GraphModule`` that ``torch.export`` captures again for deployment) is the result instead, and
+   the report says so in one line.
+
 Verification is part of shrinking: the result is compared with the masked model on the example
-inputs and on random inputs of the same shapes (max relative error ≤ ``TOLERANCE``). When they
-differ, both graphs are replayed node by node and the error names the first node whose output
-(restricted to the kept channels) diverges.
+inputs and on random inputs of the same shapes. When the cut graph differs, both graphs are
+replayed node by node and the error names the first node whose output (restricted to the kept
+channels) diverges.
 """
 
 from __future__ import annotations
 
 import copy
 import time
-from typing import Any, Sequence
+from typing import Any, Literal, Sequence
 
 import numpy as np
 import torch
 import torch.fx as fx
 from pydantic import BaseModel, Field
 from torch import nn
+from torch.nn.utils import parametrize
 
-from strfx.api import TOLERANCE, _as_tuple
 from strfx.errors import StrfxError, VerificationError
-from strfx.modules import STR_MODULES, str_weights
+from strfx.modules import STR_PARAMETRIZATIONS, STRShift, STRUnit, str_weights
+from strfx.passes.capture import as_inputs, capture, eval_mode
 from strfx.passes.channel_analysis import META_KEY, ChannelAnalysis, TInfo, analyze_channels
-from strfx.passes.shrink import shrink_graph
-from strfx.passes.trace import eval_mode, record_shapes, trace
+from strfx.passes.shrink import cut_tensor, set_tensor, shrink_graph
 from strfx.verify import max_rel_error
+
+TOLERANCE = 1e-4
 
 
 class ShrinkReport(BaseModel):
@@ -37,27 +53,26 @@ class ShrinkReport(BaseModel):
     groups: int
     prunable_groups: int
     blocked_groups: int
-    unknown_ops: dict[str, str] = Field(description="Op kind → first node of it that blocked channels.")
+    unknown_ops: dict[str, str] = Field(description="ATen op → first node of it that blocked channels.")
     weight_sparsity: float = Field(description="Fraction of exact zeros left in the shrunk conv/linear weights "
                                    "(unstructured STR: zeros that are not whole channels stay in dense weights).")
     max_error: float = Field(description="Max relative error, shrunk vs masked, over all checked inputs.")
     analysis_s: float
     shrink_s: float
     round_to: int = Field(default=1, description="Each group kept a multiple of this many channels (dead ones kept as zeros).")
+    result: Literal["eager", "exported"] = Field(
+        "eager", description="'eager': the user's own module class with smaller parameters; 'exported': the "
+        "cut ATen graph (the model's forward hard-codes a size no module attribute carries).")
+    note: str = Field("", description="Why the result is the exported graph, when it is.")
 
 
-def _has_shapes(model: nn.Module) -> bool:
-    return isinstance(model, fx.GraphModule) and all(
-        "tensor_meta" in n.meta for n in model.graph.nodes if n.op not in ("output",))
-
-
-def _example_inputs(model: nn.Module, example_inputs: Any) -> tuple[Any, ...]:
-    inputs = _as_tuple(example_inputs)
-    if inputs is None and isinstance(model, fx.GraphModule):
-        inputs = model.meta.get("strfx", {}).get("example_inputs")
-    if inputs is None:
-        raise StrfxError("shrink needs example inputs (the model was sparsified without them); pass example_inputs=")
-    return tuple(inputs)
+def example_inputs_of(model: nn.Module, example_inputs: Any = None) -> tuple[Any, ...]:
+    """``example_inputs``, else the ones :func:`strfx.sparsify` recorded on the model."""
+    if example_inputs is None:
+        example_inputs = getattr(model, "_strfx", {}).get("example_inputs")
+    if example_inputs is None:
+        raise StrfxError("shrink needs example inputs (the model was not made by strfx.sparsify); pass example_inputs=")
+    return as_inputs(example_inputs)
 
 
 def random_like(inputs: Sequence[Any], seed: int) -> tuple[Any, ...]:
@@ -72,151 +87,247 @@ def random_like(inputs: Sequence[Any], seed: int) -> tuple[Any, ...]:
     return tuple(out)
 
 
-def _params(m: nn.Module) -> int:
-    skip = {id(p) for s in str_weights(m).values() for p in s.parameters()}
-    skip |= {id(mod.s) for mod in m.modules() if isinstance(mod, STR_MODULES)}
-    return sum(p.numel() for p in m.parameters() if id(p) not in skip)
+def count_params(m: nn.Module) -> int:
+    """Parameters the model computes with: thresholds and importance vectors are not counted."""
+    skip = {id(p.s) for p in str_weights(m, role=None).values()}
+    for mod in m.modules():
+        if isinstance(mod, STRUnit):
+            skip |= {id(mod.s), id(mod.weight)}
+    return sum(p.numel() for p in {id(p): p for p in m.parameters()}.values() if id(p) not in skip)
 
 
 def _weight_sparsity(m: nn.Module) -> float:
-    weights = [mod.weight for mod in m.modules() if isinstance(mod, (nn.modules.conv._ConvNd, nn.Linear))]
+    weights = [t for name, t in m.named_parameters() if name.endswith("weight") and t.dim() >= 2]
     total = sum(w.numel() for w in weights)
     return sum(int((w == 0).sum()) for w in weights) / total if total else 0.0
 
 
-def structural_copy(model: nn.Module) -> nn.Module:
-    """A deep copy of ``model`` whose parameters and buffers are the *same* tensors.
+def _remove_parametrizations(model: nn.Module) -> None:
+    """Replace every STR parametrization of ``model`` (in place) by the plain tensor it computes.
 
-    Shrinking never changes a tensor in place (it builds new, smaller ones), so the copy need not
-    duplicate the weights: peak memory is the model plus the shrunk model, not three models.
+    ``parametrize.remove_parametrizations`` deletes the property from the module's class, which a
+    deep copy shares with the original model; so each module gets its own class first. STR-BN's β
+    reads γ', so β is folded before γ.
     """
-    memo: dict[int, Any] = {}
-    for t in [*model.parameters(), *model.buffers()]:
-        memo[id(t)] = t
-    return copy.deepcopy(model, memo)
-
-
-def _unshare(result: nn.Module, original: nn.Module) -> None:
-    """Give ``result`` its own copy of every tensor it still shares with ``original``."""
-    shared = {id(t) for t in [*original.parameters(), *original.buffers()]}
-    for mod in result.modules():
-        for name, p in list(mod._parameters.items()):
-            if p is not None and id(p) in shared:
-                mod._parameters[name] = nn.Parameter(p.detach().clone(), requires_grad=p.requires_grad)
-        for name, b in list(mod._buffers.items()):
-            if b is not None and id(b) in shared:
-                mod._buffers[name] = b.clone()
-
-
-def prepare(model: nn.Module, inputs: Sequence[Any], reuse_shapes: bool = False,
-            share_modules: bool = False) -> fx.GraphModule:
-    """A traced copy of ``model`` with shapes recorded (the user's model is never changed).
-
-    With ``reuse_shapes`` the shapes :func:`strfx.sparsify` recorded for its own example inputs are
-    kept. With ``share_modules`` (read-only analysis) the traced graph calls the model's own
-    modules instead of deep copies; only the graph is new.
-    """
-    if not share_modules:
-        work = structural_copy(model)
-    elif isinstance(model, fx.GraphModule):
-        work = fx.GraphModule(model, copy.deepcopy(model.graph), type(model).__name__)
-    else:
-        work = model
-    gm = work if isinstance(work, fx.GraphModule) else trace(work)
-    if not (reuse_shapes and _has_shapes(gm)):
-        record_shapes(gm, inputs)
-    return gm
-
-
-def analyze(model: nn.Module, example_inputs: Any = None) -> tuple[fx.GraphModule, ChannelAnalysis]:
-    """Channel groups of ``model``, with the traced graph they refer to (sharing the model's modules)."""
-    inputs = _example_inputs(model, example_inputs)
-    gm = prepare(model, inputs, reuse_shapes=example_inputs is None, share_modules=True)
-    return gm, analyze_channels(gm)
+    for _, mod in list(model.named_modules()):
+        plist = getattr(mod, "parametrizations", None)
+        if not isinstance(plist, nn.ModuleDict):
+            continue
+        names = [n for n in plist.keys() if any(isinstance(p, STR_PARAMETRIZATIONS) for p in plist[n])]
+        if not names:
+            continue
+        cls = type(mod)
+        if getattr(cls, "__module__", "") == "torch.nn.utils.parametrize":
+            mod.__class__ = type(cls.__name__, cls.__bases__, dict(cls.__dict__))
+        names.sort(key=lambda n: not any(isinstance(p, STRShift) for p in plist[n]))
+        for name in names:
+            parametrize.remove_parametrizations(mod, name, leave_parametrized=True)
 
 
 @torch.no_grad()
-def shrink(model: nn.Module, example_inputs: Sequence[torch.Tensor] | torch.Tensor | None = None,
-           round_to: int = 1) -> fx.GraphModule:
-    """Remove every provably dead channel of ``model`` and return a plain, smaller GraphModule.
-
-    ``model`` is usually what :func:`strfx.sparsify` returned (after training), but any traceable
-    model works: its dead channels (zero γ and β, zero filters, ...) are found from the parameters.
-    With ``round_to`` > 1 a few dead channels are kept (as zeros, so the function is the same) to
-    leave every channel group a multiple of ``round_to`` wide, which CPU/GPU kernels prefer.
-    The result holds no STR modules or parametrizations and needs nothing from strfx to run. It is
-    checked against ``model`` (eval mode) and :class:`VerificationError` names the first diverging
-    node if it does not match. ``result.meta["strfx_shrink"]`` holds a :class:`ShrinkReport` dict.
-    """
-    if round_to < 1:
-        raise StrfxError(f"round_to must be at least 1, got {round_to}")
-    inputs = _example_inputs(model, example_inputs)
-    t0 = time.perf_counter()
-    gm = prepare(model, inputs, reuse_shapes=example_inputs is None)
-    analysis = analyze_channels(gm)
-    analysis.round_widths(round_to)
-    t1 = time.perf_counter()
-    try:
-        shrink_graph(gm, analysis)
-    except StrfxError:
-        raise
-    except Exception as err:  # noqa: BLE001 - a cut torch rejects is reported as a refusal, not a crash
-        raise VerificationError(f"shrinking failed while cutting the graph: {type(err).__name__}: "
-                                f"{str(err).strip().splitlines()[0] if str(err).strip() else ''}") from err
-    t2 = time.perf_counter()
-    _unshare(gm, model)
-    err = verify_shrunk(gm, model, inputs, analysis)
-    groups = analysis.groups
-    rep = ShrinkReport(
-        params_before=_params(model), params_after=_params(gm),
-        channels=sum(g.channels for g in groups), channels_removed=analysis.dead_channels(),
-        groups=len(groups), prunable_groups=sum(g.prunable for g in groups),
-        blocked_groups=sum(not g.prunable for g in groups), unknown_ops=analysis.unknown_ops,
-        weight_sparsity=_weight_sparsity(gm), max_error=err, analysis_s=t1 - t0, shrink_s=t2 - t1, round_to=round_to,
-    )
-    gm.meta = {"strfx_shrink": rep.model_dump()}
-    for node in gm.graph.nodes:  # analysis facts are not part of the exported model
-        node.meta.pop(META_KEY, None)
-    return gm
+def fold_str(model: nn.Module) -> nn.Module:
+    """A deep copy of ``model`` with STR folded into plain parameters (same function, no strfx inside)."""
+    plain = copy.deepcopy(model)
+    _remove_parametrizations(plain)
+    if hasattr(plain, "_strfx"):
+        del plain._strfx
+    return plain
 
 
-def verify_shrunk(shrunk: fx.GraphModule, reference: nn.Module, inputs: Sequence[Any],
-                  analysis: ChannelAnalysis) -> float:
-    """Max relative error of ``shrunk`` vs ``reference`` on the example and two random inputs."""
-    worst = 0.0
-    for k, x in enumerate((tuple(inputs), random_like(inputs, 1), random_like(inputs, 2))):
-        with eval_mode(shrunk), eval_mode(reference):
-            expected = reference(*x)
-            try:
-                actual = shrunk(*x)
-            except Exception as err:  # noqa: BLE001 - a shape error in the cut graph
-                raise VerificationError(
-                    f"the shrunk model fails to run: {_first_divergence(shrunk, reference, x, analysis) or err}"
-                ) from err
-        e = max_rel_error(actual, expected)
-        if e > TOLERANCE:
-            where = _first_divergence(shrunk, reference, x, analysis)
-            what = "example" if k == 0 else "random"
-            e64 = _float64_error(shrunk, reference, x)
-            hint = "" if e64 is None else (
-                f" (in float64 the error is {e64:.2g}: the cut is exact and float32 rounding is amplified by an "
-                "ill-conditioned op there)" if e64 <= TOLERANCE * 1e-3 else f" (in float64: {e64:.2g})")
-            raise VerificationError(
-                f"shrunk model differs from the masked model on {what} inputs: max relative error {e:.3g} > "
-                f"{TOLERANCE:g}; first diverging node: {where or 'the outputs'}{hint}"
-            )
-        worst = max(worst, e)
-    return worst
+def analyze(model: nn.Module, example_inputs: Any = None) -> tuple[fx.GraphModule, ChannelAnalysis]:
+    """Channel groups of ``model`` (STR folded), with the captured ATen graph they refer to."""
+    inputs = example_inputs_of(model, example_inputs)
+    gm = capture(fold_str(model), inputs)
+    return gm, analyze_channels(gm)
+
+
+# Modules whose attributes name channel counts: how to read them back from the cut tensors.
+def _fix_conv(m: nn.modules.conv._ConvNd) -> None:
+    w = m.weight
+    og_old, ig_old = m.out_channels // m.groups, m.in_channels // m.groups
+    if m.transposed:  # (in, out/g, k...)
+        n_in = w.shape[0]
+        groups = n_in // ig_old if ig_old == 1 else m.groups
+        m.in_channels, m.out_channels, m.groups = n_in, w.shape[1] * groups, groups
+    else:  # (out, in/g, k...)
+        n_out = w.shape[0]
+        groups = n_out // og_old if ig_old == 1 and m.groups > 1 else m.groups
+        m.in_channels, m.out_channels, m.groups = w.shape[1] * groups, n_out, groups
+
+
+def _fix_linear(m: nn.Linear) -> None:
+    m.out_features, m.in_features = m.weight.shape
+
+
+def _fix_norm(m: nn.Module) -> None:
+    t = m.weight if getattr(m, "weight", None) is not None else getattr(m, "running_mean", None)
+    if t is not None:
+        m.num_features = t.shape[0]
+
+
+def _fix_group_norm(m: nn.GroupNorm) -> None:
+    per = m.num_channels // m.num_groups
+    m.num_channels = m.weight.shape[0]
+    m.num_groups = m.num_channels // per
+
+
+def _fix_shape(m: nn.Module) -> None:
+    if getattr(m, "weight", None) is not None:
+        m.normalized_shape = tuple(m.weight.shape)
+
+
+def _fix_embedding(m: nn.Embedding) -> None:
+    m.embedding_dim = m.weight.shape[1]
+
+
+def _fix_prelu(m: nn.PReLU) -> None:
+    m.num_parameters = m.weight.numel()
+
+
+ATTRIBUTE_FIXES: list[tuple[type[nn.Module], Any]] = [
+    (nn.modules.conv._ConvNd, _fix_conv),
+    (nn.Linear, _fix_linear),
+    (nn.modules.batchnorm._NormBase, _fix_norm),
+    (nn.GroupNorm, _fix_group_norm),
+    (nn.LayerNorm, _fix_shape),
+    (nn.RMSNorm, _fix_shape),
+    (nn.Embedding, _fix_embedding),
+    (nn.PReLU, _fix_prelu),
+]
+
+
+def _cut_eager(model: nn.Module, cuts: dict[str, dict[int, np.ndarray]]) -> str | None:
+    """Apply ``cuts`` to the eager ``model`` in place; the reason it cannot, else None."""
+    owners: dict[str, nn.Module] = {}
+    for name, keeps in cuts.items():
+        owner_name, _, leaf = name.rpartition(".")
+        try:
+            owner = model.get_submodule(owner_name) if owner_name else model
+            tensor = getattr(owner, leaf)
+        except AttributeError:
+            return f"{name} is a constant made in forward(), not a module attribute"
+        if not isinstance(tensor, torch.Tensor):
+            return f"{name} is not a tensor attribute"
+        set_tensor(model, name, cut_tensor(tensor, keeps))
+        owners[owner_name] = owner
+    for owner in owners.values():
+        for kind, fix in ATTRIBUTE_FIXES:
+            if isinstance(owner, kind):
+                fix(owner)
+                break
+    return None
+
+
+def _compare(candidate: nn.Module, reference: nn.Module, inputs: Sequence[Any]) -> list[tuple[str, float]]:
+    """(input kind, max relative error) of ``candidate`` vs ``reference`` on the verification inputs."""
+    out = []
+    for kind, x in (("example", tuple(inputs)), ("random", random_like(inputs, 1)), ("random", random_like(inputs, 2))):
+        with eval_mode(candidate), eval_mode(reference):
+            expected = reference(*_clone(x))
+            actual = candidate(*_clone(x))
+        out.append((kind, max_rel_error(actual, expected)))
+    return out
+
+
+def _clone(x: Sequence[Any]) -> tuple[Any, ...]:
+    """Fresh copies of the inputs for every run: a model that mutates its input must not poison the next."""
+    return tuple(t.clone() if isinstance(t, torch.Tensor) else t for t in x)
 
 
 def _float64_error(shrunk: nn.Module, reference: nn.Module, inputs: Sequence[Any]) -> float | None:
-    """The same comparison in float64 (only on failure): tells a wrong cut from float32 rounding."""
+    """The same comparison in float64: tells a wrong cut from float32 rounding."""
     try:
         a, b = copy.deepcopy(shrunk).double().eval(), copy.deepcopy(reference).double().eval()
         x = tuple(t.double() if isinstance(t, torch.Tensor) and t.is_floating_point() else t for t in inputs)
         return max_rel_error(a(*x), b(*x))
     except Exception:  # noqa: BLE001 - a diagnosis only
         return None
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip()
+    return f"{type(err).__name__}: {text.splitlines()[0] if text else ''}"
+
+
+@torch.no_grad()
+def shrink(model: nn.Module, example_inputs: Sequence[torch.Tensor] | torch.Tensor | None = None,
+           round_to: int = 1) -> nn.Module:
+    """Remove every provably dead channel of ``model`` and return a plain, smaller model.
+
+    ``model`` is usually what :func:`strfx.sparsify` returned (after training), but any model
+    ``torch.export`` captures works: its dead channels (zero γ and β, zero filters, ...) are found
+    from the parameters. With ``round_to`` > 1 a few dead channels are kept (as zeros, so the
+    function is the same) to leave every channel group a multiple of ``round_to`` wide, which
+    CPU/GPU kernels prefer. The result is the model's own class with smaller parameters where the
+    model allows it, else the cut ATen graph; it holds no STR and needs nothing from strfx to run.
+    It is checked against ``model`` (eval mode) and :class:`VerificationError` names the first
+    diverging node if it does not match. ``result.strfx_shrink`` holds the :class:`ShrinkReport` dict.
+    """
+    if round_to < 1:
+        raise StrfxError(f"round_to must be at least 1, got {round_to}")
+    inputs = example_inputs_of(model, example_inputs)
+    t0 = time.perf_counter()
+    plain = fold_str(model)
+    gm = capture(plain, inputs)
+    analysis = analyze_channels(gm)
+    analysis.round_widths(round_to)
+    t1 = time.perf_counter()
+    try:
+        cuts = shrink_graph(gm, analysis)
+    except StrfxError:
+        raise
+    except Exception as err:  # noqa: BLE001 - a cut torch rejects is reported as a refusal, not a crash
+        raise VerificationError(f"shrinking failed while cutting the graph: {_first_line(err)}") from err
+    for node in gm.graph.nodes:  # analysis facts are not part of the shrunk model
+        node.meta.pop(META_KEY, None)
+    result: nn.Module = plain
+    note = _cut_eager(plain, cuts)
+    errors: list[tuple[str, float]] = []
+    if note is None:
+        try:
+            errors = _compare(plain, model, inputs)
+            if max(e for _, e in errors) > TOLERANCE:
+                note = f"the eager model differs after the cut (max relative error {max(e for _, e in errors):.2g})"
+        except Exception as err:  # noqa: BLE001 - e.g. a size hard-coded in forward()
+            note = f"the eager model fails after the cut ({_first_line(err)})"
+    if note is not None:
+        result = gm
+        errors = _verify_graph(gm, model, inputs, analysis)
+    t2 = time.perf_counter()
+    groups = analysis.groups
+    rep = ShrinkReport(
+        params_before=count_params(model), params_after=count_params(result),
+        channels=sum(g.channels for g in groups), channels_removed=analysis.dead_channels(),
+        groups=len(groups), prunable_groups=sum(g.prunable for g in groups),
+        blocked_groups=sum(not g.prunable for g in groups), unknown_ops=analysis.unknown_ops,
+        weight_sparsity=_weight_sparsity(result), max_error=max((e for _, e in errors), default=0.0),
+        analysis_s=t1 - t0, shrink_s=t2 - t1, round_to=round_to,
+        result="eager" if result is plain else "exported", note=note or "",
+    )
+    result.strfx_shrink = rep.model_dump()
+    return result
+
+
+def _verify_graph(gm: fx.GraphModule, reference: nn.Module, inputs: Sequence[Any],
+                  analysis: ChannelAnalysis) -> list[tuple[str, float]]:
+    """Check the cut graph against the masked model; a mismatch names the first diverging node."""
+    try:
+        errors = _compare(gm, reference, inputs)
+    except Exception as err:  # noqa: BLE001 - a shape error in the cut graph
+        where = _first_divergence(gm, reference, inputs, analysis)
+        raise VerificationError(f"the shrunk model fails to run: {where or _first_line(err)}") from err
+    for (kind, e), x in zip(errors, (tuple(inputs), random_like(inputs, 1), random_like(inputs, 2))):
+        if e > TOLERANCE:
+            where = _first_divergence(gm, reference, x, analysis)
+            e64 = _float64_error(gm, reference, x)
+            hint = "" if e64 is None else (
+                f" (in float64 the error is {e64:.2g}: the cut is exact and float32 rounding is amplified by an "
+                "ill-conditioned op there)" if e64 <= TOLERANCE * 1e-3 else f" (in float64: {e64:.2g})")
+            raise VerificationError(
+                f"shrunk model differs from the masked model on {kind} inputs: max relative error {e:.3g} > "
+                f"{TOLERANCE:g}; first diverging node: {where or 'the outputs'}{hint}"
+            )
+    return errors
 
 
 def _run_all(gm: fx.GraphModule, inputs: Sequence[Any]) -> tuple[dict[str, Any], str | None]:
@@ -231,12 +342,12 @@ def _run_all(gm: fx.GraphModule, inputs: Sequence[Any]) -> tuple[dict[str, Any],
             env[n.name] = out
             return out
 
-    with eval_mode(gm):
-        try:
-            Recorder(gm).run(*inputs)
-            return env, None
-        except Exception as err:  # noqa: BLE001
-            return env, f"{current[0]} ({type(err).__name__}: {str(err).strip().splitlines()[0] if str(err).strip() else ''})"
+    try:
+        flat = [t for t in _clone(inputs)]
+        Recorder(gm).run(*flat)
+        return env, None
+    except Exception as err:  # noqa: BLE001
+        return env, f"{current[0]} ({_first_line(err)})"
 
 
 def _cut(value: torch.Tensor, info: TInfo, analysis: ChannelAnalysis) -> torch.Tensor:
@@ -249,9 +360,12 @@ def _cut(value: torch.Tensor, info: TInfo, analysis: ChannelAnalysis) -> torch.T
 
 def _first_divergence(shrunk: fx.GraphModule, reference: nn.Module, inputs: Sequence[Any],
                       analysis: ChannelAnalysis) -> str | None:
-    """Replay both graphs; the first node (in the masked graph's order, matched by name) whose output,
-    cut to the kept channels, differs from the shrunk graph's."""
-    masked = reference if isinstance(reference, fx.GraphModule) else trace(reference)  # trace copies nothing
+    """Replay the masked and the cut graph; the first node (matched by name) whose output, cut to the
+    kept channels, differs."""
+    try:
+        masked = capture(fold_str(reference), inputs)
+    except StrfxError:
+        return None
     ref, _ = _run_all(masked, inputs)
     got, failed = _run_all(shrunk, inputs)
     for node in masked.graph.nodes:
@@ -266,8 +380,8 @@ def _first_divergence(shrunk: fx.GraphModule, reference: nn.Module, inputs: Sequ
         except Exception:  # noqa: BLE001
             continue
         if max_rel_error(b, expected) > TOLERANCE:
-            return f"{node.name} ({node.op} {getattr(node.target, '__name__', node.target)})"
+            return f"{node.name} ({getattr(node.target, '__name__', node.target)})"
     return failed
 
 
-__all__ = ["ShrinkReport", "analyze", "random_like", "shrink", "structural_copy"]
+__all__ = ["ShrinkReport", "analyze", "fold_str", "random_like", "shrink"]

@@ -1,67 +1,77 @@
 """Helpers for tests and benchmarks: make channels dead the way training would, through STR.
 
 ``kill_channels`` plays the end of STR training: for a random fraction of the channels of every
-prunable group it sets the raw γ of every STR-BN (and its frozen offset β₀) and the raw weight of
-every gate on that channel to exactly 0, so γ' = 0 there. Which channels belong together comes
-from the channel analysis, so a killed channel is dead in every coupled layer (e.g. the whole
-residual stream of a ResNet stage).
+prunable group it sets the raw γ of every STR-BN (and its frozen offset β₀) and the entry of every
+importance vector on that channel to exactly 0, so γ' = u' = 0 there. Which channels belong
+together comes from the channel analysis, so a killed channel is dead in every coupled layer (e.g.
+the whole residual stream of a ResNet stage). Only channels the analysis then proves dead are
+counted (``killed``); ``zeroed`` counts every channel whose STR vectors were set to zero.
 """
 
 from __future__ import annotations
 
 import math
-
 from typing import Any, Sequence
 
 import numpy as np
 import torch
-import torch.fx as fx
+from torch import nn
 
-from strfx.modules import STRBatchNorm, STRGate
-from strfx.passes.channel_analysis import META_KEY, TInfo
+from strfx.modules import STRShift, STRWeight, UnitScale
+
+
+def _carrier_entries(model: nn.Module) -> dict[str, tuple[str, Any]]:
+    """Qualified tensor name → ("bn", (STRWeight chain, STRShift or None)) / ("unit", UnitScale)."""
+    out: dict[str, tuple[str, Any]] = {}
+    for owner, mod in model.named_modules():
+        plist = getattr(mod, "parametrizations", None)
+        if not isinstance(plist, nn.ModuleDict):
+            continue
+        for tensor, chain in plist.items():
+            name = f"{owner}.{tensor}" if owner else tensor
+            for p in chain:
+                if isinstance(p, STRWeight) and p.role == "norm":
+                    shift = next((q for c in plist.values() for q in c if isinstance(q, STRShift)), None)
+                    out[name] = ("bn", (chain, shift))
+                elif isinstance(p, UnitScale):
+                    out[name] = ("unit", p)
+    return out
 
 
 @torch.no_grad()
 def kill_channels(
-    gm: fx.GraphModule,
+    model: nn.Module,
     fraction: float | tuple[float, float] = 0.5,
     seed: int = 0,
     example_inputs: Sequence[Any] | None = None,
     round_to: int = 1,
 ) -> dict[str, int]:
-    """Zero the STR parameters of a random ``fraction`` of each prunable group's channels, in place.
+    """Zero the STR vectors of a random ``fraction`` of each prunable group's channels, in place.
 
-    ``gm`` is a structured model from :func:`strfx.sparsify`. ``fraction`` is a number or a
+    ``model`` is a structured model from :func:`strfx.sparsify`. ``fraction`` is a number or a
     ``(low, high)`` range drawn per group. At least one channel of each group is left alive; with
     ``round_to`` > 1 each group keeps a multiple of it (rounded up), as hardware-friendly widths.
-    Returns counts: ``groups`` touched, ``channels`` killed, ``carriers`` (STR-BN/gate entries set).
+    Returns counts: ``groups`` touched, ``zeroed`` channels whose STR entries were set to zero,
+    ``channels`` of those the analysis proves dead (what shrink removes), ``carriers`` entries set.
     """
     from strfx.surgery import analyze
 
     rng = np.random.default_rng(seed)
-    traced, analysis = analyze(gm, example_inputs)
+    _, analysis = analyze(model, example_inputs)
     roots = analysis.roots
-    # which STR carriers (module name, entry) sit on each channel
-    carriers: dict[int, list[tuple[str, int]]] = {}
-    for node in traced.graph.nodes:
-        if node.op != "call_module":
+    entries_of = _carrier_entries(model)
+    carriers: dict[int, list[tuple[str, Any, int]]] = {}  # channel -> (kind, carrier, index)
+    for name, (kind, carrier) in entries_of.items():
+        dims = analysis.params.get(name, {})
+        dim = 0 if kind == "bn" else carrier.dim
+        if dim not in dims:
             continue
-        mod = traced.get_submodule(node.target)
-        if not isinstance(mod, (STRBatchNorm, STRGate)):
-            continue
-        x = node.args[0].meta.get(META_KEY) if isinstance(node.args[0], fx.Node) else None
-        if not isinstance(x, TInfo):
-            continue
-        cdim = mod.channel_dim % x.ndim if isinstance(mod, STRGate) else 1
-        if cdim not in x.labels:
-            continue
-        for idx, r in enumerate(roots[x.labels[cdim]].tolist()):
-            carriers.setdefault(r, []).append((node.target, idx))
-    touched = killed = entries = 0
-    modules = dict(gm.named_modules())
+        for idx, r in enumerate(roots[dims[dim]].tolist()):
+            carriers.setdefault(r, []).append((kind, carrier, idx))
     members: dict[int, list[int]] = {}
     for r, g in analysis.group_of_root.items():
         members.setdefault(g, []).append(r)
+    touched = zeroed = entries = 0
     for group in analysis.groups:
         if not group.prunable:
             continue
@@ -79,14 +89,18 @@ def kill_channels(
             continue
         touched += 1
         for r in rng.choice(killable, size=n, replace=False).tolist():
-            killed += 1
-            for name, idx in carriers[r]:
-                mod = modules[name]
-                mod.weight[idx] = 0.0
-                if isinstance(mod, STRBatchNorm):
-                    mod.offset[idx] = 0.0
+            zeroed += 1
+            for kind, carrier, idx in carriers[r]:
+                if kind == "bn":
+                    chain, shift = carrier
+                    chain.original[idx] = 0.0
+                    if shift is not None:
+                        shift.offset[idx] = 0.0
+                else:
+                    carrier.unit.weight[carrier.index[idx]] = 0.0
                 entries += 1
-    return {"groups": touched, "channels": killed, "carriers": entries}
+    _, after = analyze(model, example_inputs)
+    return {"groups": touched, "zeroed": zeroed, "channels": after.dead_channels(), "carriers": entries}
 
 
 @torch.no_grad()

@@ -719,7 +719,7 @@ class Trainer:
         masked = copy.deepcopy(self.gm).to("cpu", memory_format=torch.contiguous_format).eval()
         inputs = tuple(t.cpu() for t in self.example_inputs)
         shrunk = shrink(masked, inputs)
-        info = shrunk.meta["strfx_shrink"]
+        info = shrunk.strfx_shrink
         rep = export(shrunk, self.run_dir / "model.onnx", inputs, pt2_path=self.run_dir / "model.pt2",
                      reference=masked, force=True)
         return {

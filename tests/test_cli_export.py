@@ -214,7 +214,7 @@ def test_shrink_round_to_keeps_widths_multiples_and_the_function(killed_run, tmp
     assert len(widths) == len(dense) > 10
     assert all(w % 8 == 0 or w == dense[n] for n, w in widths.items()), widths
     assert any(w < dense[n] for n, w in widths.items())
-    assert small.meta["strfx_shrink"]["round_to"] == 8
+    assert small.strfx_shrink["round_to"] == 8
 
 
 def test_round_to_is_validated_and_refused_on_a_shrunk_output(killed_run, tmp_path: Path) -> None:

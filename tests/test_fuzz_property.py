@@ -25,7 +25,7 @@ def test_random_cnn_shrinks_exactly(seed, fraction):
         assume(False)  # every channel of this net is blocked: nothing to shrink
     kill_channels(gm, fraction, seed=seed)
     small = strfx.shrink(gm)  # raises on any mismatch: the property is that it never does
-    rep = small.meta["strfx_shrink"]
+    rep = small.strfx_shrink
     assert rep["params_after"] <= rep["params_before"]
     with torch.no_grad():
         gm.eval(), small.eval()

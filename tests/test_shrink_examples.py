@@ -31,7 +31,7 @@ def test_examples_shrink_after_killing_channels(name, seed):
     counts = kill_channels(gm, (0.3, 0.5), seed=seed)
     assert counts["channels"] > 0
     small = strfx.shrink(gm)
-    rep = small.meta["strfx_shrink"]
+    rep = small.strfx_shrink
     assert rep["params_after"] < rep["params_before"]
     assert rep["channels_removed"] >= counts["channels"] * 0.5
     assert _no_strfx(small)
@@ -64,7 +64,7 @@ def test_unstructured_removes_whole_zero_filters_only():
     assert small.get_submodule("conv1").out_channels == 17
     assert small.get_submodule("conv2").in_channels == 17
     assert (small.get_submodule("conv1").weight == 0).sum() == 1
-    assert small.meta["strfx_shrink"]["weight_sparsity"] > 0
+    assert small.strfx_shrink["weight_sparsity"] > 0
     assert _no_strfx(small)
 
 

@@ -13,7 +13,9 @@ from torch import nn
 import strfx
 from strfx.errors import ConfigError, NothingToSparsifyError, TraceError, VerificationError
 from strfx.loader import load_model
-from strfx.modules import STRBatchNorm, STRGate, str_channel_modules, str_weights
+from torch.nn.utils import parametrize
+
+from strfx.modules import channel_carriers, str_weights
 from strfx.verify import max_rel_error
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
@@ -42,8 +44,9 @@ def test_insertion_preserves_torchvision_outputs(name: str, mode: str) -> None:
         got = gm.eval()(x)
     assert expected.abs().max() > 0
     assert max_rel_error(got, expected) <= 1e-4
-    touched = str_weights(gm) if mode == "unstructured" else str_channel_modules(gm)
+    touched = str_weights(gm) if mode == "unstructured" else channel_carriers(gm)
     assert len(touched) > 0
+    assert type(gm).__mro__[1:].count(type(model)) or type(gm) is type(model)  # the user's own class
 
 
 @pytest.mark.parametrize("mode", MODES)
@@ -64,8 +67,22 @@ def test_sparsify_does_not_mutate_the_users_model() -> None:
     after = loaded.model.state_dict()
     assert before.keys() == after.keys()
     assert all(torch.equal(before[k], after[k]) for k in before)
-    assert not any(hasattr(m, "parametrizations") for m in loaded.model.modules())
-    assert not any(isinstance(m, (STRBatchNorm, STRGate)) for m in loaded.model.modules())
+    assert not any(parametrize.is_parametrized(m) for m in loaded.model.modules())
+
+
+def test_sparsified_model_keeps_its_class_methods_and_state_dict_keys() -> None:
+    loaded = load_model(str(EXAMPLES / "resnet20.py"))
+    model = loaded.model
+    for mode in MODES:
+        gm = strfx.sparsify(model, mode, example_inputs=loaded.example_inputs)
+        assert type(gm) is type(model)
+        keys = set(gm.state_dict())
+        plain = {k for k in keys if ".parametrizations." not in k}
+        assert plain <= set(model.state_dict())  # the user's keys, plus parametrization entries
+        assert any(".parametrizations." in k for k in keys)
+
+
+X8 = torch.randn(1, 1, 8, 8)
 
 
 def _tiny_net() -> nn.Module:
@@ -78,7 +95,7 @@ def _tiny_net() -> nn.Module:
 @pytest.mark.parametrize("mode", MODES)
 def test_sgd_with_threshold_decay_produces_sparsity(mode: str) -> None:
     torch.manual_seed(0)
-    gm = strfx.sparsify(_tiny_net(), mode, config={"s_init": -6.0})
+    gm = strfx.sparsify(_tiny_net(), mode, config={"s_init": -6.0}, example_inputs=X8)
     # STR-BN/gates can only die once γ decays below g(s) < 1: decay norms hard too
     opt = torch.optim.SGD(strfx.param_groups(gm, weight_decay=1e-4, threshold_decay=2.0, norm_decay=0.5), lr=0.5)
     x, y = torch.randn(64, 1, 8, 8), torch.randint(0, 3, (64,))
@@ -91,32 +108,34 @@ def test_sgd_with_threshold_decay_produces_sparsity(mode: str) -> None:
     assert rep.sparsity > 0.05, rep.sparsity
     assert rep.effective_flops < rep.dense_flops
     assert rep.nonzero_params < rep.params
-    assert strfx.report(strfx.sparsify(_tiny_net(), mode)).nonzero_params <= rep.params
+    assert strfx.report(strfx.sparsify(_tiny_net(), mode, example_inputs=X8)).nonzero_params <= rep.params
 
 
 def test_param_groups_partition_parameters() -> None:
-    gm = strfx.sparsify(_tiny_net(), "structured")
+    gm = strfx.sparsify(_tiny_net(), "structured", example_inputs=X8)
     groups = strfx.param_groups(gm, weight_decay=1e-4, threshold_decay=3e-3, norm_decay=0.0)
     by_name = {g["name"]: g for g in groups}
     ids = [id(p) for g in groups for p in g["params"]]
     assert len(ids) == len(set(ids)) == len(list(gm.parameters()))
-    n_str = len(str_channel_modules(gm))
+    n_str = len(channel_carriers(gm))
     assert len(by_name["thresholds"]["params"]) == n_str and by_name["thresholds"]["weight_decay"] == 3e-3
     assert len(by_name["norms"]["params"]) == n_str and by_name["norms"]["weight_decay"] == 0.0
 
 
 def test_structured_puts_str_bn_on_batchnorm_and_gates_elsewhere() -> None:
-    gm = strfx.sparsify(_tiny_net(), "structured", example_inputs=torch.randn(1, 1, 8, 8))
-    kinds = {name: type(m).__name__ for name, m in str_channel_modules(gm).items()}
-    assert kinds["1"] == "STRBatchNorm"  # the BatchNorm after conv 0
-    gates = [n for n, k in kinds.items() if k == "STRGate"]
-    assert sorted(gates) == ["3_gate", "6_gate"]  # conv 3 and the hidden linear; never the output layer
-    assert gm.get_submodule("6_gate").channel_dim == -1 and gm.get_submodule("3_gate").channel_dim == 1
+    gm = strfx.sparsify(_tiny_net(), "structured", example_inputs=X8)
+    kinds = {name: c.kind for name, c in channel_carriers(gm).items()}
+    # STR-BN on the BatchNorm after conv 0 (not on conv 0: the norm would undo a zero there); one
+    # importance vector each for conv 3 and the hidden linear; never the output layer
+    assert kinds == {"1": "bn", "3": "gate", "6": "gate"}
+    assert parametrize.is_parametrized(gm[1], "weight") and parametrize.is_parametrized(gm[1], "bias")
+    assert not parametrize.is_parametrized(gm[0]) and not parametrize.is_parametrized(gm[8])
+    assert {"weight", "bias"} <= set(gm[6].parametrizations)
 
 
 def test_exclude_and_keep_first_last() -> None:
     cfg = {"exclude": ["3"], "keep_first_dense": True, "keep_last_dense": True}
-    gm = strfx.sparsify(_tiny_net(), "unstructured", config=cfg)
+    gm = strfx.sparsify(_tiny_net(), "unstructured", config=cfg, example_inputs=X8)
     assert sorted(str_weights(gm)) == ["6.weight"]
 
 
@@ -146,13 +165,13 @@ def test_functional_weights_are_sparsified() -> None:
 
     model, x = F(), torch.randn(3, 4)
     gm = strfx.sparsify(model, "unstructured", example_inputs=(x,))
-    assert list(str_weights(gm)) == ["w_str.weight"]
+    assert list(str_weights(gm)) == ["w"]
     assert max_rel_error(gm(x), model(x)) <= 1e-4
 
 
 def test_structured_with_nothing_to_gate_is_a_clear_error() -> None:
     with pytest.raises(NothingToSparsifyError, match="nothing to gate"):
-        strfx.sparsify(nn.Sequential(nn.Flatten(), nn.Linear(4, 2)), "structured")
+        strfx.sparsify(nn.Sequential(nn.Flatten(), nn.Linear(4, 2)), "structured", example_inputs=torch.randn(1, 4))
 
 
 def test_untraceable_model_names_the_line() -> None:
@@ -167,20 +186,14 @@ def test_untraceable_model_names_the_line() -> None:
             return x
 
     with pytest.raises(TraceError) as info:
-        strfx.sparsify(Branchy(), "unstructured")
+        strfx.sparsify(Branchy(), "unstructured", example_inputs=torch.randn(2, 4))
     msg = str(info.value)
-    assert "test_sparsify.py" in msg and "if x.sum() > 0" in msg and "leaf_modules" in msg
+    assert "test_sparsify.py" in msg and "torch.export" in msg and "\n" not in msg
 
 
-def test_leaf_modules_make_untraceable_parts_traceable() -> None:
-    class Inner(nn.Module):
-        def forward(self, x: torch.Tensor) -> torch.Tensor:
-            return x if x.sum() > 0 else -x
-
-    model = nn.Sequential(nn.Linear(4, 4), Inner(), nn.Linear(4, 2))
-    gm = strfx.sparsify(model, "unstructured", config={"trace": {"leaf_modules": ["Inner"]}},
-                        example_inputs=(torch.randn(3, 4),))
-    assert len(str_weights(gm)) == 2
+def test_needs_example_inputs() -> None:
+    with pytest.raises(strfx.StrfxError, match="example_inputs"):
+        strfx.sparsify(_tiny_net(), "unstructured")
 
 
 def test_verification_catches_a_broken_insertion() -> None:
@@ -190,7 +203,7 @@ def test_verification_catches_a_broken_insertion() -> None:
         model[0].weight.mul_(0.01)
     from strfx.api import check_equivalent
 
-    gm = strfx.sparsify(model, "unstructured", verify=False)
+    gm = strfx.sparsify(model, "unstructured", verify=False, example_inputs=torch.randn(3, 4))
     with torch.no_grad():
         gm.get_submodule("0").parametrizations.weight.original.mul_(0.5)
     with pytest.raises(VerificationError, match="max relative error"):

@@ -51,7 +51,7 @@ def test_zoo_model_shrinks_exactly(name):
     counts = kill_channels(gm, (0.3, 0.5), seed=0)
     assert counts["channels"] > 0
     small = strfx.shrink(gm)
-    rep = small.meta["strfx_shrink"]
+    rep = small.strfx_shrink
     assert rep["params_after"] < rep["params_before"]
     assert rep["max_error"] <= 1e-4
     assert not any(type(m).__module__.startswith("strfx") for m in small.modules())

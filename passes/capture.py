@@ -1,0 +1,110 @@
+"""Capture a model as one ATen graph with ``torch.export`` — the only front end strfx has.
+
+``capture`` exports the model (non-strict by default, every submodule in eval mode so BatchNorm
+uses its running statistics and dropout is off), runs ``run_decompositions({})`` to make the graph
+functional (an in-place op through a view becomes explicit data flow, so no write can hide from the
+analysis) and returns the unlifted ``GraphModule`` of ``ExportedProgram.module()``:
+
+* parameters and buffers are ``get_attr`` nodes whose target is their qualified name in the
+  user's model (``layer1.0.bn1.weight``), which is how a channel group maps back to parameters;
+* every node carries its output as a fake tensor in ``node.meta["val"]`` (shapes, dtypes);
+* ``node.meta["nn_module_stack"]`` names the module each op came from;
+* keyword calls, computed dims and module classes are normalised away: ``conv(input=y)`` is an
+  ``aten.conv2d`` like any other, ``BatchNormAct2d`` is a batch norm followed by an activation.
+
+The graph is used to analyse and to cut, never to train: training runs the user's own module.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import traceback
+import warnings
+from typing import Any, Iterator, Sequence
+
+import torch
+import torch.fx as fx
+from torch import nn
+
+from strfx.config import CaptureConfig
+from strfx.errors import TraceError
+
+
+@contextlib.contextmanager
+def eval_mode(model: nn.Module) -> Iterator[None]:
+    """Every submodule in eval mode, then each back to its own mode (mixed modes survive)."""
+    modes = [(m, m.training) for m in model.modules()]
+    try:
+        for m, _ in modes:  # not .eval(): an exported program's module refuses it
+            m.training = False
+        yield
+    finally:
+        for m, training in modes:
+            m.training = training
+
+
+import strfx as _strfx  # noqa: E402
+
+_LIB_DIRS = tuple(os.path.dirname(p) + os.sep for p in (torch.__file__, __file__, _strfx.__file__))
+
+
+def _user_frame(err: BaseException) -> str:
+    """`` at file:line `code` `` of the user's code where capture failed, if torch.export says."""
+    frames = [f for f in traceback.extract_tb(err.__traceback__) if not f.filename.startswith(_LIB_DIRS)
+              and "<frozen" not in f.filename and "site-packages" not in f.filename]
+    if frames:
+        f = frames[-1]
+        return f" at {f.filename}:{f.lineno} `{(f.line or '').strip()}`"
+    # torch.export's own messages quote the user's frame as 'File "x.py", line N'
+    found = [m for m in re.finditer(r'File "([^"]+)", line (\d+)', str(err)) if not m.group(1).startswith(_LIB_DIRS)]
+    return f" at {found[-1].group(1)}:{found[-1].group(2)}" if found else ""
+
+
+def _first_line(err: BaseException) -> str:
+    for line in str(err).strip().splitlines():
+        if line.strip():
+            return line.strip()
+    return type(err).__name__
+
+
+def as_inputs(example_inputs: Any) -> tuple[Any, ...]:
+    if isinstance(example_inputs, torch.Tensor):
+        return (example_inputs,)
+    return tuple(example_inputs)
+
+
+def export(model: nn.Module, example_inputs: Sequence[Any], config: CaptureConfig | None = None,
+           dynamic_batch: bool | None = None) -> torch.export.ExportedProgram:
+    """``torch.export`` of ``model`` in eval mode, functional ATen ops; one-line :class:`TraceError` on failure."""
+    config = config or CaptureConfig()
+    inputs = as_inputs(example_inputs)
+    dynamic = config.dynamic_batch if dynamic_batch is None else dynamic_batch
+    shapes = None
+    if dynamic:
+        batch = torch.export.Dim("batch", min=1)
+        shapes = tuple({0: batch} if isinstance(x, torch.Tensor) and x.dim() > 0 else None for x in inputs)
+    try:
+        with eval_mode(model), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            ep = torch.export.export(model, inputs, strict=config.strict, dynamic_shapes=shapes)
+            return ep.run_decompositions({})
+    except Exception as err:  # noqa: BLE001 - export raises many kinds; all become one clear line
+        raise TraceError(
+            f"torch.export cannot capture {type(model).__name__}{_user_frame(err)}: {_first_line(err)}; "
+            "strfx needs a model torch.export can capture (no data-dependent Python control flow: use "
+            "torch.cond, or make the branch depend on shapes only)"
+        ) from err
+
+
+def capture(model: nn.Module, example_inputs: Sequence[Any], config: CaptureConfig | None = None) -> fx.GraphModule:
+    """The ATen ``GraphModule`` of ``model`` on ``example_inputs`` (``model`` is left unchanged).
+
+    Parameters and buffers of the result are the model's own tensors (shared, not copied).
+    """
+    ep = export(model, example_inputs, config, dynamic_batch=False)
+    gm = ep.module()
+    gm.meta["strfx_capture"] = {"params": dict(ep.graph_signature.inputs_to_parameters),
+                                "buffers": dict(ep.graph_signature.inputs_to_buffers)}
+    return gm
