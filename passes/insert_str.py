@@ -31,7 +31,7 @@ from torch.nn.utils import parametrize
 
 from strfx.config import SparsifyConfig
 from strfx.errors import NothingToSparsifyError
-from strfx.modules import STRShift, STRUnit, STRWeight, UnitScale
+from strfx.modules import STRUnit, STRWeight, UnitScale, str_norm_
 from strfx.passes.channel_analysis import ChannelAnalysis, Writer
 
 aten = torch.ops.aten
@@ -129,13 +129,8 @@ def insert_structured(model: nn.Module, analysis: ChannelAnalysis, config: Spars
         if w.kind == "batch_norm" and len(w.params) == 2:
             mod = _module(model, owner)
             gamma_attr, beta_attr = _owner(w.params[0][0])[1], _owner(w.params[1][0])[1]
-            gamma = getattr(mod, gamma_attr)
-            strw = STRWeight(gamma, config.s_init, config.threshold_fn, role="norm")
-            strw.to(device=gamma.device, dtype=gamma.dtype)
-            strw.producers = producers.get(w.node, [])
-            parametrize.register_parametrization(mod, gamma_attr, strw, unsafe=True)
-            shift = STRShift(mod.parametrizations[gamma_attr], config.bn_gamma_min)
-            parametrize.register_parametrization(mod, beta_attr, shift, unsafe=True)
+            str_norm_(mod, config.s_init, config.threshold_fn, config.bn_gamma_min, gamma_attr, beta_attr)
+            mod.parametrizations[gamma_attr][0].producers = producers.get(w.node, [])
             done.update(name for name, _ in w.params)
             count += 1
             continue

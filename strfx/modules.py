@@ -222,6 +222,19 @@ class UnitScale(nn.Module):
 STR_PARAMETRIZATIONS = (STRWeight, STRShift, UnitScale)
 
 
+def str_norm_(norm: nn.Module, s_init: float = -15.0, fn: str = "sigmoid", gamma_min: float = 1e-3,
+              weight: str = "weight", bias: str = "bias") -> nn.Module:
+    """Make ``norm`` an STR-BN in place: γ' = soft threshold of γ, β = γ'·β̂ + β₀; same function."""
+    from torch.nn.utils import parametrize
+
+    gamma = getattr(norm, weight)
+    strw = STRWeight(gamma, s_init, fn, role="norm")
+    strw.to(device=gamma.device, dtype=gamma.dtype)
+    parametrize.register_parametrization(norm, weight, strw, unsafe=True)
+    parametrize.register_parametrization(norm, bias, STRShift(norm.parametrizations[weight], gamma_min), unsafe=True)
+    return norm
+
+
 def _parametrized(model: nn.Module) -> list[tuple[str, str, nn.Module]]:
     """(module name, tensor name, ParametrizationList) of every parametrized tensor in ``model``."""
     out = []

@@ -59,7 +59,7 @@ def test_transform_reads_config_file(tmp_path: Path) -> None:
     res = run("transform", str(EXAMPLES / "lenet5.py"), "--config", str(cfg), "-o", str(out), "--json")
     assert res.exit_code == 0, res.output
     names = [layer["name"] for layer in json.loads(res.output)["layers"]]
-    assert names == ["conv2_gate", "fc1_gate"]
+    assert names == ["conv2", "fc1"]
 
 
 def test_inspect_lists_layers_in_both_modes() -> None:
@@ -67,7 +67,7 @@ def test_inspect_lists_layers_in_both_modes() -> None:
     assert res.exit_code == 0
     rows = {r["layer"]: r for r in json.loads(res.output)}
     assert rows["block.conv1"]["structured"].startswith("STR-BN block.bn1")
-    assert rows["left"]["structured"].startswith("gate left_gate")
+    assert rows["left"]["structured"].startswith("importance vector")
     assert rows["head"]["unstructured"] == "STR on weight" and rows["head"]["structured"] == "—"
 
 

@@ -7,7 +7,9 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
-from strfx.modules import STRBatchNorm, STRGate, STRWeight, soft_threshold, soft_threshold_inverse
+import copy
+
+from strfx.modules import STRUnit, STRWeight, UnitScale, soft_threshold, soft_threshold_inverse, str_norm_
 
 
 def test_soft_threshold_values_match_formula() -> None:
@@ -86,26 +88,32 @@ def _bn_with_odd_channels() -> nn.BatchNorm2d:
     return bn
 
 
+def _str_bn(bn: nn.BatchNorm2d, s_init: float) -> nn.BatchNorm2d:
+    return str_norm_(copy.deepcopy(bn), s_init)
+
+
 @pytest.mark.parametrize("training", [False, True])
 def test_str_batchnorm_equals_batchnorm(training: bool) -> None:
     torch.manual_seed(3)
     bn = _bn_with_odd_channels().train(training)
-    sbn = STRBatchNorm.from_batchnorm(bn, s_init=-15.0).train(training)
+    sbn = _str_bn(bn, -15.0).train(training)
     x = torch.randn(4, 6, 5, 5)
     torch.testing.assert_close(sbn(x), bn(x), rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(sbn.running_mean, bn.running_mean)
     torch.testing.assert_close(sbn.running_var, bn.running_var)
     assert int(sbn.num_batches_tracked) == int(bn.num_batches_tracked)
+    assert type(sbn).__mro__[1] is nn.BatchNorm2d  # still the user's BatchNorm, parametrized
 
 
 def test_str_batchnorm_dead_channel_is_exactly_zero() -> None:
     bn = _bn_with_odd_channels().eval()
-    sbn = STRBatchNorm.from_batchnorm(bn, s_init=-15.0).eval()
+    sbn = _str_bn(bn, -15.0).eval()
+    strw, shift = sbn.parametrizations.weight[0], sbn.parametrizations.bias[0]
     with torch.no_grad():
-        sbn.s.fill_(0.0)  # g(s) = 0.5: |γ| ≤ 0.5 dies
+        strw.s.fill_(0.0)  # g(s) = 0.5: |γ| ≤ 0.5 dies
     y = sbn(torch.randn(3, 6, 4, 4))
-    gamma = sbn.effective_weight()
-    dead = (gamma == 0) & (sbn.offset == 0)
+    gamma = sbn.weight
+    dead = (gamma == 0) & (shift.offset == 0)
     # channels 2 and 3 (γ = 0 and tiny γ) keep their β as a constant offset instead of dividing by γ
     assert dead.tolist() == [False, True, False, False, False, True]
     assert (y[:, dead] == 0).all()
@@ -113,30 +121,36 @@ def test_str_batchnorm_dead_channel_is_exactly_zero() -> None:
     torch.testing.assert_close(y[:, 3], torch.full_like(y[:, 3], -0.4))
 
 
-def test_gate_is_identity_at_init_and_zero_when_dead() -> None:
-    gate = STRGate(5, channel_dim=-1, s_init=-15.0)
-    x = torch.randn(2, 7, 5)
-    assert torch.equal(gate(x), x)
+def test_importance_vector_is_identity_at_init_and_zero_when_dead() -> None:
+    lin = nn.Linear(4, 5)
+    x = torch.randn(2, 7, 4)
+    expected = lin(x)
+    unit = STRUnit(5, s_init=-15.0)
+    for name in ("weight", "bias"):
+        parametrize.register_parametrization(lin, name, UnitScale(unit, torch.arange(5), 0))
+    assert torch.equal(lin(x), expected)
     with torch.no_grad():
-        gate.weight[1] = 0.0
-    assert (gate(x)[..., 1] == 0).all()
+        unit.weight[1] = 0.0
+    assert (lin(x)[..., 1] == 0).all() and (lin(x)[..., 0] == expected[..., 0]).all()
 
 
-def test_str_batchnorm_fused_forward_matches_the_formula() -> None:
-    """forward() hands γ' and γ'β̂ + β₀ to batch_norm; it must equal γ'(x̂ + β̂) + β₀, values and gradients."""
+def test_str_batchnorm_matches_the_formula() -> None:
+    """STR-BN as parametrizations is γ'(x̂ + β̂) + β₀: values and gradients (also to s)."""
     torch.manual_seed(0)
     bn = _bn_with_odd_channels().double()
-    sbn = STRBatchNorm.from_batchnorm(bn, s_init=-3.0).double().train()
+    sbn = _str_bn(bn, -3.0).double().train()
+    strw, shift = sbn.parametrizations.weight[0], sbn.parametrizations.bias[0]
+    raw_gamma, raw_shift = sbn.parametrizations.weight.original, sbn.parametrizations.bias.original
     with torch.no_grad():
-        sbn.weight[1] = 0.01  # below g(s): a dead channel
+        raw_gamma[1] = 0.01  # below g(s): a dead channel
     x = torch.randn(4, 6, 5, 5, dtype=torch.float64, requires_grad=True)
     x_hat = torch.nn.functional.batch_norm(x, None, None, None, None, True, 0.0, sbn.eps)
     view = (1, -1, 1, 1)
-    ref = sbn.effective_weight().view(view) * (x_hat + sbn.shift.view(view)) + sbn.offset.view(view)
+    ref = soft_threshold(raw_gamma, strw.s).view(view) * (x_hat + raw_shift.view(view)) + shift.offset.view(view)
     out = sbn(x)
     torch.testing.assert_close(out, ref, rtol=1e-12, atol=1e-12)
     w = torch.randn_like(out)
-    params = (x, sbn.weight, sbn.shift, sbn.s)
+    params = (x, raw_gamma, raw_shift, strw.s)
     for a, b in zip(torch.autograd.grad((out * w).sum(), params), torch.autograd.grad((ref * w).sum(), params)):
         torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12)
-    assert torch.equal(out[:, 1], sbn.offset[1].expand_as(out[:, 1]))  # dead channel outputs exactly β₀
+    assert torch.equal(out[:, 1], shift.offset[1].expand_as(out[:, 1]))  # dead channel outputs exactly β₀
