@@ -47,7 +47,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 import strfx
 from _env import environment
-from strfx.modules import STRGate, str_channel_modules
+from strfx.modules import str_units
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from baselines import (  # noqa: E402
@@ -243,8 +243,7 @@ def dense_widths(arch: str) -> list[int]:
 
 def gate_widths(gm: nn.Module) -> list[int]:
     """Alive channels per STR gate, in graph order (gates sit after conv1, conv2, fc1 / fc1, fc2)."""
-    gates = [m for m in str_channel_modules(gm).values() if isinstance(m, STRGate)]
-    return [int((g.effective_weight() != 0).sum()) for g in gates]
+    return [int((u.effective_weight() != 0).sum()) for u in str_units(gm).values()]
 
 
 # ---------------------------------------------------------------- methods
@@ -272,7 +271,7 @@ def run_one(arch: str, method: str, knob: float, seed: int, epochs: int, threads
 
     elif method in ("str", "str-struct", "str-struct-ft"):
         mode = "unstructured" if method == "str" else "structured"
-        gm = strfx.sparsify(model, mode, config={"s_init": S_INIT}, verify=False)
+        gm = strfx.sparsify(model, mode, config={"s_init": S_INIT}, verify=False, example_inputs=example)
         # str-struct-ft: STR learns the structure in the first 60 % of the steps, then the thresholds are
         # frozen and the survivors fine-tuned with the learning rate restarted: slimming's schedule.
         learn_steps = int(0.6 * total) if method == "str-struct-ft" else total
@@ -360,8 +359,8 @@ def run_one(arch: str, method: str, knob: float, seed: int, epochs: int, threads
 
     elif method == "slim":
         # Plain per-channel scales at STR's gate positions: STR gates with g(s) frozen at ~1e-13.
-        gm = strfx.sparsify(model, "structured", config={"s_init": -30.0}, verify=False)
-        gates = {n: m for n, m in str_channel_modules(gm).items() if isinstance(m, STRGate)}
+        gm = strfx.sparsify(model, "structured", config={"s_init": -30.0}, verify=False, example_inputs=example)
+        gates = dict(str_units(gm))
         for g in gates.values():
             g.s.requires_grad_(False)
         scales = [g.weight for g in gates.values()]
@@ -389,7 +388,7 @@ def run_one(arch: str, method: str, knob: float, seed: int, epochs: int, threads
         fit(gm, groups, data, total, seed, lr_slim, before_step=prune_slim, after_step=prune_slim, penalty=penalty)
         final = gm
         widths = gate_widths(gm)
-        sp, per = 0.0, {n: 1 - int((g.effective_weight() != 0).sum()) / g.num_channels for n, g in gates.items()}
+        sp, per = 0.0, {n: 1 - int((g.effective_weight() != 0).sum()) / g.weight.numel() for n, g in gates.items()}
     else:
         raise ValueError(method)
 

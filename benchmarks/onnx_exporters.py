@@ -1,6 +1,6 @@
 """Which ONNX exporter should ``strfx.export`` use?  Measure, don't guess.
 
-Exports torch.fx-traced torchvision models (what ``strfx.shrink`` returns is a GraphModule) with
+Exports torchvision models captured as strfx captures them (the ATen GraphModule of ``torch.export``) with
 both of torch's ONNX exporters — the TorchScript-based one (``dynamo=False``) and the
 torch.export-based one (``dynamo=True``, onnxscript) — runs each file in onnxruntime (CPU) and
 reports success, max relative error against torch, and export time, side by side in one run.
@@ -21,7 +21,7 @@ import warnings
 import torch
 
 from strfx._torchvision import torchvision
-from strfx.passes import trace
+from strfx.passes import capture
 from strfx.verify import max_rel_error
 
 DEFAULT = ("resnet18,mobilenet_v3_small,efficientnet_b0,shufflenet_v2_x0_5,squeezenet1_0,densenet121,"
@@ -75,7 +75,7 @@ def main() -> None:
     for name in args.models.split(","):
         model = torchvision.models.get_model(name, weights=None).eval()
         x = torch.randn(1, 3, size_for(name), size_for(name))
-        gm = trace(model)
+        gm = capture(model, (x,))
         rows[name] = {"torchscript": try_export(gm, x, False), "dynamo": try_export(gm, x, True)}
         print(name, json.dumps(rows[name]), flush=True)
     for kind in ("torchscript", "dynamo"):

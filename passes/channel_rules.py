@@ -810,9 +810,9 @@ def _conv_shrink(s: Any, node: fx.Node) -> None:
     node.kwargs = {k: v for k, v in node.kwargs.items() if k != "groups"}
 
 
-def _linear(ctx: Ctx, node: fx.Node) -> Any:
-    x = ctx.info(node.args[0])
-    w_node, b_node = node.args[1], arg(node, 2, "bias")
+def _dense(ctx: Ctx, node: fx.Node, x_arg: Any, w_node: Any, b_node: Any, out_dim: int, in_dim: int) -> Any:
+    """``x @ W.T + b`` over the last dim of ``x``; ``W``'s output channels along ``out_dim``."""
+    x = ctx.info(x_arg)
     shape = ctx.shape(node)
     if x is None or shape is None:
         return _unknown(ctx, node)
@@ -820,7 +820,7 @@ def _linear(ctx: Ctx, node: fx.Node) -> Any:
     xin = x.labels.get(last)
     n_in, n_out = x.shape[last], shape[-1]
     in_zero = x.zero[last] if xin is not None else np.zeros(n_in, dtype=bool)
-    out_ids = ctx.out_ids(w_node, 0, n_out)
+    out_ids = ctx.out_ids(w_node, out_dim, n_out)
     if not _needs_param(ctx, node, w_node, [out_ids] + ([xin] if xin is not None else [])):
         out = TInfo(shape)
         out.set(len(shape) - 1, out_ids)
@@ -828,28 +828,48 @@ def _linear(ctx: Ctx, node: fx.Node) -> Any:
     w = ctx.tensor(w_node)
     bias = ctx.tensor(b_node) if isinstance(b_node, fx.Node) else None
     has_bias = isinstance(b_node, fx.Node)
-    ctx.tie(w_node, 0, out_ids)
+    ctx.tie(w_node, out_dim, out_ids)
     if xin is not None:
-        ctx.tie(w_node, 1, xin)
+        ctx.tie(w_node, in_dim, xin)
         ctx.sink(x, last)
     if has_bias:
-        ctx.tie(b_node, 0, out_ids)
+        ctx.tie(b_node, -1, out_ids)
     if w is None or has_bias and bias is None:
         zero = np.zeros(n_out, bool)
     else:
-        ww = w.detach()
+        ww = w.detach() if out_dim == 0 else w.detach().t()
         if in_zero.any():
             ww = ww[:, torch.from_numpy(~in_zero).to(ww.device)]
-        zero = ~ww.any(1).cpu().numpy() & (np.ones(n_out, bool) if not has_bias else ~_nz(bias))
+        zero = ~ww.any(1).cpu().numpy() & (np.ones(n_out, bool) if not has_bias else ~_nz_along(bias, bias.dim() - 1))
     bias_zero = not has_bias or (bias is not None and not _nz(bias).any())
     out = TInfo(shape)
     for d, ids in x.labels.items():
         if d != last:
             out.set(d, ids, x.zero[d] & bias_zero)
     out.set(len(shape) - 1, out_ids, zero)
-    params = [(w_node.target, 0)] + ([(b_node.target, 0)] if ctx.param_name(b_node) else [])
+    params = [(w_node.target, out_dim)] + ([(b_node.target, 0)] if ctx.param_name(b_node) else [])
     ctx.writers.append(Writer(node, "linear", out_ids, params))
     return out
+
+
+def _linear(ctx: Ctx, node: fx.Node) -> Any:
+    return _dense(ctx, node, node.args[0], node.args[1], arg(node, 2, "bias"), 0, 1)
+
+
+def _matmul(ctx: Ctx, node: fx.Node) -> Any:
+    """``x @ W`` with a 2-D parameter ``W`` (HF's Conv1D: ``addmm(b, x, W)``) is a linear layer with
+    ``W`` transposed; a product of two activations (attention) blocks its operands."""
+    if node.target.overloadpacket is aten.addmm:
+        b, x, w = node.args[0], node.args[1], node.args[2]
+        scalars_default = arg(node, 3, "beta", 1) == 1 and arg(node, 4, "alpha", 1) == 1
+    else:
+        b, x, w = None, node.args[0], node.args[1]
+        scalars_default = True
+    w_shape = ctx.shape(w) if isinstance(w, fx.Node) else None
+    if ctx.param_name(w) is not None and w_shape is not None and len(w_shape) == 2 and scalars_default and (
+            b is None or ctx.param_name(b) is not None):
+        return _dense(ctx, node, x, w, b, 1, 0)
+    return _blocking("attention/matmul internals are not pruned")(ctx, node)
 
 
 def _embedding(ctx: Ctx, node: fx.Node) -> Any:
@@ -1058,8 +1078,9 @@ RULES: dict[Any, Rule] = {
     aten.clone: R_ID, aten.alias: R_ID, aten._to_copy: R_ID, aten.contiguous: R_ID, aten.detach: R_ID,
     aten.lift_fresh_copy: R_ID, aten.dropout: R_ID, aten.feature_dropout: R_ID, aten.alpha_dropout: R_ID,
     aten.to: R_ID, aten.type_as: R_ID,
-    aten.matmul: R_ATTENTION, aten.bmm: R_ATTENTION, aten.mm: R_ATTENTION, aten.baddbmm: R_ATTENTION,
-    aten.addmm: R_ATTENTION, aten.einsum: R_ATTENTION, aten.scaled_dot_product_attention: R_ATTENTION,
+    aten.matmul: Rule("matmul", _matmul), aten.mm: Rule("matmul", _matmul), aten.addmm: Rule("addmm", _matmul),
+    aten.bmm: R_ATTENTION, aten.baddbmm: R_ATTENTION, aten.einsum: R_ATTENTION,
+    aten.scaled_dot_product_attention: R_ATTENTION,
     aten.sym_size: R_NONE, aten.sym_numel: R_NONE, aten.sym_stride: R_NONE,
     aten._assert_tensor_metadata: R_NONE, aten._assert_scalar: R_NONE, aten.sym_constrain_range_for_size: R_NONE,
     aten.upsample_nearest1d: _pool(1), aten.upsample_nearest2d: _pool(2), aten.upsample_nearest3d: _pool(3),

@@ -56,7 +56,8 @@ def _transposed(node: fx.Node) -> bool:
 
 
 def weight_sites(gm: fx.GraphModule) -> list[tuple[fx.Node, str, int]]:
-    """(op node, qualified weight name, output-channel dim of the weight) of every conv/linear weight."""
+    """(op node, qualified weight name, output-channel dim of the weight) of every conv/linear weight
+    (also ``x @ W`` products with a 2-D parameter, as in HF's Conv1D)."""
     sites = []
     for node in gm.graph.nodes:
         if node.op != "call_function" or not isinstance(node.target, torch._ops.OpOverload):
@@ -66,6 +67,10 @@ def weight_sites(gm: fx.GraphModule) -> list[tuple[fx.Node, str, int]]:
             w = node.args[1] if len(node.args) > 1 else node.kwargs.get("weight")
             if isinstance(w, fx.Node) and w.op == "get_attr":
                 sites.append((node, w.target, 1 if packet in _CONVS and _transposed(node) else 0))
+        elif packet in (aten.addmm, aten.mm, aten.matmul):  # x @ W with a 2-D parameter (HF Conv1D)
+            w = node.args[2] if packet is aten.addmm else node.args[1]
+            if isinstance(w, fx.Node) and w.op == "get_attr" and w.meta["val"].dim() == 2:
+                sites.append((node, w.target, 1))
     return sites
 
 

@@ -1,8 +1,11 @@
-"""Turn MODEL (a Python file or ``torchvision:NAME``) into a model and example inputs.
+"""Turn MODEL into a model and example inputs.
 
-A model file defines ``build_model()`` and may define ``example_inputs()`` (default: one
-1×3×224×224 tensor) and ``datasets()`` (train and validation datasets, for ``strfx train``).
-Every way this can fail becomes one :class:`~strfx.errors.ModelLoadError` line.
+MODEL is a Python file, ``torchvision:NAME``, ``timm:NAME`` (random init, nothing downloaded) or
+``hf:PATH`` (a local HuggingFace directory with a ``config.json``; its weights when present, else a
+random init from the config; never the network). A model file defines ``build_model()`` and may
+define ``example_inputs()`` (default: one 1×3×224×224 tensor) and ``datasets()`` (train and
+validation datasets, for ``strfx train``). Every way this can fail becomes one
+:class:`~strfx.errors.ModelLoadError` line.
 """
 
 from __future__ import annotations
@@ -22,6 +25,8 @@ from torch import nn
 from strfx.errors import ModelLoadError
 
 TORCHVISION_PREFIX = "torchvision:"
+TIMM_PREFIX = "timm:"
+HF_PREFIX = "hf:"
 
 
 @dataclass
@@ -92,7 +97,8 @@ def load_from_file(path: str | Path) -> LoadedModel:
     if not path.exists():
         raise ModelLoadError(f"model file not found: {path}")
     if path.is_dir() or path.suffix != ".py":
-        raise ModelLoadError(f"MODEL must be a .py file defining build_model() or torchvision:NAME, got {path}")
+        raise ModelLoadError(f"MODEL must be a .py file defining build_model(), torchvision:NAME, timm:NAME or "
+                             f"hf:PATH, got {path}")
     module = _import_file(path)
     build = getattr(module, "build_model", None)
     if not callable(build):
@@ -123,8 +129,70 @@ def load_from_torchvision(name: str) -> LoadedModel:
     return LoadedModel(model, inputs, name, TORCHVISION_PREFIX + name)
 
 
+def load_from_timm(name: str) -> LoadedModel:
+    """A timm model with random weights and its default input size."""
+    try:
+        import timm
+    except ImportError:
+        raise ModelLoadError("timm:NAME needs timm; install it with `pip install timm`") from None
+    if not timm.list_models(name):
+        close = timm.list_models(f"*{name}*")[:5]
+        hint = f"; did you mean {', '.join(close)}?" if close else "; see timm.list_models()"
+        raise ModelLoadError(f"unknown timm model {name!r}{hint}")
+    try:
+        model = timm.create_model(name, pretrained=False)
+    except Exception as err:  # noqa: BLE001
+        raise ModelLoadError(f"timm could not build {name!r}: {type(err).__name__}: {err}") from err
+    size = tuple(model.pretrained_cfg.get("input_size", (3, 224, 224)))
+    inputs = (torch.randn(1, *size, generator=torch.Generator().manual_seed(0)),)
+    return LoadedModel(model, inputs, name, TIMM_PREFIX + name)
+
+
+def hf_example_inputs(config: Any, batch: int = 1, seq: int = 16) -> tuple[Any, ...]:
+    """Inputs a HuggingFace model of ``config`` takes: token ids, pixels or audio features."""
+    gen = torch.Generator().manual_seed(0)
+    if getattr(config, "num_mel_bins", None):  # speech (Whisper): log-mel features
+        frames = 2 * getattr(config, "max_source_positions", 1500)
+        return (torch.randn(batch, config.num_mel_bins, frames, generator=gen),)
+    if getattr(config, "image_size", None) and getattr(config, "num_channels", None):
+        size = config.image_size if isinstance(config.image_size, int) else config.image_size[0]
+        return (torch.randn(batch, config.num_channels, size, size, generator=gen),)
+    vocab = getattr(config, "vocab_size", None) or 100
+    return (torch.randint(0, vocab, (batch, seq), generator=gen),)
+
+
+def load_from_hf(path_text: str) -> LoadedModel:
+    """A local HuggingFace model directory (``config.json``); loaded without the network."""
+    path = Path(path_text).expanduser().resolve()
+    if not (path / "config.json").is_file():
+        raise ModelLoadError(f"hf:{path_text} needs a local directory with a config.json (nothing is downloaded)")
+    try:
+        import transformers
+    except ImportError:
+        raise ModelLoadError("hf:PATH needs transformers; install it with `pip install transformers`") from None
+    try:
+        config = transformers.AutoConfig.from_pretrained(str(path), local_files_only=True)
+        archs = getattr(config, "architectures", None) or []
+        cls = getattr(transformers, archs[0], None) if archs else None
+        cls = cls or transformers.AutoModel
+        weights = any(path.glob("*.safetensors")) or any(path.glob("pytorch_model*.bin"))
+        if weights:
+            model = cls.from_pretrained(str(path), local_files_only=True, use_safetensors=any(path.glob("*.safetensors")))
+        else:
+            model = cls.from_config(config) if cls is transformers.AutoModel else cls(config)
+    except Exception as err:  # noqa: BLE001
+        raise ModelLoadError(f"transformers could not load {path}: {type(err).__name__}: "
+                             f"{str(err).strip().splitlines()[0] if str(err).strip() else ''}") from err
+    model.config.use_cache = False  # a plain forward; generation turns the cache back on itself
+    return LoadedModel(model, hf_example_inputs(config), path.name, HF_PREFIX + str(path))
+
+
 def load_model(spec: str) -> LoadedModel:
     """Build the model MODEL names; raises :class:`ModelLoadError` with one clear line."""
     if spec.startswith(TORCHVISION_PREFIX):
         return load_from_torchvision(spec[len(TORCHVISION_PREFIX):])
+    if spec.startswith(TIMM_PREFIX):
+        return load_from_timm(spec[len(TIMM_PREFIX):])
+    if spec.startswith(HF_PREFIX):
+        return load_from_hf(spec[len(HF_PREFIX):])
     return load_from_file(spec)

@@ -196,6 +196,32 @@ ATTRIBUTE_FIXES: list[tuple[type[nn.Module], Any]] = [
 ]
 
 
+def _fix_hf_conv1d(m: nn.Module) -> None:
+    m.nf = m.weight.shape[1]  # HF's Conv1D: weight (in, out), output size ``nf``
+
+
+# Classes of other libraries, by name (strfx does not import them).
+ATTRIBUTE_FIXES_BY_NAME: dict[str, Any] = {"Conv1D": _fix_hf_conv1d}
+
+
+_WIDTH_FIELDS = ("intermediate", "inner", "ffn", "d_ff", "mlp_dim")
+
+
+def _fix_hf_config(model: nn.Module, cuts: dict[str, dict[int, np.ndarray]]) -> None:
+    """A HuggingFace config's MLP width follows the cut where every layer kept the same width
+    (so ``save_pretrained`` → ``from_pretrained`` rebuilds the shrunk model); per-layer widths
+    leave it as it was."""
+    config = getattr(model, "config", None)
+    if config is None or not hasattr(config, "to_dict"):
+        return
+    for field, value in config.to_dict().items():
+        if not isinstance(value, int) or isinstance(value, bool) or not any(k in field for k in _WIDTH_FIELDS):
+            continue
+        new = {int(keep.sum()) for keeps in cuts.values() for keep in keeps.values() if len(keep) == value}
+        if len(new) == 1:
+            setattr(config, field, new.pop())
+
+
 def _cut_eager(model: nn.Module, cuts: dict[str, dict[int, np.ndarray]]) -> str | None:
     """Apply ``cuts`` to the eager ``model`` in place; the reason it cannot, else None."""
     owners: dict[str, nn.Module] = {}
@@ -210,11 +236,13 @@ def _cut_eager(model: nn.Module, cuts: dict[str, dict[int, np.ndarray]]) -> str 
             return f"{name} is not a tensor attribute"
         set_tensor(model, name, cut_tensor(tensor, keeps))
         owners[owner_name] = owner
+    _fix_hf_config(model, cuts)
     for owner in owners.values():
-        for kind, fix in ATTRIBUTE_FIXES:
-            if isinstance(owner, kind):
-                fix(owner)
-                break
+        fix = next((f for kind, f in ATTRIBUTE_FIXES if isinstance(owner, kind)), None)
+        fix = fix or next((ATTRIBUTE_FIXES_BY_NAME[c.__name__] for c in type(owner).__mro__
+                           if c.__name__ in ATTRIBUTE_FIXES_BY_NAME), None)
+        if fix is not None:
+            fix(owner)
     return None
 
 

@@ -12,10 +12,10 @@ A run goes through three stages:
 3. The end of the run (rank 0): final report, ``weights.pt``, the layer-wise budget plot and, with
    ``export``, shrink + export with their checks.
 
-SyncBatchNorm: ``sync_batchnorm: true`` converts the ``nn`` BatchNorms left in the model (in
-unstructured mode, all of them). STR-BN (:class:`~strfx.modules.STRBatchNorm`, structured mode) is
-not an ``nn`` BatchNorm and keeps per-process batch statistics, like plain DDP does for BN; its
-running statistics are kept identical by DDP's buffer broadcast.
+SyncBatchNorm: ``sync_batchnorm: true`` converts the BatchNorms that carry no STR (in unstructured
+mode, all of them). An STR-BN (a BatchNorm whose γ/β are STR parametrizations, structured mode)
+keeps per-process batch statistics, like plain DDP does for BN; its running statistics are kept
+identical by DDP's buffer broadcast.
 """
 
 from __future__ import annotations
@@ -282,6 +282,20 @@ def run_job(job: dict[str, Any]) -> None:
     shutdown(env)
 
 
+def _convert_sync_batchnorm(module: nn.Module) -> nn.Module:
+    """``nn.SyncBatchNorm.convert_sync_batchnorm`` for every BatchNorm that carries no STR parametrization
+    (converting an STR-BN would replace its parametrized γ/β with plain copies)."""
+    from torch.nn.utils import parametrize
+
+    if isinstance(module, nn.modules.batchnorm._BatchNorm) and not parametrize.is_parametrized(module):
+        return nn.SyncBatchNorm.convert_sync_batchnorm(module)
+    for name, child in list(module.named_children()):
+        new = _convert_sync_batchnorm(child)
+        if new is not child:
+            setattr(module, name, new)
+    return module
+
+
 class WarmupCosine:
     """lr factor per step: linear warm-up, then cosine to 0. A class (not a lambda) so LambdaLR saves it."""
 
@@ -374,7 +388,7 @@ class Trainer:
         four_d = bool(self.example_inputs) and self.example_inputs[0].dim() == 4
         self.channels_last = tc.channels_last if tc.channels_last is not None else (self.cuda and four_d)
         if tc.sync_batchnorm and env.distributed:
-            gm = nn.SyncBatchNorm.convert_sync_batchnorm(gm)
+            gm = _convert_sync_batchnorm(gm)
         gm.to(dev)
         if self.channels_last:
             gm.to(memory_format=torch.channels_last)

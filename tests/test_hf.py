@@ -1,0 +1,90 @@
+"""HuggingFace transformers 5 models, captured with torch.export: sparsify, train, shrink, generate, reload."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import strfx
+import strfx.modules
+from strfx.loader import hf_example_inputs, load_model
+from strfx.testing import kill_channels
+
+transformers = pytest.importorskip("transformers")
+
+
+def _llama() -> tuple[torch.nn.Module, object]:
+    cfg = transformers.LlamaConfig(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                   num_key_value_heads=2, intermediate_size=48, max_position_embeddings=64,
+                                   bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(cfg).eval()
+    model.config.use_cache = False
+    return model, cfg
+
+
+def _gpt2() -> tuple[torch.nn.Module, object]:
+    cfg = transformers.GPT2Config(vocab_size=64, n_embd=32, n_layer=2, n_head=4, n_positions=64,
+                                  bos_token_id=1, eos_token_id=2)
+    torch.manual_seed(0)
+    model = transformers.GPT2LMHeadModel(cfg).eval()
+    model.config.use_cache = False
+    return model, cfg
+
+
+def _bert() -> tuple[torch.nn.Module, object]:
+    cfg = transformers.BertConfig(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                  intermediate_size=48, max_position_embeddings=64)
+    torch.manual_seed(0)
+    return transformers.BertForSequenceClassification(cfg).eval(), cfg
+
+
+def _logits(out: object) -> torch.Tensor:
+    return out.logits if hasattr(out, "logits") else out[0]
+
+
+@pytest.mark.parametrize("build", [_llama, _gpt2, _bert])
+def test_hf_models_sparsify_train_and_shrink_mlp_neurons_exactly(build):
+    model, cfg = build()
+    x = hf_example_inputs(cfg)
+    unstructured = strfx.sparsify(model, "unstructured", example_inputs=x)
+    assert len(strfx.modules.str_weights(unstructured)) >= 4 * cfg.num_hidden_layers
+    sparse = strfx.sparsify(model, "structured", example_inputs=x)
+    assert type(sparse) is type(model)
+    opt = torch.optim.SGD(strfx.param_groups(sparse, threshold_decay=1e-2), lr=0.05)
+    sparse.train()
+    for _ in range(3):  # a few steps in the model's own train mode (dropout on)
+        opt.zero_grad()
+        _logits(sparse(*x)).float().pow(2).mean().backward()
+        opt.step()
+    sparse.eval()
+    counts = kill_channels(sparse, 0.4, example_inputs=x)
+    assert counts["channels"] > 0
+    small = strfx.shrink(sparse, x)
+    rep = small.strfx_shrink
+    assert rep["params_after"] < rep["params_before"] and rep["channels_removed"] == counts["channels"]
+    ids = torch.randint(0, cfg.vocab_size, (2, 11), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        torch.testing.assert_close(_logits(small(ids)), _logits(sparse(ids)), rtol=1e-4, atol=1e-5)
+
+
+def test_hf_llama_generates_after_sparsify_and_after_shrink(tmp_path):
+    model, cfg = _llama()
+    x = hf_example_inputs(cfg)
+    sparse = strfx.sparsify(model, "structured", example_inputs=x)
+    prompt = torch.tensor([[1, 5, 9, 13]])
+    kwargs = dict(max_new_tokens=6, do_sample=False, pad_token_id=0)
+    expected = model.generate(prompt, **kwargs)
+    assert torch.equal(sparse.generate(prompt, **kwargs), expected)  # insertion is exact
+    with torch.no_grad():  # the same 20 MLP neurons of every layer: uniform widths, as HF configs need
+        for carrier in strfx.modules.channel_carriers(sparse).values():
+            carrier.raw[torch.randperm(carrier.raw.numel(), generator=torch.Generator().manual_seed(0))[:20]] = 0.0
+    small = strfx.shrink(sparse, x)
+    assert small.strfx_shrink["result"] == "eager" and type(small) is type(model)
+    assert torch.equal(small.generate(prompt, **kwargs), sparse.generate(prompt, **kwargs))
+    # the shrunk model is still a HF model: it saves and reloads locally
+    small.save_pretrained(tmp_path / "small")
+    loaded = load_model(f"hf:{tmp_path / 'small'}")
+    assert small.config.intermediate_size == 28 == loaded.model.model.layers[1].mlp.up_proj.out_features
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.model(prompt).logits, small(prompt).logits)
