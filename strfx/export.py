@@ -48,7 +48,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from strfx.errors import ExportError, StrfxError, VerificationError
 from strfx.rundir import check_writable
-from strfx.verify import (TOLERANCE, InputSet, compare_outputs, eval_mode, max_rel_error,
+from strfx.verify import (TOLERANCE, InputSet, clone_inputs, compare_outputs, eval_mode, max_rel_error,
                           verification_inputs)
 
 Exporter = Literal["torchscript", "dynamo"]
@@ -515,6 +515,7 @@ def _write_pt2(cap: _Capture, module: nn.Module, staged_file: Path, sets: list[I
 
 
 def _stats(model: nn.Module, inputs: tuple[torch.Tensor, ...], repeats: int, sess: Any = None) -> ModelStats:
+    inputs = clone_inputs(inputs)  # the caller's example must survive a model that writes into its input
     with torch.no_grad():
         torch_lat = measure_latency(lambda: model(*inputs), repeats)
     ort_lat = None
@@ -606,7 +607,7 @@ def _export(model: nn.Module | torch.export.ExportedProgram, module: nn.Module, 
     ref_error = None
     if reference is not None:
         with torch.no_grad():
-            ref_error = max(max_rel_error(module(*s.inputs), reference(*s.inputs)) for s in sets[:4])
+            ref_error = max(max_rel_error(module(*clone_inputs(s.inputs)), reference(*clone_inputs(s.inputs))) for s in sets[:4])
 
     with _staging(path) as onnx_dir:
         exporter, onnx_err, sess, fallback = _write_onnx(module, cap, inputs, onnx_dir, sets, threads, exporters,
@@ -628,7 +629,7 @@ def _export(model: nn.Module | torch.export.ExportedProgram, module: nn.Module, 
             after = _stats(module, inputs, repeats, sess)
             before = None
             if reference is not None:
-                ref_sess = _reference_session(reference, inputs, threads, exporters)
+                ref_sess = _reference_session(reference, inputs, threads, [exporter])  # same exporter: comparable
                 before = _stats(reference, inputs, repeats, ref_sess)
             # Everything verified: publish (renames only).
             _publish(onnx_dir, path)

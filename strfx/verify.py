@@ -63,10 +63,12 @@ def _describe(v: Any) -> str:
 
 
 def _spec_shape(spec: Any) -> Any:
-    """A TreeSpec as nested tuples; list and tuple count as the same container (a tracer may swap them)."""
+    """A TreeSpec as nested tuples; tuple/list/Size and the dict kinds count as one container each (tracers swap them)."""
     kind = spec.type
-    if kind is list:
+    if kind in (list, torch.Size):
         kind = tuple
+    elif isinstance(kind, type) and issubclass(kind, dict):  # OrderedDict, defaultdict: a dict
+        kind = dict
     ctx = spec.context
     children = spec.children() if callable(getattr(spec, "children", None)) else spec.children_specs
     with contextlib.suppress(TypeError):
@@ -255,7 +257,7 @@ def eval_mode(*models: nn.Module) -> Iterator[None]:
             m.training = training
 
 
-def _clone(inputs: tuple[Any, ...]) -> tuple[Any, ...]:
+def clone_inputs(inputs: tuple[Any, ...]) -> tuple[Any, ...]:
     """A fresh copy per run: a model that mutates its input (``x.mul_(2)``) must not poison the next run."""
     return tuple(tree_map(lambda x: x.clone() if isinstance(x, torch.Tensor) else x, inputs))
 
@@ -310,11 +312,11 @@ class _Run:
 @torch.no_grad()
 def _run_pair(candidate: nn.Module, reference: nn.Module, inputs: tuple[Any, ...]) -> _Run:
     try:
-        expected = reference(*_clone(inputs))
+        expected = reference(*clone_inputs(inputs))
     except Exception:  # noqa: BLE001 - the caller decides (an example input the reference rejects is an error)
         return _Run()
     try:
-        actual = candidate(*_clone(inputs))
+        actual = candidate(*clone_inputs(inputs))
     except Exception as err:  # noqa: BLE001
         return _Run(failure=_first_line(err))
     return _Run(comparison=compare_outputs(actual, expected))
@@ -330,6 +332,8 @@ def check_equivalent(
     what: str = "the candidate",
     against: str = "the reference",
     float64: bool = True,
+    candidate64: nn.Module | None = None,
+    reference64: nn.Module | None = None,
 ) -> Equivalence:
     """Prove ``candidate`` computes what ``reference`` does, on every input set, in float32 and float64.
 
@@ -337,6 +341,12 @@ def check_equivalent(
     inputs per run. float64 runs on deep copies cast with ``.double()`` (floating inputs cast, integer
     inputs unchanged) and is skipped, with a note, only when both copies would not fit in memory.
     ``inputs_list`` is usually :func:`verification_inputs`; plain input tuples are named "input set k".
+
+    A transformation that folds parameters (BatchNorm into conv, a gate into a weight) rounds the folded
+    values to float32; cast to float64 they differ from the reference's by ~1e-8, which the float64
+    tolerance rightly flags. Pass ``candidate64`` (the same transformation applied to a float64 copy of
+    the reference, so the folds are computed in float64) and optionally ``reference64`` to compare
+    those instead of ``.double()`` copies.
     Raises :class:`NotEquivalentError` (a :class:`VerificationError`) with one line naming the input
     kind, the output leaf and both errors.
     """
@@ -345,7 +355,9 @@ def check_equivalent(
         raise VerificationError("check_equivalent needs at least one set of inputs")
     notes: list[str] = []
     models64: tuple[nn.Module, nn.Module] | None = None
-    if float64:
+    if float64 and candidate64 is not None:
+        models64 = (candidate64, reference64 if reference64 is not None else copy.deepcopy(reference).double())
+    elif float64:
         copies = _float64_copies(candidate, reference)
         if isinstance(copies, str):
             notes.append(copies)
@@ -412,5 +424,5 @@ def _judge(run32: _Run, run64: _Run | None, s: InputSet, result: Equivalence, wh
 
 
 __all__ = ["Comparison", "Equivalence", "INPUT_KINDS", "InputSet", "NotEquivalentError", "TOLERANCE", "TOLERANCE64",
-           "check_equivalent", "compare_outputs", "eval_mode", "flatten_outputs", "max_rel_error",
+           "check_equivalent", "clone_inputs", "compare_outputs", "eval_mode", "flatten_outputs", "max_rel_error",
            "verification_inputs"]

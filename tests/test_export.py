@@ -290,3 +290,17 @@ def _render(table) -> str:
     console = Console(width=200, record=True)
     console.print(table)
     return console.export_text()
+
+
+def test_a_model_that_writes_into_its_input_exports_and_leaves_the_example_alone(tmp_path: Path) -> None:
+    class Doubling(_Tiny):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            x.mul_(2)
+            return super().forward(x)
+
+    model = Doubling().eval()
+    x = torch.randn(2, 3, 8, 8)
+    before = x.clone()
+    rep = strfx.export(model, tmp_path / "m.onnx", (x,), pt2_path=tmp_path / "m.pt2", reference=model, repeats=2)
+    assert torch.equal(x, before)  # verification, timing and FLOP counting all ran on copies
+    assert rep.onnx_max_error <= 1e-4 and rep.pt2_max_error == 0 and rep.reference_max_error == 0

@@ -183,3 +183,33 @@ def test_a_candidate_that_fails_to_run_and_a_bad_example_are_one_line_errors() -
         check_equivalent(nn.Linear(5, 2), nn.Linear(4, 2), verification_inputs((torch.randn(3, 4),)))
     with pytest.raises(VerificationError, match="the reference fails to run on the input set 0"):
         check_equivalent(nn.Linear(4, 2), nn.Linear(5, 2), [(torch.randn(3, 4),)])
+
+
+def test_a_float32_fold_needs_the_float64_candidate_built_from_the_float64_reference() -> None:
+    """Folding a scale into a weight rounds it to float32: cast to float64 that is a ~1e-8 difference the
+    float64 check flags. The same fold computed from a float64 copy of the reference agrees to ~1e-16."""
+
+    class Scaled(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            torch.manual_seed(0)
+            self.fc = nn.Linear(16, 8)
+            self.scale = nn.Parameter(torch.rand(8) + 0.5)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.fc(x) * self.scale
+
+    def fold(m: Scaled) -> nn.Linear:
+        out = nn.Linear(16, 8).to(m.scale.dtype)
+        with torch.no_grad():
+            out.weight.copy_(m.fc.weight * m.scale[:, None])
+            out.bias.copy_(m.fc.bias * m.scale)
+        return out
+
+    ref = Scaled()
+    sets = verification_inputs((torch.randn(4, 16),))
+    with pytest.raises(NotEquivalentError, match="float64 exposes"):
+        check_equivalent(fold(ref), ref, sets)
+    ref64 = copy.deepcopy(ref).double()
+    res = check_equivalent(fold(ref), ref, sets, candidate64=fold(ref64), reference64=ref64)
+    assert res.float64_error is not None and res.float64_error <= 1e-13 and res.float32_error <= 1e-6
