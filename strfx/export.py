@@ -20,7 +20,11 @@ fixes its batch size (a ``view(2, -1)``), the dim stays static and the report sa
 Which ONNX exporter: the torch.export-based one (``dynamo=True``, onnxscript; the default since torch 2.9,
 the TorchScript exporter is deprecated) goes first; it takes the captured ``ExportedProgram`` directly
 and writes external data for models over the 2 GiB protobuf limit. The TorchScript exporter is the
-fallback, and the report's ``exporter`` field and notes say when it was used and why.
+fallback, and the report's ``exporter`` field and notes say when it was used and why. The price is
+time: measured on a 2-core machine at one thread, a whole verified export (capture, conversion, the
+onnxruntime and .pt2 checks, timing) takes 3.4 s for LeNet-5, 5.7 s for ResNet-20 and 14 s for
+torchvision's ResNet-18 at 64 px, all three with a dynamic batch; with the TorchScript exporter first it
+was about 3× faster (ShuffleNetV2 x0.5 with a reference: 12 s against 34 s).
 
 Files are written under a temporary name next to the target and renamed only after verification, so a
 failed export leaves nothing behind; an existing file is replaced only with ``force=True``.
@@ -138,9 +142,11 @@ class ExportReport(BaseModel):
             checks.append(f"pt2 vs torch {self.pt2_max_error:.2g}")
         if self.reference_max_error is not None:
             checks.append(f"vs reference {self.reference_max_error:.2g}")
-        on = f" on {', '.join(self.checked_inputs)}" if self.checked_inputs else ""
+        kinds = [k.removesuffix(" input").replace(" input with zeros", "") for k in self.checked_inputs
+                 if " at batch " not in k]
+        on = f" on the {', '.join(kinds[:-1])} and {kinds[-1]} inputs" if len(kinds) > 1 else ""
         if self.batch_sizes:
-            on += f" at batch {' and '.join(map(str, self.batch_sizes))}"
+            on += f", at batch {' and '.join(map(str, self.batch_sizes))}"
         dyn = ", ".join(f"{k} dim {', '.join(map(str, v))}" for k, v in self.dynamic_dims.items()) or "none (static shapes)"
         files = [f"{self.onnx_path} ({self.onnx_bytes / 1e6:.2f} MB, {self.exporter} exporter)"]
         if self.pt2_path:
