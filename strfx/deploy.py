@@ -18,13 +18,12 @@ from typing import Any
 import torch
 from pydantic import BaseModel, Field
 from torch import nn
-from torch.utils._pytree import tree_leaves
 
-from strfx.api import TOLERANCE
+from strfx.verify import TOLERANCE
 from strfx.errors import StrfxError, VerificationError
-from strfx.export import ExportReport, ModelStats, _quiet, count_flops, count_params, export
+from strfx.export import (ExportMismatchError, ExportReport, ModelStats, _capture, _check_sets, _verify_runs,
+                          count_flops, count_params, export)
 from strfx.rundir import CONFIG_FILE, atomic_dir, check_writable, load_run
-from strfx.verify import max_rel_error
 
 PT2_FILE = "model.pt2"
 SHRINK_FILE = "shrink.json"
@@ -90,22 +89,17 @@ def shrink_run(run_dir: str | Path, out: str | Path, force: bool = False, round_
     inputs = tuple(loaded.example_inputs)
     shrunk = shrink(masked, inputs, round_to=round_to).eval()
     rep = shrunk.strfx_shrink
-    with torch.no_grad():
-        expected = masked(*inputs)
-    try:
-        with _quiet():
-            program = torch.export.export(shrunk, inputs)
-    except Exception as err:  # noqa: BLE001
-        raise StrfxError(f"torch.export could not capture the shrunk model: {type(err).__name__}: "
-                         f"{str(err).strip().splitlines()[0] if str(err).strip() else ''}") from err
+    cap = _capture(shrunk, inputs, dynamic_batch=True)  # model.pt2 takes any batch size where the model does
+    if cap.program is None:
+        raise StrfxError(f"torch.export could not capture the shrunk model: {cap.notes[-1]}")
+    sets, _ = _check_sets(inputs, cap)
     with atomic_dir(out, force=force) as tmp:
-        torch.export.save(program, str(tmp / PT2_FILE))
-        reloaded = torch.export.load(str(tmp / PT2_FILE))
-        with torch.no_grad():
-            pt2_err = max_rel_error(list(tree_leaves(reloaded.module()(*inputs))), list(tree_leaves(expected)))
-        if pt2_err > TOLERANCE:
-            raise VerificationError(f"the saved model.pt2 differs from the masked model: max relative error "
-                                    f"{pt2_err:.3g} > {TOLERANCE:g}; nothing written")
+        torch.export.save(cap.program, str(tmp / PT2_FILE))
+        reloaded = torch.export.load(str(tmp / PT2_FILE)).module()
+        try:
+            pt2_err = _verify_runs(lambda x: reloaded(*x), masked, sets, "the saved model.pt2", flat=False)
+        except ExportMismatchError as err:
+            raise VerificationError(f"{err} (vs the masked model); nothing written") from err
         summary = ShrinkOutput(
             model=config.model or loaded.spec, run_dir=str(run_dir), input_shapes=[list(x.shape) for x in inputs],
             params_before=count_params(masked), params_after=count_params(shrunk),

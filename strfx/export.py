@@ -2,23 +2,29 @@
 
 Every file written here has been run and compared with torch before it appears under its final name:
 
-* ONNX: checked with ``onnx.checker``, run in onnxruntime (CPUExecutionProvider), outputs compared
-  with torch's (max relative error ≤ :data:`strfx.api.TOLERANCE`).
+* ONNX: checked with ``onnx.checker``, run in onnxruntime (CPUExecutionProvider) on the input set of
+  :func:`strfx.verify.verification_inputs` (the example, randn, 30·randn, relu(randn)) and, with a
+  dynamic batch, at a second batch size; every output leaf is compared with torch's (structure,
+  non-finite pattern, max relative error ≤ :data:`strfx.verify.TOLERANCE`). A disagreement is a refusal
+  naming the first differing output and the input kind. The example input alone is not enough: the
+  TorchScript exporter writes ``F.logsigmoid`` as ``Log(Sigmoid(x))``, which is −inf below about −88,
+  so an export that agrees on the example gives non-finite outputs on large inputs.
 * ``.pt2``: ``torch.export.save`` of the model's program, reloaded with ``torch.export.load`` — which
-  needs neither the model's source code nor strfx — and run again.
+  needs neither the model's source code nor strfx — and run again on the same inputs.
 
-Which ONNX exporter, and why: torch 2.13 has two. ``benchmarks/onnx_exporters.py`` exports fx-traced
-torchvision models with both and runs them in onnxruntime. On 14 models (ResNet, MobileNetV3,
-EfficientNet, ShuffleNetV2, SqueezeNet, DenseNet, ConvNeXt, Swin, ViT, MaxViT, RegNet, Inception,
-GoogLeNet, MNASNet) both were exact (≤ 1.3e-6) wherever they worked; the TorchScript-based one
-(``dynamo=False``) exported 13 of them in 22.6 s in total, the torch.export-based one (``dynamo=True``,
-onnxscript) all 14 in 179 s, 3–15× longer per model. The TorchScript exporter failed only on ViT,
-because eval-mode ``nn.MultiheadAttention`` takes a fused kernel it cannot translate; strfx turns that
-fast path off while exporting (same math), after which it handles ViT too. So the TorchScript exporter
-goes first and the torch.export-based one is the fallback: it is where torch is heading, it takes an
-``ExportedProgram`` (what ``strfx shrink`` saves) directly, and it writes external data for models over
-the 2 GiB protobuf limit. The report says which exporter produced the file, and ``benchmarks/zoo.py``
-records it for every torchvision model.
+The batch dimension (dim 0 of every tensor input) is dynamic by default: the model is captured once with
+``torch.export`` and ``Dim.AUTO`` on dim 0 (at batch 2 when the example has batch 1, which torch.export
+would specialise), and the same program is written as ``.pt2`` and converted to ONNX. Where the model
+fixes its batch size (a ``view(2, -1)``), the dim stays static and the report says so.
+
+Which ONNX exporter: the torch.export-based one (``dynamo=True``, onnxscript; the default since torch 2.9,
+the TorchScript exporter is deprecated) goes first; it takes the captured ``ExportedProgram`` directly
+and writes external data for models over the 2 GiB protobuf limit. The TorchScript exporter is the
+fallback, and the report's ``exporter`` field and notes say when it was used and why. The price is
+time: measured on a 2-core machine at one thread, a whole verified export (capture, conversion, the
+onnxruntime and .pt2 checks, timing) takes 3.4 s for LeNet-5, 5.7 s for ResNet-20 and 14 s for
+torchvision's ResNet-18 at 64 px, all three with a dynamic batch; with the TorchScript exporter first it
+was about 3× faster (ShuffleNetV2 x0.5 with a reference: 12 s against 34 s).
 
 Files are written under a temporary name next to the target and renamed only after verification, so a
 failed export leaves nothing behind; an existing file is replaced only with ``force=True``.
@@ -28,6 +34,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import math
 import os
 import shutil
 import statistics
@@ -43,15 +50,28 @@ from torch import nn
 from torch.utils._pytree import tree_leaves
 from torch.utils.flop_counter import FlopCounterMode
 
-from strfx.api import TOLERANCE
 from strfx.errors import ExportError, StrfxError, VerificationError
 from strfx.rundir import check_writable
-from strfx.verify import max_rel_error
+from strfx.verify import (TOLERANCE, InputSet, clone_inputs, compare_outputs, eval_mode, max_rel_error,
+                          verification_inputs)
 
 Exporter = Literal["torchscript", "dynamo"]
 ONNX_OPSET = 18
 # Above this many parameter bytes the ONNX protobuf (2 GiB limit) needs an external data file.
 _EXTERNAL_DATA_BYTES = 3 << 29  # 1.5 GiB
+
+
+class ExportMismatchError(ExportError, VerificationError):
+    """onnxruntime or the reloaded program computes something else than torch: nothing is written."""
+
+
+class Latency(BaseModel):
+    """Wall time of one forward over timed runs after warm-up."""
+
+    median_ms: float
+    p10_ms: float
+    p90_ms: float
+    runs: int
 
 
 class ModelStats(BaseModel):
@@ -61,6 +81,8 @@ class ModelStats(BaseModel):
     flops: int | None = Field(None, description="FLOPs of one forward (torch.utils.flop_counter).")
     torch_latency_ms: float | None = Field(None, description="Median wall time of one forward in torch.")
     ort_latency_ms: float | None = Field(None, description="Median wall time of one run in onnxruntime.")
+    torch_latency: Latency | None = Field(None, description="torch: median and p10–p90 spread.")
+    ort_latency: Latency | None = Field(None, description="onnxruntime: median and p10–p90 spread.")
 
 
 class ExportReport(BaseModel):
@@ -73,14 +95,20 @@ class ExportReport(BaseModel):
     pt2_path: str | None = None
     pt2_bytes: int | None = None
     input_shapes: list[list[int]]
+    dynamic_dims: dict[str, list[int]] = Field(
+        default_factory=dict, description="Input name → its dynamic dims (in the .onnx and the .pt2).")
+    batch_sizes: list[int] = Field(default_factory=list, description="Batch sizes onnxruntime and the .pt2 were checked at.")
+    checked_inputs: list[str] = Field(default_factory=list, description="Input kinds onnxruntime and the .pt2 were checked on.")
     tolerance: float = TOLERANCE
-    onnx_max_error: float = Field(description="onnxruntime vs torch, max relative error.")
+    onnx_max_error: float = Field(description="onnxruntime vs torch, max relative error over all checked inputs.")
     pt2_max_error: float | None = Field(None, description="Reloaded .pt2 program vs torch, max relative error.")
     reference_max_error: float | None = Field(None, description="Exported model vs the reference model (torch).")
     model: ModelStats = Field(description="The exported model (after).")
     reference: ModelStats | None = Field(None, description="The reference (un-shrunk) model (before), if given.")
-    threads: int = Field(description="Threads used by torch and onnxruntime for the latency numbers.")
+    threads: int = Field(description="Threads used by torch and onnxruntime (intra-op) for the latency numbers.")
     repeats: int = Field(description="Timed runs per latency (after warm-up).")
+    metadata: dict[str, str] = Field(default_factory=dict, description="Written into the ONNX metadata_props.")
+    notes: list[str] = Field(default_factory=list, description="One line per fallback taken (static batch, exporter).")
 
     def table(self, title: str = "strfx export") -> Any:
         """A rich Table: before → after when a reference was given."""
@@ -96,23 +124,38 @@ class ExportReport(BaseModel):
             cells = [self.reference, self.model] if self.reference is not None else [self.model]
             t.add_row(label, *[fmt(get(c)) if get(c) is not None else "-" for c in cells])
 
+        def lat(v: Latency | float) -> str:
+            if isinstance(v, Latency):
+                return f"{v.median_ms:.3g} ms ({v.p10_ms:.3g}–{v.p90_ms:.3g})"
+            return f"{v:.3g} ms"
+
         row("params", lambda s: s.params, lambda v: f"{v:,}")
         row("FLOPs", lambda s: s.flops, lambda v: f"{v / 1e6:,.2f}M")
-        row("torch latency", lambda s: s.torch_latency_ms, lambda v: f"{v:.2f} ms")
-        row("onnxruntime latency", lambda s: s.ort_latency_ms, lambda v: f"{v:.2f} ms")
+        row("torch latency", lambda s: s.torch_latency or s.torch_latency_ms, lat)
+        row("onnxruntime latency", lambda s: s.ort_latency or s.ort_latency_ms, lat)
         return t
 
     def summary(self) -> str:
-        """The numeric checks and the files, one line each (printed under the table)."""
+        """The numeric checks, the shapes and the files, one line each (printed under the table)."""
         checks = [f"ORT vs torch {self.onnx_max_error:.2g}"]
         if self.pt2_max_error is not None:
             checks.append(f"pt2 vs torch {self.pt2_max_error:.2g}")
         if self.reference_max_error is not None:
             checks.append(f"vs reference {self.reference_max_error:.2g}")
+        kinds = [k.removesuffix(" input").replace(" input with zeros", "") for k in self.checked_inputs
+                 if " at batch " not in k]
+        on = f" on the {', '.join(kinds[:-1])} and {kinds[-1]} inputs" if len(kinds) > 1 else ""
+        if self.batch_sizes:
+            on += f", at batch {' and '.join(map(str, self.batch_sizes))}"
+        dyn = ", ".join(f"{k} dim {', '.join(map(str, v))}" for k, v in self.dynamic_dims.items()) or "none (static shapes)"
         files = [f"{self.onnx_path} ({self.onnx_bytes / 1e6:.2f} MB, {self.exporter} exporter)"]
         if self.pt2_path:
             files.append(f"{self.pt2_path} ({(self.pt2_bytes or 0) / 1e6:.2f} MB)")
-        return f"max relative error (≤ {self.tolerance:g}): {', '.join(checks)}\nwrote {'; '.join(files)}"
+        lines = [f"max relative error (≤ {self.tolerance:g}): {', '.join(checks)}{on}",
+                 f"dynamic dims: {dyn}; latency: median (p10–p90) of {self.repeats} runs, {self.threads} thread(s)",
+                 *[f"note: {n}" for n in self.notes],
+                 f"wrote {'; '.join(files)}"]
+        return "\n".join(lines)
 
 
 # ----------------------------------------------------------------------------------------- helpers
@@ -139,12 +182,6 @@ def _runnable(model: nn.Module | torch.export.ExportedProgram) -> nn.Module:
     return model.module() if isinstance(model, torch.export.ExportedProgram) else model
 
 
-def _eval(model: nn.Module) -> None:
-    # The module of an ExportedProgram refuses .train()/.eval(); it is frozen in the mode it was exported in.
-    with contextlib.suppress(NotImplementedError):
-        model.eval()
-
-
 def count_params(model: nn.Module | torch.export.ExportedProgram) -> int:
     """Parameters a deployed model carries: STR thresholds ``s`` are training state, not weights."""
     from strfx.modules import threshold_parameters
@@ -162,7 +199,9 @@ def count_flops(model: nn.Module, inputs: Sequence[torch.Tensor]) -> int:
     return int(counter.get_total_flops())
 
 
-def _median_ms(fn: Callable[[], Any], repeats: int, warmup: int = 2) -> float:
+def measure_latency(fn: Callable[[], Any], repeats: int, warmup: int = 3) -> Latency:
+    """Median and p10–p90 of ``repeats`` timed calls after ``warmup`` untimed ones (first calls allocate,
+    compile kernels and fill caches; one slow call must not become the reported number)."""
     for _ in range(warmup):
         fn()
     times = []
@@ -170,7 +209,10 @@ def _median_ms(fn: Callable[[], Any], repeats: int, warmup: int = 2) -> float:
         t0 = time.perf_counter()
         fn()
         times.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(times)
+    if len(times) == 1:
+        return Latency(median_ms=times[0], p10_ms=times[0], p90_ms=times[0], runs=1)
+    q = statistics.quantiles(times, n=10, method="inclusive")
+    return Latency(median_ms=statistics.median(times), p10_ms=q[0], p90_ms=q[-1], runs=len(times))
 
 
 def _first_line(err: BaseException) -> str:
@@ -181,9 +223,17 @@ def _first_line(err: BaseException) -> str:
 @contextlib.contextmanager
 def _quiet() -> Iterator[None]:
     """The exporters print progress and warn about every traced branch; strfx reports what matters."""
-    with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
-        warnings.simplefilter("ignore")
-        yield
+    import logging
+
+    logger = logging.getLogger("torch._export")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        logger.setLevel(level)
 
 
 @contextlib.contextmanager
@@ -203,6 +253,100 @@ def _publish(staged: Path, target: Path) -> None:
         os.replace(f, target.parent / f.name)
 
 
+# ------------------------------------------------------------------------------ capture, dynamic batch
+
+
+class _Capture(BaseModel, arbitrary_types_allowed=True):
+    program: torch.export.ExportedProgram | None
+    dynamic_dims: dict[str, list[int]]
+    input_names: list[str]
+    notes: list[str]
+
+
+def _with_batch(inputs: tuple[torch.Tensor, ...], batch: int, which: Sequence[int]) -> tuple[torch.Tensor, ...]:
+    """``inputs`` with dim 0 of the inputs in ``which`` resized to ``batch`` (rows repeated)."""
+    out = []
+    for k, x in enumerate(inputs):
+        if k in which and x.dim() > 0 and x.shape[0] > 0:
+            reps = -(-batch // x.shape[0])
+            x = x.repeat(reps, *([1] * (x.dim() - 1)))[:batch].clone()
+        out.append(x)
+    return tuple(out)
+
+
+def _user_placeholders(ep: torch.export.ExportedProgram) -> list[Any]:
+    user = set(ep.graph_signature.user_inputs)
+    return [n for n in ep.graph.nodes if n.op == "placeholder" and n.name in user]
+
+
+def _dynamic_of(ep: torch.export.ExportedProgram) -> dict[str, list[int]]:
+    from torch.fx.experimental.symbolic_shapes import is_concrete_int
+
+    dims: dict[str, list[int]] = {}
+    for n in _user_placeholders(ep):
+        val = n.meta.get("val")
+        if isinstance(val, torch.Tensor):
+            dyn = [d for d, s in enumerate(val.shape) if not is_concrete_int(s)]  # a specialised SymInt is static
+            if dyn:
+                dims[n.name] = dyn
+    return dims
+
+
+def _capture(model: nn.Module | torch.export.ExportedProgram, inputs: tuple[torch.Tensor, ...],
+             dynamic_batch: bool) -> _Capture:
+    """One torch.export capture of the model, with a dynamic dim 0 on every tensor input where it allows."""
+    from torch.export import Dim
+
+    notes: list[str] = []
+    if isinstance(model, torch.export.ExportedProgram):  # its module guards the shapes it was captured with
+        dims = _dynamic_of(model)
+        if dynamic_batch and not dims:
+            notes.append("static shapes: the given ExportedProgram was captured without dynamic dims")
+        return _Capture(program=model, dynamic_dims=dims, input_names=[n.name for n in _user_placeholders(model)],
+                        notes=notes)
+    module = model
+    batched = [k for k, x in enumerate(inputs) if x.dim() > 0]
+    if dynamic_batch and batched:
+        # torch.export specialises a dim whose example size is 0 or 1: capture at batch 2 then
+        capture_inputs = _with_batch(inputs, 2, [k for k in batched if inputs[k].shape[0] <= 1])
+        spec = tuple({0: Dim.AUTO} if k in batched else None for k in range(len(inputs)))
+        try:
+            with _quiet():
+                ep = torch.export.export(module, capture_inputs, dynamic_shapes=spec)
+            dims = _dynamic_of(ep)
+            names = [n.name for n in _user_placeholders(ep)]
+            static = [names[k] for k in batched if k < len(names) and 0 not in dims.get(names[k], [])]
+            if static:
+                notes.append(f"static batch for {', '.join(static)}: the model fixes dim 0 of that input")
+                if not dims:  # re-capture at the example's own shapes, so the program matches the example
+                    with _quiet():
+                        ep = torch.export.export(module, inputs)
+            return _Capture(program=ep, dynamic_dims=dims, input_names=names, notes=notes)
+        except Exception as err:  # noqa: BLE001 - fall back to the static capture below
+            notes.append(f"static batch: torch.export could not make dim 0 dynamic ({_first_line(err)})")
+    try:
+        with _quiet():
+            ep = torch.export.export(module, inputs)
+    except Exception as err:  # noqa: BLE001
+        notes.append(f"torch.export could not capture the model ({_first_line(err)})")
+        return _Capture(program=None, dynamic_dims={}, input_names=[f"input_{k}" for k in range(len(inputs))],
+                        notes=notes)
+    return _Capture(program=ep, dynamic_dims={}, input_names=[n.name for n in _user_placeholders(ep)], notes=notes)
+
+
+def _check_sets(inputs: tuple[torch.Tensor, ...], cap: _Capture) -> tuple[list[InputSet], list[int]]:
+    """The verification input set, plus a random input at a second batch size when dim 0 is dynamic."""
+    sets = verification_inputs(inputs)
+    dyn = [k for k, name in enumerate(cap.input_names) if 0 in cap.dynamic_dims.get(name, [])]
+    if not dyn:
+        return sets, []
+    b = int(inputs[dyn[0]].shape[0])
+    b2 = b + 1 if b >= 2 else 3
+    resized = _with_batch(inputs, b2, dyn)
+    sets.append(InputSet(f"random input at batch {b2}", verification_inputs(resized, seed=1)[1].inputs))
+    return sets, [b, b2]
+
+
 # ------------------------------------------------------------------------------------------- ONNX
 
 
@@ -217,29 +361,27 @@ def _mha_fastpath_off() -> Iterator[None]:
         torch.backends.mha.set_fastpath_enabled(was)
 
 
-def _export_torchscript(model: nn.Module, inputs: tuple[torch.Tensor, ...], path: Path) -> None:
+def _export_torchscript(module: nn.Module, inputs: tuple[torch.Tensor, ...], path: Path, cap: _Capture) -> None:
+    names = [f"input_{k}" for k in range(len(inputs))]
+    axes = {names[k]: {0: "batch"} for k, n in enumerate(cap.input_names[:len(inputs)])
+            if 0 in cap.dynamic_dims.get(n, [])}
+    kw: dict[str, Any] = dict(dynamo=False, opset_version=ONNX_OPSET, do_constant_folding=True, input_names=names,
+                              dynamic_axes=axes or None)
     with _mha_fastpath_off():
-        _export_torchscript_inner(model, inputs, path)
+        try:
+            with _quiet(), torch.no_grad():
+                torch.onnx.export(module, inputs, str(path), **kw)
+        except NotImplementedError:
+            # The module of an ExportedProgram cannot switch modes, which this exporter insists on: trace it first.
+            with _quiet(), torch.no_grad():
+                traced = torch.jit.trace(module, inputs, check_trace=False)
+                torch.onnx.export(traced, inputs, str(path), **kw)
 
 
-def _export_torchscript_inner(module: nn.Module, inputs: tuple[torch.Tensor, ...], path: Path) -> None:
-    try:
-        with _quiet(), torch.no_grad():
-            torch.onnx.export(module, inputs, str(path), dynamo=False, opset_version=ONNX_OPSET,
-                              do_constant_folding=True)
-    except NotImplementedError:
-        # The module of an ExportedProgram cannot switch modes, which this exporter insists on: trace it first.
-        with _quiet(), torch.no_grad():
-            traced = torch.jit.trace(module, inputs, check_trace=False)
-            torch.onnx.export(traced, inputs, str(path), dynamo=False, opset_version=ONNX_OPSET,
-                              do_constant_folding=True)
-
-
-def _export_dynamo(model: nn.Module | torch.export.ExportedProgram, inputs: tuple[torch.Tensor, ...],
-                   path: Path, large: bool) -> None:
+def _export_dynamo(program: torch.export.ExportedProgram, path: Path, large: bool) -> None:
     with _quiet(), torch.no_grad():
-        program = torch.onnx.export(model, inputs, dynamo=True, opset_version=ONNX_OPSET, verbose=False)
-        program.save(str(path), external_data=large)
+        onnx_program = torch.onnx.export(program, (), dynamo=True, opset_version=ONNX_OPSET, verbose=False)
+        onnx_program.save(str(path), external_data=large)
 
 
 def _files_size(folder: Path) -> int:
@@ -263,9 +405,43 @@ def _ort_feed(sess: Any, inputs: Sequence[torch.Tensor]) -> dict[str, Any]:
     return {n: x.detach().cpu().numpy() for n, x in zip(names, inputs)}
 
 
-def _ort_error(sess: Any, inputs: Sequence[torch.Tensor], expected: Any) -> float:
-    outs = sess.run(None, _ort_feed(sess, inputs))
-    return max_rel_error([torch.from_numpy(o) for o in outs], list(tree_leaves(expected)))
+def _ort_compare(outs: list[Any], expected: Any) -> Any:
+    """onnxruntime's flat outputs against torch's output pytree (ONNX drops non-tensor leaves, or makes
+    them 0-d tensors)."""
+    from strfx.verify import Comparison
+
+    leaves = tree_leaves(expected)
+    tensors = [x for x in leaves if isinstance(x, torch.Tensor)]
+    got = [torch.from_numpy(o) for o in outs]
+    if len(got) == len(tensors):
+        return compare_outputs(got, tensors)
+    if len(got) == len(leaves):
+        as_tensors = [x if isinstance(x, torch.Tensor) else torch.tensor(x) for x in leaves]
+        return compare_outputs([g.to(e.dtype) if g.dim() == 0 else g for g, e in zip(got, as_tensors)], as_tensors)
+    return Comparison(error=math.inf, leaf="output",
+                      reason=f"onnxruntime returns {len(got)} outputs, torch {len(tensors)} tensors")
+
+
+def _verify_runs(run: Callable[[tuple[torch.Tensor, ...]], Any], module: nn.Module, sets: list[InputSet],
+                 who: str, flat: bool) -> float:
+    """Max relative error of ``run`` vs the torch module over ``sets``; ExportMismatchError on the first miss."""
+    worst = 0.0
+    for s in sets:
+        try:
+            with torch.no_grad():
+                expected = module(*[x.clone() for x in s.inputs])
+        except Exception as err:  # noqa: BLE001
+            raise ExportError(f"the model itself fails on the {s.kind}: {_first_line(err)}") from err
+        try:
+            got = run(tuple(x.clone() for x in s.inputs))
+        except Exception as err:  # noqa: BLE001 - a runtime that fails on an input the model takes
+            raise ExportMismatchError(f"{who} fails on the {s.kind}: {_first_line(err)}") from err
+        c = _ort_compare(got, expected) if flat else compare_outputs(got, expected)
+        if not c.ok(TOLERANCE):
+            what = c.reason if c.reason is not None else f"{c.leaf} differs, max relative error {c.error:.3g} > {TOLERANCE:g}"
+            raise ExportMismatchError(f"{who} differs from torch on the {s.kind}: {what}")
+        worst = max(worst, c.error)
+    return worst
 
 
 def _check_onnx(path: Path) -> None:
@@ -277,10 +453,20 @@ def _check_onnx(path: Path) -> None:
         raise ExportError(f"onnx.checker rejected the exported model: {_first_line(err)}") from err
 
 
-def _write_onnx(model: nn.Module | torch.export.ExportedProgram, inputs: tuple[torch.Tensor, ...],
-                staged: Path, expected: Any, threads: int, exporters: Sequence[Exporter]) -> tuple[Exporter, float, Any]:
+def _set_metadata(path: Path, metadata: dict[str, str]) -> None:
+    import onnx
+
+    m = onnx.load(str(path), load_external_data=False)  # external data files stay where they are
+    props = {p.key: p.value for p in m.metadata_props}
+    props.update(metadata)
+    onnx.helper.set_model_props(m, props)
+    onnx.save_model(m, str(path))
+
+
+def _write_onnx(module: nn.Module, cap: _Capture, inputs: tuple[torch.Tensor, ...], staged: Path,
+                sets: list[InputSet], threads: int, exporters: Sequence[Exporter],
+                metadata: dict[str, str]) -> tuple[Exporter, float, Any, list[str]]:
     """Export with the first exporter whose file passes the checker and matches torch in onnxruntime."""
-    module = _runnable(model)
     large = sum(p.numel() * p.element_size() for p in module.parameters()) > _EXTERNAL_DATA_BYTES
     failures: list[str] = []
     if large:  # only the torch.export-based exporter writes weights beyond the 2 GiB protobuf limit
@@ -290,73 +476,88 @@ def _write_onnx(model: nn.Module | torch.export.ExportedProgram, inputs: tuple[t
             f.unlink()
         try:
             if exporter == "torchscript":
-                _export_torchscript(module, inputs, staged / "model.onnx")
+                _export_torchscript(module, inputs, staged / "model.onnx", cap)
+            elif cap.program is None:
+                raise ExportError("needs a torch.export capture, which failed")
             else:
-                _export_dynamo(model, inputs, staged / "model.onnx", large)
+                _export_dynamo(cap.program, staged / "model.onnx", large)
+            if metadata:
+                _set_metadata(staged / "model.onnx", metadata)
             _check_onnx(staged / "model.onnx")
             sess = _ort_session(staged / "model.onnx", threads)
-            err = _ort_error(sess, inputs, expected)
+            err = _verify_runs(lambda x: sess.run(None, _ort_feed(sess, x)), module, sets,
+                               "onnxruntime", flat=True)
+        except ExportMismatchError as e:
+            failures.append(f"{exporter} exporter: {e}")
+            continue
         except StrfxError as e:
-            failures.append(f"{exporter}: {e}")
+            failures.append(f"{exporter} exporter: {e}")
             continue
         except Exception as e:  # noqa: BLE001 - exporter and runtime failures are many kinds
-            failures.append(f"{exporter}: {_first_line(e)}")
+            failures.append(f"{exporter} exporter: {_first_line(e)}")
             continue
-        if err <= TOLERANCE:
-            return exporter, err, sess
-        failures.append(f"{exporter}: onnxruntime output differs from torch, max relative error {err:.3g} > {TOLERANCE:g}")
-    mismatch = all("differs from torch" in f for f in failures)
-    cls = VerificationError if mismatch else ExportError
-    raise cls("ONNX export failed, nothing written: " + "; ".join(failures))
+        return exporter, err, sess, [f"{f}; used the {exporter} exporter instead" for f in failures]
+    mismatch = all(" differs from torch " in f or " fails on the " in f for f in failures)
+    cls = ExportMismatchError if mismatch else ExportError
+    raise cls("ONNX export refused, nothing written: " + "; ".join(failures))
 
 
 # -------------------------------------------------------------------------------------------- pt2
 
 
-def _write_pt2(model: nn.Module | torch.export.ExportedProgram, inputs: tuple[torch.Tensor, ...],
-               staged_file: Path, expected: Any) -> float:
-    """torch.export the model, save, reload from disk and compare the reloaded program with torch."""
+def _write_pt2(cap: _Capture, module: nn.Module, staged_file: Path, sets: list[InputSet]) -> float:
+    """Save the captured program, reload it from disk and compare the reloaded program with torch."""
+    if cap.program is None:
+        raise ExportError("cannot write the .pt2: " + (cap.notes[-1] if cap.notes else "torch.export failed"))
+    torch.export.save(cap.program, str(staged_file))
+    reloaded = torch.export.load(str(staged_file)).module()
     try:
-        with _quiet():
-            ep = model if isinstance(model, torch.export.ExportedProgram) else torch.export.export(model, inputs)
-    except Exception as err:  # noqa: BLE001
-        raise ExportError(f"torch.export could not capture the model: {_first_line(err)}") from err
-    torch.export.save(ep, str(staged_file))
-    reloaded = torch.export.load(str(staged_file))
-    with torch.no_grad():
-        err = max_rel_error(list(tree_leaves(reloaded.module()(*inputs))), list(tree_leaves(expected)))
-    if err > TOLERANCE:
-        raise VerificationError(
-            f"the reloaded .pt2 program differs from torch: max relative error {err:.3g} > {TOLERANCE:g}; nothing written")
-    return err
+        return _verify_runs(lambda x: reloaded(*x), module, sets, "the reloaded .pt2 program", flat=False)
+    except ExportMismatchError as err:
+        raise ExportMismatchError(f"{err}; nothing written") from err
 
 
 # --------------------------------------------------------------------------------------- the API
 
 
 def _stats(model: nn.Module, inputs: tuple[torch.Tensor, ...], repeats: int, sess: Any = None) -> ModelStats:
+    inputs = clone_inputs(inputs)  # the caller's example must survive a model that writes into its input
     with torch.no_grad():
-        torch_ms = _median_ms(lambda: model(*inputs), repeats)
-    ort_ms = None
+        torch_lat = measure_latency(lambda: model(*inputs), repeats)
+    ort_lat = None
     if sess is not None:
         feed = _ort_feed(sess, inputs)
-        ort_ms = _median_ms(lambda: sess.run(None, feed), repeats)
+        ort_lat = measure_latency(lambda: sess.run(None, feed), repeats)
     try:
         flops: int | None = count_flops(model, inputs)
     except Exception:  # noqa: BLE001 - an op without a FLOP formula must not fail an export
         flops = None
-    return ModelStats(params=count_params(model), flops=flops, torch_latency_ms=torch_ms, ort_latency_ms=ort_ms)
+    return ModelStats(params=count_params(model), flops=flops, torch_latency_ms=torch_lat.median_ms,
+                      ort_latency_ms=ort_lat.median_ms if ort_lat else None, torch_latency=torch_lat,
+                      ort_latency=ort_lat)
 
 
-def _reference_session(reference: nn.Module, inputs: tuple[torch.Tensor, ...], expected: Any, threads: int,
+def _reference_session(reference: nn.Module, inputs: tuple[torch.Tensor, ...], threads: int,
                        exporters: Sequence[Exporter]) -> Any:
-    """An onnxruntime session of the reference, for its latency only (a temp file, deleted)."""
+    """An onnxruntime session of the reference, for its latency only (static, checked on the example)."""
     with tempfile.TemporaryDirectory(prefix="strfx-ref-") as d:
         try:
-            _, _, sess = _write_onnx(reference, inputs, Path(d), expected, threads, exporters)
+            cap = _capture(reference, inputs, dynamic_batch=False)
+            _, _, sess, _ = _write_onnx(reference, cap, inputs, Path(d), verification_inputs(inputs)[:1], threads,
+                                        exporters, {})
         except StrfxError:
             return None
         return sess  # onnxruntime has read the file; the session outlives it
+
+
+def _check_metadata(metadata: dict[str, str] | None) -> dict[str, str]:
+    if metadata is None:
+        return {}
+    bad = [k for k, v in metadata.items() if not isinstance(k, str) or not isinstance(v, str)]
+    if bad:
+        raise StrfxError(f"ONNX metadata keys and values must be strings; {bad[0]!r} is not "
+                         f"(write numbers and lists as text, e.g. json.dumps)")
+    return dict(metadata)
 
 
 def export(
@@ -368,15 +569,20 @@ def export(
     reference: nn.Module | None = None,
     force: bool = False,
     repeats: int = 10,
-    exporters: Sequence[Exporter] = ("torchscript", "dynamo"),
+    exporters: Sequence[Exporter] = ("dynamo", "torchscript"),
+    dynamic_batch: bool = True,
+    metadata: dict[str, str] | None = None,
 ) -> ExportReport:
     """Write ``model`` as ONNX to ``path`` (and as a ``torch.export`` program to ``pt2_path``), verified.
 
     ``example_inputs`` default to those recorded by :func:`strfx.sparsify` / in the ExportedProgram.
-    With ``reference`` (the un-shrunk model) the report has before → after numbers and the error of
-    the model against it. Raises :class:`VerificationError` (nothing written) if onnxruntime or the
-    reloaded program disagrees with torch beyond :data:`strfx.api.TOLERANCE`, :class:`ExportError` if
-    no exporter can handle the model, :class:`OutputExistsError` if a target exists and not ``force``.
+    Dim 0 of every tensor input is dynamic where the model allows (``dynamic_batch``); ``metadata`` is
+    written into the ONNX file's ``metadata_props``. With ``reference`` (the un-shrunk model) the report
+    has before → after numbers and the error of the model against it. Raises
+    :class:`ExportMismatchError` (an :class:`ExportError` and a :class:`VerificationError`; nothing
+    written) if onnxruntime or the reloaded program disagrees with torch on any verification input,
+    :class:`ExportError` if no exporter can handle the model, :class:`OutputExistsError` if a target
+    exists and not ``force``.
     """
     path = Path(path)
     pt2 = Path(pt2_path) if pt2_path is not None else None
@@ -386,36 +592,32 @@ def export(
         raise StrfxError(f"torch.export output must end in .pt2, got {pt2}")
     if pt2 is not None and pt2.resolve() == path.resolve():
         raise StrfxError("the .onnx and .pt2 outputs must be different files")
+    meta = _check_metadata(metadata)
     check_writable(path, force)
     if pt2 is not None:
         check_writable(pt2, force)
     inputs = _as_inputs(model, example_inputs)
     module = _runnable(model)
-    modes = [(m, m.training) for m in (module, reference) if m is not None]
-    try:
-        return _export(model, module, path, pt2, inputs, reference, repeats, exporters)
-    finally:
-        for m, training in modes:  # the caller's modules come back in the mode they were given in
-            with contextlib.suppress(NotImplementedError):
-                m.train(training)
+    models = [m for m in (module, reference) if m is not None]
+    with eval_mode(*models):  # the caller's modules come back in the modes they were given in
+        return _export(model, module, path, pt2, inputs, reference, repeats, exporters, dynamic_batch, meta)
 
 
 def _export(model: nn.Module | torch.export.ExportedProgram, module: nn.Module, path: Path, pt2: Path | None,
             inputs: tuple[torch.Tensor, ...], reference: nn.Module | None, repeats: int,
-            exporters: Sequence[Exporter]) -> ExportReport:
-    _eval(module)
-    threads = torch.get_num_threads()
-    with torch.no_grad():
-        expected = module(*inputs)
+            exporters: Sequence[Exporter], dynamic_batch: bool, metadata: dict[str, str]) -> ExportReport:
+    threads = torch.get_num_threads()  # torch and onnxruntime (intra-op) run with the same count
+    cap = _capture(model, inputs, dynamic_batch)
+    sets, batches = _check_sets(inputs, cap)
 
     ref_error = None
     if reference is not None:
-        _eval(reference)
         with torch.no_grad():
-            ref_error = max_rel_error(list(tree_leaves(module(*inputs))), list(tree_leaves(reference(*inputs))))
+            ref_error = max(max_rel_error(module(*clone_inputs(s.inputs)), reference(*clone_inputs(s.inputs))) for s in sets[:4])
 
     with _staging(path) as onnx_dir:
-        exporter, onnx_err, sess = _write_onnx(model, inputs, onnx_dir, expected, threads, exporters)
+        exporter, onnx_err, sess, fallback = _write_onnx(module, cap, inputs, onnx_dir, sets, threads, exporters,
+                                                         metadata)
         # The exporter wrote model.onnx; with external data the .onnx names its data file, so both are
         # rewritten under the target's name rather than just renamed.
         staged_files = list(onnx_dir.iterdir())
@@ -428,25 +630,27 @@ def _export(model: nn.Module | torch.export.ExportedProgram, module: nn.Module, 
         pt2_err = pt2_bytes = None
         with _staging(pt2 or path) as pt2_dir:
             if pt2 is not None:
-                pt2_err = _write_pt2(model, inputs, pt2_dir / pt2.name, expected)
+                pt2_err = _write_pt2(cap, module, pt2_dir / pt2.name, sets)
                 pt2_bytes = (pt2_dir / pt2.name).stat().st_size
             after = _stats(module, inputs, repeats, sess)
             before = None
             if reference is not None:
-                with torch.no_grad():
-                    ref_out = reference(*inputs)
-                ref_sess = _reference_session(reference, inputs, ref_out, threads, exporters)
+                ref_sess = _reference_session(reference, inputs, threads, [exporter])  # same exporter: comparable
                 before = _stats(reference, inputs, repeats, ref_sess)
             # Everything verified: publish (renames only).
             _publish(onnx_dir, path)
             if pt2 is not None:
                 os.replace(pt2_dir / pt2.name, pt2)
 
+    dynamic = cap.dynamic_dims if exporter == "dynamo" else {
+        n: [0] for n in cap.input_names if 0 in cap.dynamic_dims.get(n, [])}
     return ExportReport(
         onnx_path=str(path), onnx_bytes=onnx_bytes, exporter=exporter, opset=ONNX_OPSET,
         pt2_path=str(pt2) if pt2 is not None else None, pt2_bytes=pt2_bytes,
-        input_shapes=[list(x.shape) for x in inputs], onnx_max_error=onnx_err, pt2_max_error=pt2_err,
+        input_shapes=[list(x.shape) for x in inputs], dynamic_dims=dynamic, batch_sizes=batches,
+        checked_inputs=[s.kind for s in sets], onnx_max_error=onnx_err, pt2_max_error=pt2_err,
         reference_max_error=ref_error, model=after, reference=before, threads=threads, repeats=repeats,
+        metadata=metadata, notes=cap.notes + fallback,
     )
 
 

@@ -13,6 +13,7 @@ import onnx
 import onnxruntime as ort
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 import strfx
@@ -172,3 +173,134 @@ def test_large_models_get_external_data_next_to_the_onnx_file(tmp_path: Path, mo
         expected = loaded.model.eval()(*loaded.example_inputs)
     got = ort_outputs(tmp_path / "net.onnx", loaded.example_inputs)
     assert max_rel_error(torch.from_numpy(got[0]), expected) <= 1e-4
+
+
+# ------------------------------------------------------------- dynamic batch, input set, metadata, latency
+
+
+def test_dynamic_batch_by_default_in_onnx_and_pt2(tmp_path: Path) -> None:
+    loaded = load_model(str(EXAMPLES / "lenet5.py"))  # example batch 2
+    model = loaded.model.eval()
+    rep = strfx.export(model, tmp_path / "m.onnx", loaded.example_inputs, pt2_path=tmp_path / "m.pt2", repeats=3)
+    assert rep.exporter == "dynamo" and rep.dynamic_dims == {"x": [0]} and rep.batch_sizes == [2, 3]
+    assert rep.checked_inputs == ["example input", "random input", "large-magnitude input",
+                                  "non-negative input with zeros", "random input at batch 3"]
+    program = torch.export.load(str(tmp_path / "m.pt2")).module()
+    for batch in (1, 5):
+        x = torch.randn(batch, 1, 28, 28, generator=torch.Generator().manual_seed(batch))
+        with torch.no_grad():
+            expected = model(x)
+            assert max_rel_error(program(x), expected) <= 1e-4
+        assert max_rel_error(torch.from_numpy(ort_outputs(tmp_path / "m.onnx", (x,))[0]), expected) <= 1e-4
+    assert "dynamic dims: x dim 0" in rep.summary()
+
+
+class _Tiny(nn.Module):
+    def __init__(self, fixed_batch: int | None = None) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3)
+        # a per-sample offset for a fixed batch: only that batch size broadcasts
+        self.offset = torch.randn(fixed_batch, 4, 6, 6) if fixed_batch else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.conv(x)
+        return (y + self.offset if self.offset is not None else y).flatten(1)
+
+
+def test_batch_one_example_still_exports_a_dynamic_batch(tmp_path: Path) -> None:
+    """torch.export specialises a size-1 dim; strfx captures at batch 2 so batch 1 is not baked in."""
+    model = _Tiny().eval()
+    rep = strfx.export(model, tmp_path / "m.onnx", (torch.randn(1, 3, 8, 8),), pt2_path=tmp_path / "m.pt2", repeats=1)
+    assert rep.dynamic_dims == {"x": [0]} and rep.batch_sizes == [1, 3] and rep.input_shapes == [[1, 3, 8, 8]]
+    x = torch.randn(4, 3, 8, 8)
+    with torch.no_grad():
+        expected = model(x)
+    assert max_rel_error(torch.from_numpy(ort_outputs(tmp_path / "m.onnx", (x,))[0]), expected) <= 1e-4
+    assert max_rel_error(torch.export.load(str(tmp_path / "m.pt2")).module()(x), expected) <= 1e-4
+
+
+def test_a_model_that_fixes_its_batch_exports_static_with_a_note(tmp_path: Path) -> None:
+    rep = strfx.export(_Tiny(fixed_batch=2), tmp_path / "m.onnx", (torch.randn(2, 3, 8, 8),), repeats=1)
+    assert rep.dynamic_dims == {} and rep.batch_sizes == []
+    assert rep.notes and rep.notes[0].startswith("static batch for x")
+    assert "dynamic dims: none (static shapes)" in rep.summary()
+    assert ort_outputs(tmp_path / "m.onnx", (torch.randn(2, 3, 8, 8),))[0].shape == (2, 144)
+
+
+def test_onnxruntime_is_checked_on_large_inputs_and_a_disagreement_writes_nothing(tmp_path: Path) -> None:
+    """Both exporters write logsigmoid so that onnxruntime gives -inf on large negative inputs, where torch
+    is finite; the example input alone would not show it."""
+
+    class LogSigmoid(nn.Module):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return F.logsigmoid(x)
+
+    from strfx.errors import ExportError
+
+    with pytest.raises(ExportError, match=r"onnxruntime differs from torch on the large-magnitude input: output\[0\]: "
+                                          "non-finite at") as err:
+        strfx.export(LogSigmoid(), tmp_path / "m.onnx", (torch.randn(4, 256),), pt2_path=tmp_path / "m.pt2")
+    assert isinstance(err.value, VerificationError) and "\n" not in str(err.value)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_torchscript_is_the_named_fallback(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    ex = importlib.import_module("strfx.export")
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("simulated dynamo exporter failure")
+
+    monkeypatch.setattr(ex, "_export_dynamo", broken)
+    model = _Tiny().eval()
+    rep = strfx.export(model, tmp_path / "m.onnx", (torch.randn(2, 3, 8, 8),), repeats=1)
+    assert rep.exporter == "torchscript" and rep.dynamic_dims == {"x": [0]}
+    assert any("dynamo exporter: RuntimeError: simulated" in n and "used the torchscript exporter" in n
+               for n in rep.notes)
+    x = torch.randn(5, 3, 8, 8)
+    with torch.no_grad():
+        assert max_rel_error(torch.from_numpy(ort_outputs(tmp_path / "m.onnx", (x,))[0]), model(x)) <= 1e-4
+
+
+def test_metadata_round_trips_through_onnx_load(tmp_path: Path) -> None:
+    from strfx.errors import StrfxError
+
+    meta = {"strfx.input.shape": "[-1, 3, 8, 8]", "strfx.input.mean": "[0.1307]", "strfx.classes": "10"}
+    rep = strfx.export(_Tiny(), tmp_path / "m.onnx", (torch.randn(2, 3, 8, 8),), repeats=1, metadata=meta)
+    assert rep.metadata == meta
+    props = {p.key: p.value for p in onnx.load(str(tmp_path / "m.onnx")).metadata_props}
+    assert {k: props[k] for k in meta} == meta
+    with pytest.raises(StrfxError, match="metadata keys and values must be strings"):
+        strfx.export(_Tiny(), tmp_path / "n.onnx", (torch.randn(2, 3, 8, 8),), metadata={"classes": 10})
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.onnx"]
+
+
+def test_latency_rows_are_medians_with_a_spread_at_one_thread_count(tmp_path: Path) -> None:
+    rep = strfx.export(_Tiny(), tmp_path / "m.onnx", (torch.randn(2, 3, 8, 8),), repeats=5)
+    for lat, median in ((rep.model.torch_latency, rep.model.torch_latency_ms),
+                        (rep.model.ort_latency, rep.model.ort_latency_ms)):
+        assert lat is not None and lat.runs == 5 and lat.median_ms == median
+        assert 0 < lat.p10_ms <= lat.median_ms <= lat.p90_ms
+    assert rep.threads == torch.get_num_threads()
+    assert "p10" in rep.summary() and "ms (" in str(_render(rep.table()))
+
+
+def _render(table) -> str:
+    from rich.console import Console
+
+    console = Console(width=200, record=True)
+    console.print(table)
+    return console.export_text()
+
+
+def test_a_model_that_writes_into_its_input_exports_and_leaves_the_example_alone(tmp_path: Path) -> None:
+    class Doubling(_Tiny):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            x.mul_(2)
+            return super().forward(x)
+
+    model = Doubling().eval()
+    x = torch.randn(2, 3, 8, 8)
+    before = x.clone()
+    rep = strfx.export(model, tmp_path / "m.onnx", (x,), pt2_path=tmp_path / "m.pt2", reference=model, repeats=2)
+    assert torch.equal(x, before)  # verification, timing and FLOP counting all ran on copies
+    assert rep.onnx_max_error <= 1e-4 and rep.pt2_max_error == 0 and rep.reference_max_error == 0
