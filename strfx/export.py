@@ -163,9 +163,9 @@ class ExportReport(BaseModel):
 
 def _as_inputs(model: Any, example_inputs: Any) -> tuple[torch.Tensor, ...]:
     if example_inputs is None:
-        meta = getattr(model, "meta", None)
-        if isinstance(meta, dict) and isinstance(meta.get("strfx"), dict):
-            example_inputs = meta["strfx"].get("example_inputs")
+        meta = getattr(model, "_strfx", None)
+        if isinstance(meta, dict) and meta.get("example_inputs") is not None:
+            example_inputs = meta["example_inputs"]
         elif isinstance(model, torch.export.ExportedProgram) and model.example_inputs is not None:
             example_inputs = model.example_inputs[0]
     if example_inputs is None:

@@ -14,10 +14,10 @@ The pipeline, on one IR:
    ``GraphModule`` that ``torch.export`` captures again for deployment) is the result instead, and
    the report says so in one line.
 
-Verification is part of shrinking: the result is compared with the masked model on the example
-inputs and on random inputs of the same shapes. When the cut graph differs, both graphs are
-replayed node by node and the error names the first node whose output (restricted to the kept
-channels) diverges.
+Verification is part of shrinking (:mod:`strfx.verify`): the result is compared with the masked
+model on the example, random, large-magnitude and non-negative inputs, over the whole output
+pytree, in float32 and in float64. When the cut graph differs, both graphs are replayed node by
+node and the error names the first node whose output (restricted to the kept channels) diverges.
 """
 
 from __future__ import annotations
@@ -38,7 +38,8 @@ from strfx.modules import STR_PARAMETRIZATIONS, STRShift, STRUnit, str_weights
 from strfx.passes.capture import as_inputs, capture, eval_mode
 from strfx.passes.channel_analysis import META_KEY, ChannelAnalysis, TInfo, analyze_channels
 from strfx.passes.shrink import cut_tensor, set_tensor, shrink_graph
-from strfx.verify import max_rel_error
+from strfx.verify import (NotEquivalentError, _to64, available_memory, check_equivalent, max_rel_error,
+                          verification_inputs)
 
 TOLERANCE = 1e-4
 
@@ -56,7 +57,11 @@ class ShrinkReport(BaseModel):
     unknown_ops: dict[str, str] = Field(description="ATen op → first node of it that blocked channels.")
     weight_sparsity: float = Field(description="Fraction of exact zeros left in the shrunk conv/linear weights "
                                    "(unstructured STR: zeros that are not whole channels stay in dense weights).")
-    max_error: float = Field(description="Max relative error, shrunk vs masked, over all checked inputs.")
+    max_error: float = Field(description="Max relative error, shrunk vs masked, over all checked inputs (float32).")
+    max_error64: float | None = Field(None, description="The same in float64 (the cut applied to a float64 copy); "
+                                      "None when skipped (see notes).")
+    verified_on: list[str] = Field(default_factory=list, description="The input kinds both models were compared on.")
+    notes: list[str] = Field(default_factory=list, description="Checks that were skipped, and why.")
     analysis_s: float
     shrink_s: float
     round_to: int = Field(default=1, description="Each group kept a multiple of this many channels (dead ones kept as zeros).")
@@ -246,35 +251,43 @@ def _cut_eager(model: nn.Module, cuts: dict[str, dict[int, np.ndarray]]) -> str 
     return None
 
 
-def _compare(candidate: nn.Module, reference: nn.Module, inputs: Sequence[Any]) -> list[tuple[str, float]]:
-    """(input kind, max relative error) of ``candidate`` vs ``reference`` on the verification inputs."""
-    out = []
-    for kind, x in (("example", tuple(inputs)), ("random", random_like(inputs, 1)), ("random", random_like(inputs, 2))):
-        with eval_mode(candidate), eval_mode(reference):
-            expected = reference(*_clone(x))
-            actual = candidate(*_clone(x))
-        out.append((kind, max_rel_error(actual, expected)))
-    return out
-
-
-def _clone(x: Sequence[Any]) -> tuple[Any, ...]:
-    """Fresh copies of the inputs for every run: a model that mutates its input must not poison the next."""
-    return tuple(t.clone() if isinstance(t, torch.Tensor) else t for t in x)
-
-
-def _float64_error(shrunk: nn.Module, reference: nn.Module, inputs: Sequence[Any]) -> float | None:
-    """The same comparison in float64: tells a wrong cut from float32 rounding."""
-    try:
-        a, b = copy.deepcopy(shrunk).double().eval(), copy.deepcopy(reference).double().eval()
-        x = tuple(t.double() if isinstance(t, torch.Tensor) and t.is_floating_point() else t for t in inputs)
-        return max_rel_error(a(*x), b(*x))
-    except Exception:  # noqa: BLE001 - a diagnosis only
-        return None
-
-
 def _first_line(err: BaseException) -> str:
     text = str(err).strip()
     return f"{type(err).__name__}: {text.splitlines()[0] if text else ''}"
+
+
+def _cut_model(model: nn.Module, inputs: Sequence[Any], round_to: int = 1,
+               dead: np.ndarray | None = None) -> tuple[nn.Module, fx.GraphModule, ChannelAnalysis, str | None]:
+    """Fold, capture, analyse and cut ``model``: (eager result, cut graph, analysis, why the eager
+    result cannot be used or None). ``dead`` imposes another run's verdicts (same graph, same ids)."""
+    plain = fold_str(model)
+    gm = capture(plain, inputs)
+    analysis = analyze_channels(gm)
+    if dead is not None and len(dead) == len(analysis.dead):
+        analysis.dead = dead.copy()
+    else:
+        analysis.round_widths(round_to)
+    try:
+        cuts = shrink_graph(gm, analysis)
+    except StrfxError:
+        raise
+    except Exception as err:  # noqa: BLE001 - a cut torch rejects is reported as a refusal, not a crash
+        raise VerificationError(f"shrinking failed while cutting the graph: {_first_line(err)}") from err
+    for node in gm.graph.nodes:  # analysis facts are not part of the shrunk model
+        node.meta.pop(META_KEY, None)
+    return plain, gm, analysis, _cut_eager(plain, cuts)
+
+
+def _float64_reference(model: nn.Module) -> nn.Module | str:
+    """A float64 copy of the masked model, or why there is none (memory, a dtype baked in)."""
+    need = 3 * 8 * sum(t.numel() for t in [*model.parameters(), *model.buffers()])
+    free = available_memory()
+    if free is not None and need > free:
+        return f"float64 check skipped: it needs {need / 2**30:.1f} GiB, {free / 2**30:.1f} GiB is available"
+    try:
+        return copy.deepcopy(model).double()
+    except Exception as err:  # noqa: BLE001
+        return f"float64 check skipped: the model cannot be copied to float64 ({_first_line(err)})"
 
 
 @torch.no_grad()
@@ -288,39 +301,48 @@ def shrink(model: nn.Module, example_inputs: Sequence[torch.Tensor] | torch.Tens
     function is the same) to leave every channel group a multiple of ``round_to`` wide, which
     CPU/GPU kernels prefer. The result is the model's own class with smaller parameters where the
     model allows it, else the cut ATen graph; it holds no STR and needs nothing from strfx to run.
-    It is checked against ``model`` (eval mode) and :class:`VerificationError` names the first
-    diverging node if it does not match. ``result.strfx_shrink`` holds the :class:`ShrinkReport` dict.
+
+    It is verified against ``model`` (eval mode) on the example, a fresh random, a large-magnitude
+    and a non-negative input with exact zeros, in float32 (≤ 1e-4) and in float64 (≤ 1e-9, the same
+    cut applied to a float64 copy, so a wrong cut cannot hide under float32 rounding); a mismatch is a
+    :class:`VerificationError` naming the input, the output and the first diverging node.
+    ``result.strfx_shrink`` holds the :class:`ShrinkReport` dict.
     """
     if round_to < 1:
         raise StrfxError(f"round_to must be at least 1, got {round_to}")
     inputs = example_inputs_of(model, example_inputs)
+    sets = verification_inputs(inputs)
     t0 = time.perf_counter()
-    plain = fold_str(model)
-    gm = capture(plain, inputs)
-    analysis = analyze_channels(gm)
-    analysis.round_widths(round_to)
+    plain, gm, analysis, note = _cut_model(model, inputs, round_to)
     t1 = time.perf_counter()
-    try:
-        cuts = shrink_graph(gm, analysis)
-    except StrfxError:
-        raise
-    except Exception as err:  # noqa: BLE001 - a cut torch rejects is reported as a refusal, not a crash
-        raise VerificationError(f"shrinking failed while cutting the graph: {_first_line(err)}") from err
-    for node in gm.graph.nodes:  # analysis facts are not part of the shrunk model
-        node.meta.pop(META_KEY, None)
-    result: nn.Module = plain
-    note = _cut_eager(plain, cuts)
-    errors: list[tuple[str, float]] = []
     if note is None:
+        try:  # the user's own class, if its forward runs with the new sizes and gives the same outputs
+            check_equivalent(plain, model, sets, float64=False, what="the eager shrunk model", against="the masked model")
+        except VerificationError as err:
+            note = f"the eager model fails after the cut ({str(err)[:160]})"
+    result: nn.Module = plain if note is None else gm
+    notes: list[str] = []
+    ref64 = _float64_reference(model)
+    cand64 = None
+    if isinstance(ref64, str):
+        notes.append(ref64)
+        ref64 = None
+    else:
         try:
-            errors = _compare(plain, model, inputs)
-            if max(e for _, e in errors) > TOLERANCE:
-                note = f"the eager model differs after the cut (max relative error {max(e for _, e in errors):.2g})"
-        except Exception as err:  # noqa: BLE001 - e.g. a size hard-coded in forward()
-            note = f"the eager model fails after the cut ({_first_line(err)})"
-    if note is not None:
-        result = gm
-        errors = _verify_graph(gm, model, inputs, analysis)
+            plain64, gm64, _, _ = _cut_model(ref64, tuple(_to64(inputs)), dead=analysis.dead)
+            cand64 = plain64 if result is plain else gm64
+        except Exception as err:  # noqa: BLE001 - e.g. a dtype baked into the model
+            notes.append(f"float64 check skipped: the model does not run in float64 ({_first_line(err)})")
+            ref64 = None
+    try:
+        eq = check_equivalent(result, model, sets, what="the shrunk model", against="the masked model",
+                              float64=cand64 is not None, candidate64=cand64, reference64=ref64)
+    except NotEquivalentError as err:
+        where = _first_divergence(gm, model, err.inputs, analysis) if result is gm else None
+        raise VerificationError(f"{err}; first diverging node: {where}" if where else str(err)) from err
+    except VerificationError as err:
+        where = _first_divergence(gm, model, inputs, analysis) if result is gm else None
+        raise VerificationError(f"the shrunk model fails to run: {where or err}") from err
     t2 = time.perf_counter()
     groups = analysis.groups
     rep = ShrinkReport(
@@ -328,7 +350,8 @@ def shrink(model: nn.Module, example_inputs: Sequence[torch.Tensor] | torch.Tens
         channels=sum(g.channels for g in groups), channels_removed=analysis.dead_channels(),
         groups=len(groups), prunable_groups=sum(g.prunable for g in groups),
         blocked_groups=sum(not g.prunable for g in groups), unknown_ops=analysis.unknown_ops,
-        weight_sparsity=_weight_sparsity(result), max_error=max((e for _, e in errors), default=0.0),
+        weight_sparsity=_weight_sparsity(result), max_error=eq.float32_error, max_error64=eq.float64_error,
+        verified_on=eq.inputs, notes=notes + eq.notes,
         analysis_s=t1 - t0, shrink_s=t2 - t1, round_to=round_to,
         result="eager" if result is plain else "exported", note=note or "",
     )
@@ -336,26 +359,8 @@ def shrink(model: nn.Module, example_inputs: Sequence[torch.Tensor] | torch.Tens
     return result
 
 
-def _verify_graph(gm: fx.GraphModule, reference: nn.Module, inputs: Sequence[Any],
-                  analysis: ChannelAnalysis) -> list[tuple[str, float]]:
-    """Check the cut graph against the masked model; a mismatch names the first diverging node."""
-    try:
-        errors = _compare(gm, reference, inputs)
-    except Exception as err:  # noqa: BLE001 - a shape error in the cut graph
-        where = _first_divergence(gm, reference, inputs, analysis)
-        raise VerificationError(f"the shrunk model fails to run: {where or _first_line(err)}") from err
-    for (kind, e), x in zip(errors, (tuple(inputs), random_like(inputs, 1), random_like(inputs, 2))):
-        if e > TOLERANCE:
-            where = _first_divergence(gm, reference, x, analysis)
-            e64 = _float64_error(gm, reference, x)
-            hint = "" if e64 is None else (
-                f" (in float64 the error is {e64:.2g}: the cut is exact and float32 rounding is amplified by an "
-                "ill-conditioned op there)" if e64 <= TOLERANCE * 1e-3 else f" (in float64: {e64:.2g})")
-            raise VerificationError(
-                f"shrunk model differs from the masked model on {kind} inputs: max relative error {e:.3g} > "
-                f"{TOLERANCE:g}; first diverging node: {where or 'the outputs'}{hint}"
-            )
-    return errors
+def _clone(x: Sequence[Any]) -> tuple[Any, ...]:
+    return tuple(t.clone() if isinstance(t, torch.Tensor) else t for t in x)
 
 
 def _run_all(gm: fx.GraphModule, inputs: Sequence[Any]) -> tuple[dict[str, Any], str | None]:
