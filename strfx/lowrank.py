@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import copy
 import fnmatch
+from pathlib import Path
 from typing import Any, Literal, Sequence
 
 import torch
@@ -631,3 +632,38 @@ def factor_lowrank(model: nn.Module, example_inputs: Sequence[Any] | torch.Tenso
     if reference is not None:
         _check(model, reference, example_inputs, "low-rank factoring")  # type: ignore[arg-type]
     return model
+
+
+def plot_ranks(rep: LowRankReport, path: str | Path, title: str | None = None) -> Path:
+    """Learned rank per layer (bars, % of full rank; the break-even rank as a tick), written atomically as PNG."""
+    import io
+
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only, never a window
+    import matplotlib.pyplot as plt
+
+    from strfx.rundir import atomic_write
+
+    layers = rep.layers
+    fig, ax = plt.subplots(figsize=(max(6.0, 0.45 * len(layers) + 2), 4.2))
+    xs = list(range(len(layers)))
+    ax.bar(xs, [100 * lr.rank / lr.full_rank for lr in layers], color="tab:blue", label="learned rank (% of full)")
+    ax.plot(xs, [100 * lr.break_even_rank / lr.full_rank for lr in layers], "_", color="tab:red", markersize=18,
+            mew=2, label="break-even rank (factoring pays below)")
+    for x, lr in zip(xs, layers):
+        ax.annotate(f"{lr.rank}/{lr.full_rank}", (x, 100 * lr.rank / lr.full_rank), ha="center", va="bottom",
+                    fontsize=7)
+    ax.set_ylim(0, 110)
+    ax.set_ylabel("rank (% of full rank)")
+    ax.set_xticks(xs)
+    ax.set_xticklabels([lr.name for lr in layers], rotation=60, ha="right", fontsize=8)
+    saved = 1 - rep.params_after / rep.params_dense if rep.params_dense else 0.0
+    ax.set_title(title or f"learned ranks ({saved:.1%} of the low-rank layers' weights removed by factoring)")
+    ax.legend(loc="upper left", fontsize=8)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=120)
+    plt.close(fig)
+    atomic_write(path, buf.getvalue())
+    return Path(path)
