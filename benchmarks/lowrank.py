@@ -20,6 +20,8 @@ Methods (same optimizer, peak learning rate, weight decay and number of SGD step
   factored model has the parameters of one lrstr run (``matched``); one pair of baselines per lrstr run.
 * ``svd-energy``   — the same, with per-layer ranks from one global energy threshold (each layer keeps the
   fewest singular values holding that fraction of its Σσ²), the threshold chosen to match parameters.
+* ``svd-lrstr-ranks`` — a diagnostic: the same again at exactly the ranks one lrstr run learned, to separate
+  the rank allocation low-rank STR chooses from the weights it trains.
 
 One seed, a few epochs: a pilot, not the issue's 3-seed study (see docs/lowrank.md for what is not done).
 """
@@ -151,8 +153,8 @@ def _energy_ranks(model: nn.Module, target: int) -> dict[str, int]:
     return ranks_at(lo)
 
 
-def run_svd(kind: str, target: int, knob: float, epochs: int, seed: int, data: tuple[torch.Tensor, ...]
-            ) -> dict[str, Any]:
+def run_svd(kind: str, target: int, knob: float, epochs: int, seed: int, data: tuple[torch.Tensor, ...],
+            given: dict[str, int] | None = None) -> dict[str, Any]:
     xtr, ytr, xte, yte = data
     torch.manual_seed(seed)
     model = load_arch("lenet300")()
@@ -160,7 +162,11 @@ def run_svd(kind: str, target: int, knob: float, epochs: int, seed: int, data: t
     half = total // 2
     fit(model, [{"params": list(model.parameters()), "weight_decay": WD}], (xtr, ytr), half, seed,
         lambda t: cosine(t, 0, half, LR))
-    ranks = _uniform_ranks(model, target) if kind == "uniform" else _energy_ranks(model, target)
+    if kind == "lrstr-ranks":
+        assert given is not None
+        ranks = given
+    else:
+        ranks = _uniform_ranks(model, target) if kind == "uniform" else _energy_ranks(model, target)
     model = _truncate(model, ranks)
     fit(model, [{"params": list(model.parameters()), "weight_decay": WD}], (xtr, ytr), total - half, seed + 1,
         lambda t: cosine(t, 0, total - half, LR))
@@ -209,9 +215,10 @@ def main() -> None:
                                       finetune=True))
                 log(mine[-1], t0)
             for m in mine:  # each baseline at the parameters of each low-rank STR run
-                for kind in () if args.no_baselines else ("uniform", "energy"):
+                for kind in () if args.no_baselines else ("uniform", "energy", "lrstr-ranks"):
                     t0 = time.perf_counter()
-                    b = run_svd(kind, m["params"], sd, args.epochs, args.seed, data)
+                    given = {k.rsplit(".", 1)[0]: v[0] for k, v in m["ranks"].items()}
+                    b = run_svd(kind, m["params"], sd, args.epochs, args.seed, data, given)
                     b["matched"] = m["method"]
                     log(b, t0)
     out = {"env": environment(), "epochs": args.epochs, "seed": args.seed, "runs": runs}

@@ -21,8 +21,9 @@ It returns the tuple ``(U, σ_raw, V)``: ``torch.nn.utils.parametrize`` keeps th
 
 Orthogonality of ``U``, ``V`` (``LowRankConfig.orthogonality``, see docs/lowrank.md for the measurement):
 
-* ``"none"`` — U and V are free; the factorisation (and so factoring) is exact either way;
-* ``"qr"`` — the forward uses the Q factor (signs fixed so that R has a positive diagonal) of the
+* ``"none"`` — U and V are free; the factorisation (and so factoring) is exact either way, but the σ'
+  are then not the singular values and thresholding them ranks directions badly (worst in the pilot);
+* ``"qr"`` (default) — the forward uses the Q factor (signs fixed so that R has a positive diagonal) of the
   stored U and V, so they are exactly orthonormal in the forward — what
   ``torch.nn.utils.parametrizations.orthogonal`` would do, but inside this one parametrization
   (a parametrization cannot be nested on another one's ``originalN``);
@@ -76,9 +77,10 @@ class LowRankConfig(_Strict):
         "whose singular values all exceed 1 can never lose a rank.",
     )
     orthogonality: Orthogonality = Field(
-        "none",
-        description="'none': U and V free; 'qr': the forward uses their QR Q factors (exactly orthonormal); "
-        "'penalty': orthogonality_penalty(model) must be added to the loss (see docs/lowrank.md).",
+        "qr",
+        description="'qr': the forward uses the QR Q factors of U and V (exactly orthonormal, so σ' are the "
+        "singular values; the default: nothing to add to the training loop); 'none': U and V free; "
+        "'penalty': orthogonality_penalty(model) must be added to the loss. Measured in docs/lowrank.md.",
     )
     penalty_weight: float = Field(1e-3, ge=0, description="Weight of ‖UᵀU − I‖² + ‖VᵀV − I‖² (orthogonality='penalty').")
     exclude: list[str] = Field(
@@ -111,7 +113,7 @@ class STRLowRank(nn.Module):
     """Parametrization ``(U, σ_raw, V) -> U·diag(relu(σ_raw − t))·Vᵀ`` reshaped to the weight's shape."""
 
     def __init__(self, weight: torch.Tensor, s_init: float = -15.0, fn: str = "sigmoid",
-                 orthogonality: Orthogonality = "none", relative_threshold: bool = False,
+                 orthogonality: Orthogonality = "qr", relative_threshold: bool = False,
                  penalty_weight: float = 1e-3) -> None:
         super().__init__()
         if fn not in THRESHOLD_FNS:
@@ -187,6 +189,12 @@ def lowrank_parametrizations(model: nn.Module) -> dict[str, tuple[nn.Module, str
 def lowrank_threshold_parameters(model: nn.Module) -> list[nn.Parameter]:
     """Every low-rank threshold ``s`` (for the optimizer's threshold group: weight decay on it raises it)."""
     return [p.s for _, _, p in lowrank_parametrizations(model).values()]
+
+
+def lowrank_sigma_parameters(model: nn.Module) -> list[nn.Parameter]:
+    """Every raw singular-value vector ``σ_raw`` (``originalN`` 1): weight decay on them shrinks the σ toward
+    the threshold, which in docs/lowrank.md is what actually lowers the ranks."""
+    return [mod.parametrizations[t].original1 for mod, t, _ in lowrank_parametrizations(model).values()]
 
 
 def current_factors(mod: nn.Module, tensor_name: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

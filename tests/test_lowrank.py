@@ -20,6 +20,7 @@ from strfx.lowrank import (
     factor_lowrank,
     lowrank_parametrizations,
     lowrank_report,
+    lowrank_sigma_parameters,
     lowrank_threshold_parameters,
     orthogonality_penalty,
     plot_ranks,
@@ -179,13 +180,15 @@ def test_state_dict_round_trip(tmp_path):
     assert torch.equal(fresh(x), lr(x))
 
 
-def _train_rank(threshold_decay: float) -> tuple[int, int]:
+def _train_rank(threshold_decay: float, sigma_decay: float = 0.0) -> tuple[int, int]:
     torch.manual_seed(5)
     teacher = nn.Linear(8, 8)
     lin = apply_lowrank(copy.deepcopy(teacher), LowRankConfig(s_init=-3.0))
-    thresholds = lowrank_threshold_parameters(lin)
-    rest = [p for p in lin.parameters() if all(p is not t for t in thresholds)]
+    thresholds, sigmas = lowrank_threshold_parameters(lin), lowrank_sigma_parameters(lin)
+    assert sigmas[0] is lin.parametrizations.weight.original1
+    rest = [p for p in lin.parameters() if all(p is not t for t in thresholds + sigmas)]
     opt = torch.optim.SGD([{"params": rest, "weight_decay": 0.0},
+                           {"params": sigmas, "weight_decay": sigma_decay},
                            {"params": thresholds, "weight_decay": threshold_decay}], lr=0.1)
     x = torch.randn(64, 8)
     for _ in range(30):
@@ -200,6 +203,8 @@ def test_weight_decay_on_threshold_lowers_rank():
     assert _train_rank(0.0) == (8, 8)  # control: the loss alone keeps every rank
     r, full = _train_rank(1.0)
     assert full == 8 and r <= 6
+    r, _ = _train_rank(0.0, sigma_decay=3.0)  # decay on the raw σ pushes them under a fixed threshold
+    assert r <= 6
 
 
 def test_orthogonality_penalty():
@@ -221,7 +226,7 @@ def test_factoring_is_exact_float64(case):
     model, x = _cases()[case]
     model, x = model.double(), x.double()
     dense_params = sum(p.numel() for p in model.parameters())
-    lr = apply_lowrank(model, LowRankConfig(orthogonality="qr" if case == "linear" else "none"))
+    lr = apply_lowrank(model, LowRankConfig(orthogonality="none" if case == "linear" else "qr"))
     _kill_ranks(lr, 2)
     ref = copy.deepcopy(lr)
     out = factor_lowrank(lr, (x,))
