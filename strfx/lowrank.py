@@ -51,8 +51,10 @@ from torch import nn
 from torch.nn.utils import parametrize
 from torch.nn.utils.rnn import PackedSequence
 
-from strfx.config import _Strict
-from strfx.errors import VerificationError
+from pydantic import ValidationError
+
+from strfx.config import _format_validation_error, _Strict
+from strfx.errors import ConfigError, VerificationError
 from strfx.modules import THRESHOLD_FNS
 from strfx.verify import max_rel_error
 
@@ -293,12 +295,22 @@ def selected_weights(model: nn.Module, config: LowRankConfig | None = None) -> l
     return picked
 
 
+def coerce_lowrank_config(config: LowRankConfig | dict[str, Any] | None) -> LowRankConfig:
+    """A LowRankConfig from a config, a plain dict or None; a bad dict is a one-line ConfigError."""
+    if isinstance(config, LowRankConfig):
+        return config
+    try:
+        return LowRankConfig.model_validate(config or {})
+    except ValidationError as err:
+        raise ConfigError(_format_validation_error(err, "lowrank")) from None
+
+
 def apply_lowrank(model: nn.Module, config: LowRankConfig | dict[str, Any] | None = None) -> nn.Module:
     """Reparameterise ``model``'s selected weights in place (deep-copy first) and return it.
 
     The model computes the same function afterwards (exact up to float rounding of one SVD).
     """
-    cfg = LowRankConfig.model_validate(config) if isinstance(config, dict) else (config or LowRankConfig())
+    cfg = coerce_lowrank_config(config)
     hooked: set[int] = set()
     for _, mod, tname in selected_weights(model, cfg):
         w = getattr(mod, tname)
@@ -316,7 +328,12 @@ def apply_lowrank(model: nn.Module, config: LowRankConfig | dict[str, Any] | Non
 def sparsify_lowrank(model: nn.Module, config: LowRankConfig | dict[str, Any] | None = None, *,
                      example_inputs: Sequence[Any] | torch.Tensor | None = None, verify: bool = True) -> nn.Module:
     """A deep copy of ``model`` with low-rank STR; checked against ``model`` on ``example_inputs`` if given."""
-    new = apply_lowrank(copy.deepcopy(model), config)
+    cfg = coerce_lowrank_config(config)
+    if not selected_weights(model, cfg):
+        raise ConfigError(f"low-rank STR found no layer to reparameterise in {type(model).__name__}: it needs "
+                          f"nn.Linear/Conv1d-3d/LSTM/GRU layers where a lower rank saves weights, not all excluded "
+                          f"(exclude={cfg.exclude}, min_rank_gain={cfg.min_rank_gain})")
+    new = apply_lowrank(copy.deepcopy(model), cfg)
     if verify and example_inputs is not None:
         _check(new, model, example_inputs, "low-rank STR insertion")
     return new

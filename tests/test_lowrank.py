@@ -160,6 +160,15 @@ def test_selection_exclude_depthwise_rnn_flag_and_gain():
     assert names(LowRankConfig(rnn=False, min_rank_gain=0.7)) == ["3.weight"]
 
 
+def test_bad_config_and_nothing_to_do_are_one_line_errors():
+    from strfx.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="lowrank: orthogonality"):
+        apply_lowrank(nn.Linear(4, 4), {"orthogonality": "householder"})
+    with pytest.raises(ConfigError, match="no layer to reparameterise"):
+        sparsify_lowrank(nn.Sequential(nn.Linear(4, 4)), {"exclude": ["*"]})
+
+
 def test_state_dict_round_trip(tmp_path):
     torch.manual_seed(4)
     model = _fastgrnn().SequentialMNIST(hidden_size=12, rows=6, cols=6)
