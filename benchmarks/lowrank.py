@@ -95,7 +95,8 @@ def run_lrstr(orth: str, budget: float, epochs: int, seed: int, data: tuple[torc
     example = (xte[:2],)
     rep = lowrank_report(model, example)
     if plot is not None:
-        plot_ranks(rep, plot, title=f"LeNet-300-100, low-rank STR ({orth}, D={budget:g}): learned ranks")
+        plot_ranks(rep, plot, title=f"LeNet-300-100, low-rank STR ({orth}, D={budget:g}, σ decay {sigma_decay:g}): "
+                   "learned ranks")
     factored = factor_lowrank(model, example)
     if finetune:  # the factored model, learning rate restarted (as the SVD baselines)
         fit(factored, [{"params": list(factored.parameters()), "weight_decay": WD}], (xtr, ytr), steps - total,
