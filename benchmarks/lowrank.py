@@ -23,6 +23,9 @@ Methods (same optimizer, peak learning rate, weight decay and number of SGD step
 * ``svd-lrstr-ranks`` — a diagnostic: the same again at exactly the ranks one lrstr run learned, to separate
   the rank allocation low-rank STR chooses from the weights it trains.
 
+``--arch fastgrnn`` runs the same on examples/fastgrnn.py (a FastGRNN-style cell written with Linear layers,
+so W (input-to-hidden) and U (hidden-to-hidden) both get a learned rank) on sequential MNIST.
+
 One seed, a few epochs: a pilot, not the issue's 3-seed study (see docs/lowrank.md for what is not done).
 """
 
@@ -56,6 +59,7 @@ from strfx.lowrank import (  # noqa: E402
 ROOT = Path(__file__).resolve().parents[1]
 DOCS = ROOT / "docs"
 S_INIT = -8.0
+ARCH = "lenet300"  # or "fastgrnn" (examples/fastgrnn.py, sequential MNIST), set by --arch
 
 
 def n_params(model: nn.Module) -> int:
@@ -65,7 +69,7 @@ def n_params(model: nn.Module) -> int:
 def run_dense(epochs: int, seed: int, data: tuple[torch.Tensor, ...]) -> dict[str, Any]:
     xtr, ytr, xte, yte = data
     torch.manual_seed(seed)
-    model = load_arch("lenet300")()
+    model = load_arch(ARCH)()
     total = epochs * (xtr.shape[0] // 128)
     fit(model, [{"params": list(model.parameters()), "weight_decay": WD}], (xtr, ytr), total, seed,
         lambda t: cosine(t, 0, total, LR))
@@ -77,7 +81,7 @@ def run_lrstr(orth: str, budget: float, epochs: int, seed: int, data: tuple[torc
               finetune: bool = False) -> dict[str, Any]:
     xtr, ytr, xte, yte = data
     torch.manual_seed(seed)
-    model = apply_lowrank(load_arch("lenet300")(),
+    model = apply_lowrank(load_arch(ARCH)(),
                           LowRankConfig(s_init=S_INIT, orthogonality=orth, relative_threshold=relative))
     steps = epochs * (xtr.shape[0] // 128)
     total = steps // 2 if finetune else steps  # -ft: learn the ranks in half the steps, fine-tune the rest
@@ -95,7 +99,7 @@ def run_lrstr(orth: str, budget: float, epochs: int, seed: int, data: tuple[torc
     example = (xte[:2],)
     rep = lowrank_report(model, example)
     if plot is not None:
-        plot_ranks(rep, plot, title=f"LeNet-300-100, low-rank STR ({orth}, D={budget:g}, σ decay {sigma_decay:g}): "
+        plot_ranks(rep, plot, title=f"{ARCH}, low-rank STR ({orth}, D={budget:g}, σ decay {sigma_decay:g}): "
                    "learned ranks")
     factored = factor_lowrank(model, example)
     if finetune:  # the factored model, learning rate restarted (as the SVD baselines)
@@ -115,11 +119,12 @@ def _truncate(model: nn.Module, ranks: dict[str, int]) -> nn.Module:
         if r * (out + inp) >= out * inp:
             continue
         u, s, vh = torch.linalg.svd(lin.weight.detach(), full_matrices=False)
-        first, second = nn.Linear(inp, r, bias=False), nn.Linear(r, out)
+        first, second = nn.Linear(inp, r, bias=False), nn.Linear(r, out, bias=lin.bias is not None)
         with torch.no_grad():
             first.weight.copy_(vh[:r])
             second.weight.copy_(u[:, :r] * s[:r])
-            second.bias.copy_(lin.bias)
+            if lin.bias is not None:
+                second.bias.copy_(lin.bias)
         parent_name, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent_name) if parent_name else model, child, nn.Sequential(first, second))
     return model
@@ -158,7 +163,7 @@ def run_svd(kind: str, target: int, knob: float, epochs: int, seed: int, data: t
             given: dict[str, int] | None = None) -> dict[str, Any]:
     xtr, ytr, xte, yte = data
     torch.manual_seed(seed)
-    model = load_arch("lenet300")()
+    model = load_arch(ARCH)()
     total = epochs * (xtr.shape[0] // 128)
     half = total // 2
     fit(model, [{"params": list(model.parameters()), "weight_decay": WD}], (xtr, ytr), half, seed,
@@ -177,7 +182,8 @@ def run_svd(kind: str, target: int, knob: float, epochs: int, seed: int, data: t
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--epochs", type=int, default=4)
+    ap.add_argument("--arch", choices=["lenet300", "fastgrnn"], default="lenet300")
+    ap.add_argument("--epochs", type=int, default=3)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--budget", type=float, default=8.0, help="threshold-decay budget D (λ_s·Σ lr)")
     ap.add_argument("--orth", nargs="+", default=["none", "qr", "penalty"], help="orthogonality choices to compare")
@@ -188,8 +194,11 @@ def main() -> None:
     ap.add_argument("--finetune", action="store_true", help="also run lrstr-<orth>-ft (ranks in half the steps, "
                     "then the factored model fine-tuned)")
     ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--out", default=str(DOCS / "lowrank.json"))
+    ap.add_argument("--out", default=None, help="default docs/lowrank.json (lenet300), docs/lowrank_<arch>.json")
     args = ap.parse_args()
+    global ARCH
+    ARCH = args.arch
+    args.out = args.out or str(DOCS / ("lowrank.json" if ARCH == "lenet300" else f"lowrank_{ARCH}.json"))
     torch.set_num_threads(args.threads)
     data = load_mnist()
     runs: list[dict[str, Any]] = []
@@ -206,7 +215,7 @@ def main() -> None:
     for sd in args.sigma_decays:
         for orth in args.orth:
             t0 = time.perf_counter()
-            plot = DOCS / "lowrank_lenet300_ranks.png" if (orth == args.orth[0] and sd == args.sigma_decays[-1]) else None
+            plot = DOCS / f"lowrank_{ARCH}_ranks.png" if (orth == args.orth[0] and sd == args.sigma_decays[-1]) else None
             r = run_lrstr(orth, args.budget, args.epochs, args.seed, data, not args.absolute, sd, plot)
             log(r, t0)
             mine = [r]
@@ -222,7 +231,7 @@ def main() -> None:
                     b = run_svd(kind, m["params"], sd, args.epochs, args.seed, data, given)
                     b["matched"] = m["method"]
                     log(b, t0)
-    out = {"env": environment(), "epochs": args.epochs, "seed": args.seed, "runs": runs}
+    out = {"env": environment(), "arch": ARCH, "epochs": args.epochs, "seed": args.seed, "runs": runs}
     tmp = Path(args.out).with_suffix(".json.tmp")
     tmp.write_text(json.dumps(out, indent=2))
     tmp.replace(args.out)
