@@ -10,7 +10,6 @@ from pathlib import Path
 import pytest
 import torch
 from torch import nn
-from torch.nn.utils import parametrize
 
 from strfx.lowrank import (
     FactoredRNN,
