@@ -41,6 +41,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.nn.utils import parametrize
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _env import environment  # noqa: E402
@@ -60,6 +61,19 @@ ROOT = Path(__file__).resolve().parents[1]
 DOCS = ROOT / "docs"
 S_INIT = -8.0
 ARCH = "lenet300"  # or "fastgrnn" (examples/fastgrnn.py, sequential MNIST), set by --arch
+
+
+class _Cached(nn.Module):
+    """Runs the model inside ``parametrize.cached()``: each low-rank weight is built once per forward, not
+    once per use (the FastGRNN cell uses W and U at each of its 28 steps)."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        with parametrize.cached():
+            return self.model(x)
 
 
 def n_params(model: nn.Module) -> int:
@@ -93,7 +107,7 @@ def run_lrstr(orth: str, budget: float, epochs: int, seed: int, data: tuple[torc
     rest = [p for p in model.parameters() if id(p) not in special]
     groups = [{"params": rest, "weight_decay": WD}, {"params": thresholds, "weight_decay": lam},
               {"params": sigmas, "weight_decay": WD if sigma_decay is None else sigma_decay}]
-    fit(model, groups, (xtr, ytr), total, seed, lambda t: cosine(t, 0, total, LR),
+    fit(_Cached(model), groups, (xtr, ytr), total, seed, lambda t: cosine(t, 0, total, LR),
         penalty=(lambda: orthogonality_penalty(model)) if orth == "penalty" else None)
     err_param = test_error(model, xte, yte)
     example = (xte[:2],)
