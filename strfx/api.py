@@ -35,7 +35,7 @@ def sparsify(
 ) -> nn.Module:
     """A deep copy of ``model`` — same class, same forward — with STR attached as parametrizations.
 
-    ``mode`` ("unstructured" or "structured") overrides ``config.mode``. The model is captured with
+    ``mode`` ("unstructured", "structured" or "lowrank") overrides ``config.mode``. The model is captured with
     ``torch.export`` on ``example_inputs`` to find where STR goes (conv/linear weights; channel
     groups and the parameters that write them); the copy is then trained like the original
     (``.train()``/``.eval()``, dropout, DDP, ``torch.compile`` and its own methods behave as before).
@@ -47,6 +47,12 @@ def sparsify(
     if inputs is None:
         raise StrfxError("sparsify needs example_inputs: strfx captures the model with torch.export on them "
                          "to find where STR goes (e.g. example_inputs=(torch.randn(1, 3, 224, 224),))")
+    if cfg.mode == "lowrank":  # per-layer singular values: no channel coupling to analyse
+        from strfx.lowrank import sparsify_lowrank
+
+        result = sparsify_lowrank(model, cfg.lowrank, example_inputs=inputs, verify=verify)
+        result._strfx = {"config": cfg, "example_inputs": inputs}
+        return result
     result = copy.deepcopy(model)  # the user's model stays untouched (parametrize mutates modules)
     gm = capture(model, inputs, cfg.capture)
     analysis = analyze_channels(gm) if cfg.mode == "structured" else None
@@ -82,11 +88,14 @@ def param_groups(
     """Optimizer parameter groups for STR training, each with a ``name``.
 
     In STR, weight decay on the thresholds ``s`` is what raises them and so drives sparsity up
-    (``threshold_decay``, default ``weight_decay``). ``norm_decay`` applies to STR-BN γ and
-    importance vectors (default ``weight_decay``). Everything else gets ``weight_decay``, as in the paper.
+    (``threshold_decay``, default ``weight_decay``). ``norm_decay`` applies to the raw vectors
+    structured STR thresholds: STR-BN γ, importance vectors and (low-rank mode) singular values
+    (default ``weight_decay``). Everything else gets ``weight_decay``, as in the paper.
     """
-    thresholds = threshold_parameters(model)
-    norms = norm_parameters(model)
+    from strfx.lowrank import lowrank_sigma_parameters, lowrank_threshold_parameters
+
+    thresholds = threshold_parameters(model) + lowrank_threshold_parameters(model)
+    norms = norm_parameters(model) + lowrank_sigma_parameters(model)
     special = {id(p) for p in thresholds + norms}
     rest = list({id(p): p for p in model.parameters() if id(p) not in special}.values())
     groups = [

@@ -57,15 +57,17 @@ def command(group: click.Group, name: str) -> Callable[[Callable[..., Any]], cli
 @click.option("--debug", is_flag=True, help="Show tracebacks instead of one-line errors.")
 @click.version_option(package_name="strfx")
 def main(debug: bool) -> None:
-    """strfx: learnable sparsity (STR) for any torch.fx-traceable PyTorch model.
+    """strfx: learnable sparsity (STR) for any PyTorch model torch.export can capture.
 
-    MODEL is a Python file defining build_model() (and optionally example_inputs()), or
-    torchvision:NAME for any torchvision.models builder (random init, nothing downloaded).
+    MODEL is a Python file defining build_model() (and optionally example_inputs()),
+    torchvision:NAME or timm:NAME (random init, nothing downloaded), or hf:PATH (a local
+    HuggingFace directory with a config.json; never the network).
     """
 
 
-MODE = click.option("--mode", type=click.Choice(["structured", "unstructured"]), default=None,
-                    help="Unstructured: STR on weights. Structured: STR-BN on BatchNorm γ and gates elsewhere. "
+MODE = click.option("--mode", type=click.Choice(["structured", "unstructured", "lowrank"]), default=None,
+                    help="Unstructured: STR on weights. Structured: STR-BN on BatchNorm γ/β and an STR importance "
+                    "vector per channel group elsewhere. Lowrank: STR on each layer's singular values. "
                     "Default: the config's mode (unstructured).")
 CONFIG = click.option("--config", "config_path", type=click.Path(dir_okay=False), default=None,
                       help="YAML configuration file (see docs/config.md).")

@@ -22,7 +22,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from .errors import ConfigError
 from .train_config import TrainConfig
 
-Mode = Literal["unstructured", "structured"]
+Mode = Literal["unstructured", "structured", "lowrank"]
+Orthogonality = Literal["none", "qr", "penalty"]
 
 
 class _Strict(BaseModel):
@@ -39,11 +40,48 @@ class CaptureConfig(_Strict):
                                 "uses the example shapes.")
 
 
+class LowRankConfig(_Strict):
+    """Where and how low-rank STR is inserted."""
+
+    s_init: float = Field(
+        -15.0,
+        description="Initial threshold parameter s; g(s_init)·scale is the first threshold on the singular "
+        "values. Insertion is exact whatever it is (σ + threshold is stored).",
+    )
+    threshold_fn: Literal["sigmoid"] = Field("sigmoid", description="g, the function mapping s to a threshold.")
+    relative_threshold: bool = Field(
+        False,
+        description="Threshold σ_max(W at insertion)·g(s) instead of g(s): g ≤ 1, so without it a layer "
+        "whose singular values all exceed 1 can never lose a rank.",
+    )
+    orthogonality: Orthogonality = Field(
+        "qr",
+        description="'qr': the forward uses the QR Q factors of U and V (exactly orthonormal, so σ' are the "
+        "singular values; the default: nothing to add to the training loop); 'none': U and V free; "
+        "'penalty': orthogonality_penalty(model) must be added to the loss. Measured in docs/lowrank.md.",
+    )
+    penalty_weight: float = Field(1e-3, ge=0, description="Weight of ‖UᵀU − I‖² + ‖VᵀV − I‖² (orthogonality='penalty').")
+    exclude: list[str] = Field(
+        default_factory=list,
+        description="Glob patterns over module names ('fc', 'layer4.*') or weight names ('lstm.weight_ih_l1') "
+        "left dense.",
+    )
+    rnn: bool = Field(True, description="Also reparameterise the input-to-hidden matrices of nn.LSTM/nn.GRU/nn.RNN.")
+    min_rank_gain: float = Field(
+        0.0,
+        ge=0,
+        le=1,
+        description="Skip a layer unless factoring it saves parameters up to a rank of at least this fraction "
+        "of its full rank. Layers where no rank ≥ 1 saves anything (depthwise convs) are always skipped.",
+    )
+
+
 class SparsifyConfig(_Strict):
     """Where and how STR is inserted."""
 
     mode: Mode = Field("unstructured", description="'unstructured': STR on conv/linear weights; "
-                       "'structured': STR-BN on BatchNorm γ/β and one STR importance vector per channel group without BatchNorm.")
+                       "'structured': STR-BN on BatchNorm γ/β and one STR importance vector per channel group without BatchNorm; "
+                       "'lowrank': STR on the singular values of each conv/linear/RNN input weight (learned rank).")
     s_init: float = Field(
         -15.0,
         description="Initial threshold parameter s; g(s_init) is the first threshold (sigmoid(-15) ≈ 3e-7). "
@@ -70,6 +108,8 @@ class SparsifyConfig(_Strict):
         description="Structured: BatchNorm channels with |γ| below this keep their β as a fixed offset "
         "instead of β̂ = β/γ (dividing by a tiny γ would blow β̂ up).",
     )
+    lowrank: LowRankConfig = Field(default_factory=LowRankConfig, description="Low-rank mode: STR on each "
+                                   "layer's singular values (strfx.lowrank).")
     capture: CaptureConfig = Field(default_factory=CaptureConfig, description="torch.export capture options.")
 
 

@@ -17,7 +17,9 @@ Controller (documented in the README, "Target sparsity"):
 
 * The *measured* sparsity: unstructured, the fraction of STR weights that are exactly zero (the
   report's ``sparsity``); structured, the fraction of FLOPs the shrunk model saves (the report's
-  ``shrunk_flops``), which includes the next layers' lost input channels. :class:`SparsityMeter`
+  ``shrunk_flops``), which includes the next layers' lost input channels; low-rank, the fraction of
+  the reparameterised layers' weights that factoring at the learned ranks saves (the decay is then
+  set on the singular values too, the "norms" group). :class:`SparsityMeter`
   keeps that affordable every few steps by rescaling a per-layer estimate with real shrinks.
 * A *schedule* rises from 0 to the target X with the cubic curve of Zhu & Gupta (2017),
   ``X·(1-(1-p)^3)``, between ``ramp_start`` and ``ramp_end`` (fractions of training, default
@@ -114,6 +116,11 @@ class SparsityMeter:
 
     @torch.no_grad()
     def __call__(self) -> float:
+        if self.mode == "lowrank":  # weights the factored layers save (strfx.lowrank's report)
+            from strfx.lowrank import lowrank_report
+
+            rep = lowrank_report(self.gm)
+            return 1.0 - rep.params_after / max(rep.params_dense, 1)
         zeros = self.layer_zeros()
         if self.mode == "unstructured":
             total = sum(n for _, n in zeros.values())

@@ -53,51 +53,14 @@ from torch.nn.utils.rnn import PackedSequence
 
 from pydantic import ValidationError
 
-from strfx.config import _format_validation_error, _Strict
+from strfx.config import LowRankConfig, Orthogonality, _format_validation_error
 from strfx.errors import ConfigError, VerificationError
 from strfx.modules import THRESHOLD_FNS
 from strfx.verify import max_rel_error
 
-Orthogonality = Literal["none", "qr", "penalty"]
 CONV_TYPES: tuple[type[nn.Module], ...] = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 RNN_TYPES: tuple[type[nn.Module], ...] = (nn.LSTM, nn.GRU, nn.RNN)
 TOLERANCE = 1e-4
-
-
-class LowRankConfig(_Strict):
-    """Where and how low-rank STR is inserted."""
-
-    s_init: float = Field(
-        -15.0,
-        description="Initial threshold parameter s; g(s_init)·scale is the first threshold on the singular "
-        "values. Insertion is exact whatever it is (σ + threshold is stored).",
-    )
-    threshold_fn: Literal["sigmoid"] = Field("sigmoid", description="g, the function mapping s to a threshold.")
-    relative_threshold: bool = Field(
-        False,
-        description="Threshold σ_max(W at insertion)·g(s) instead of g(s): g ≤ 1, so without it a layer "
-        "whose singular values all exceed 1 can never lose a rank.",
-    )
-    orthogonality: Orthogonality = Field(
-        "qr",
-        description="'qr': the forward uses the QR Q factors of U and V (exactly orthonormal, so σ' are the "
-        "singular values; the default: nothing to add to the training loop); 'none': U and V free; "
-        "'penalty': orthogonality_penalty(model) must be added to the loss. Measured in docs/lowrank.md.",
-    )
-    penalty_weight: float = Field(1e-3, ge=0, description="Weight of ‖UᵀU − I‖² + ‖VᵀV − I‖² (orthogonality='penalty').")
-    exclude: list[str] = Field(
-        default_factory=list,
-        description="Glob patterns over module names ('fc', 'layer4.*') or weight names ('lstm.weight_ih_l1') "
-        "left dense.",
-    )
-    rnn: bool = Field(True, description="Also reparameterise the input-to-hidden matrices of nn.LSTM/nn.GRU/nn.RNN.")
-    min_rank_gain: float = Field(
-        0.0,
-        ge=0,
-        le=1,
-        description="Skip a layer unless factoring it saves parameters up to a rank of at least this fraction "
-        "of its full rank. Layers where no rank ≥ 1 saves anything (depthwise convs) are always skipped.",
-    )
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -24,8 +24,8 @@ class LayerReport(BaseModel):
     """One STR-carrying tensor."""
 
     name: str = Field(description="Qualified name of the weight, the STR-BN norm or the first layer an importance vector scales.")
-    kind: Literal["weight", "bn", "gate"]
-    elements: int = Field(description="Weights (unstructured) or channels (structured).")
+    kind: Literal["weight", "bn", "gate", "rank"]
+    elements: int = Field(description="Weights (unstructured), channels (structured) or the full rank (low-rank).")
     zeros: int = Field(description="Elements that are exactly zero after thresholding.")
     sparsity: float
     threshold: float = Field(description="g(s), the learned threshold (mean when per channel).")
@@ -118,8 +118,10 @@ def used_tensors(model: nn.Module) -> list[torch.Tensor]:
     """The tensors the forward pass computes with: thresholded values instead of raw STR parameters;
     thresholds and importance vectors themselves are not counted."""
     used: dict[int, torch.Tensor] = {}
+    inside = {id(m) for plist in model.modules() if isinstance(plist, parametrize.ParametrizationList)
+              for m in plist.modules()}
     for mod in model.modules():
-        if isinstance(mod, (*STR_PARAMETRIZATIONS, STRUnit, parametrize.ParametrizationList)):
+        if id(mod) in inside or isinstance(mod, (*STR_PARAMETRIZATIONS, STRUnit)):
             continue
         for p in mod._parameters.values():
             if p is not None:
@@ -178,6 +180,13 @@ def report(model: nn.Module, example_inputs: Sequence[Any] | torch.Tensor | None
         for prod in producers.get(carrier_name, []):
             density[prod] = 1 - layers[-1].sparsity
 
+    from strfx.lowrank import lowrank_parametrizations, ranks
+
+    lowrank = lowrank_parametrizations(model)
+    for lname, (rank, full) in ranks(model).items():
+        strl = lowrank[lname][2]
+        layers.append(LayerReport(name=lname, kind="rank", elements=full, zeros=full - rank,
+                                  sparsity=(full - rank) / max(full, 1), threshold=float(strl.threshold().mean())))
     used = used_tensors(model)
     params = sum(t.numel() for t in used)
     nonzero = sum(int((t != 0).sum()) for t in used)

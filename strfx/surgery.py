@@ -34,7 +34,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from strfx.errors import StrfxError, VerificationError
-from strfx.modules import STR_PARAMETRIZATIONS, STRShift, STRUnit, str_weights
+from strfx.modules import STR_PARAMETRIZATIONS, STRShift
 from strfx.passes.capture import as_inputs, capture, eval_mode
 from strfx.passes.channel_analysis import META_KEY, ChannelAnalysis, TInfo, analyze_channels
 from strfx.passes.shrink import cut_tensor, set_tensor, shrink_graph
@@ -93,12 +93,11 @@ def random_like(inputs: Sequence[Any], seed: int) -> tuple[Any, ...]:
 
 
 def count_params(m: nn.Module) -> int:
-    """Parameters the model computes with: thresholds and importance vectors are not counted."""
-    skip = {id(p.s) for p in str_weights(m, role=None).values()}
-    for mod in m.modules():
-        if isinstance(mod, STRUnit):
-            skip |= {id(mod.s), id(mod.weight)}
-    return sum(p.numel() for p in {id(p): p for p in m.parameters()}.values() if id(p) not in skip)
+    """Parameters the model computes with (an STR-parametrized tensor counts as the tensor it
+    computes; thresholds, importance vectors and low-rank factors are not counted)."""
+    from strfx.report import used_tensors
+
+    return sum(t.numel() for t in used_tensors(m))
 
 
 def _weight_sparsity(m: nn.Module) -> float:
@@ -311,6 +310,8 @@ def shrink(model: nn.Module, example_inputs: Sequence[torch.Tensor] | torch.Tens
     if round_to < 1:
         raise StrfxError(f"round_to must be at least 1, got {round_to}")
     inputs = example_inputs_of(model, example_inputs)
+    if _has_lowrank(model):
+        return _factor(model, inputs)
     sets = verification_inputs(inputs)
     t0 = time.perf_counter()
     plain, gm, analysis, note = _cut_model(model, inputs, round_to)
@@ -357,6 +358,35 @@ def shrink(model: nn.Module, example_inputs: Sequence[torch.Tensor] | torch.Tens
     )
     result.strfx_shrink = rep.model_dump()
     return result
+
+
+def _has_lowrank(model: nn.Module) -> bool:
+    from strfx.lowrank import lowrank_parametrizations
+
+    return bool(lowrank_parametrizations(model))
+
+
+def _factor(model: nn.Module, inputs: tuple[Any, ...]) -> nn.Module:
+    """Low-rank mode: each layer becomes two thinner ones at its learned rank (strfx.lowrank)."""
+    from strfx.lowrank import factor_lowrank
+
+    t0 = time.perf_counter()
+    plain = copy.deepcopy(model)
+    if hasattr(plain, "_strfx"):
+        del plain._strfx
+    small = factor_lowrank(plain, inputs, verify=False)
+    eq = check_equivalent(small, model, verification_inputs(inputs), what="the factored model",
+                          against="the low-rank model", float64=False)
+    layers = small.strfx_lowrank.layers
+    rep = ShrinkReport(
+        params_before=count_params(model), params_after=count_params(small), channels=0, channels_removed=0,
+        groups=0, prunable_groups=0, blocked_groups=0, unknown_ops={}, weight_sparsity=_weight_sparsity(small),
+        max_error=eq.float32_error, verified_on=eq.inputs,
+        notes=eq.notes + [f"{sum(r.factored for r in layers)} of {len(layers)} low-rank layers factored"],
+        analysis_s=0.0, shrink_s=time.perf_counter() - t0, result="eager",
+    )
+    small.strfx_shrink = rep.model_dump()
+    return small
 
 
 def _clone(x: Sequence[Any]) -> tuple[Any, ...]:

@@ -423,7 +423,7 @@ class Trainer:
 
         # Structured: a channel dies when |γ| < g(s), but decay can lift g(s) only to g(0) = 0.5 while γ starts
         # at 1; so the controller drives the decay of γ ("norms") together with that of s.
-        self.steered_groups = ["thresholds"] + (["norms"] if self.mode == "structured" else [])
+        self.steered_groups = ["thresholds"] + (["norms"] if self.mode != "unstructured" else [])
         self.model: nn.Module = gm
         if env.distributed:
             self.model = nn.parallel.DistributedDataParallel(gm, device_ids=[dev.index] if self.cuda else None)
