@@ -18,6 +18,8 @@ The graph is used to analyse and to cut, never to train: training runs the user'
 from __future__ import annotations
 
 import contextlib
+import io
+import logging
 import os
 import re
 import traceback
@@ -69,6 +71,19 @@ def _first_line(err: BaseException) -> str:
     return type(err).__name__
 
 
+@contextlib.contextmanager
+def _quiet() -> Iterator[None]:
+    """torch.export logs warnings and prints graphs while it works (and when it fails); a user gets
+    strfx's one line instead."""
+    logging.disable(logging.WARNING)
+    try:
+        with warnings.catch_warnings(), contextlib.redirect_stderr(io.StringIO()):
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        logging.disable(logging.NOTSET)
+
+
 def as_inputs(example_inputs: Any) -> tuple[Any, ...]:
     if isinstance(example_inputs, torch.Tensor):
         return (example_inputs,)
@@ -86,8 +101,7 @@ def export(model: nn.Module, example_inputs: Sequence[Any], config: CaptureConfi
         batch = torch.export.Dim("batch", min=1)
         shapes = tuple({0: batch} if isinstance(x, torch.Tensor) and x.dim() > 0 else None for x in inputs)
     try:
-        with eval_mode(model), warnings.catch_warnings():
-            warnings.simplefilter("ignore")
+        with eval_mode(model), _quiet():
             ep = torch.export.export(model, inputs, strict=config.strict, dynamic_shapes=shapes)
             return ep.run_decompositions({})
     except Exception as err:  # noqa: BLE001 - export raises many kinds; all become one clear line

@@ -43,7 +43,7 @@ def plan(model: nn.Module, example_inputs: Sequence[Any], config: SparsifyConfig
     results: dict[str, nn.Module | str] = {}
     for mode in ("unstructured", "structured"):
         try:
-            results[mode] = sparsify(model, mode, config=config, verify=False)
+            results[mode] = sparsify(model, mode, config=config, verify=False, example_inputs=example_inputs)
         except Exception as err:  # noqa: BLE001 - show why a mode does not apply instead of failing
             results[mode] = str(err)
     unstructured, structured = results["unstructured"], results["structured"]

@@ -164,7 +164,7 @@ def test_debug_shows_the_traceback(tmp_path: Path) -> None:
 def test_api_sparsify_of_torchvision_from_python() -> None:
     from strfx._torchvision import torchvision
 
-    gm = strfx.sparsify(torchvision.models.resnet18())
+    gm = strfx.sparsify(torchvision.models.resnet18(), example_inputs=torch.randn(1, 3, 64, 64))
     assert len(strfx.report(gm).layers) == 21
 
 

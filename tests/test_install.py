@@ -26,7 +26,8 @@ def test_wheel_installs_passes_as_a_subpackage(tmp_path: Path) -> None:
         f"assert strfx.__file__.startswith({str(target)!r}), strfx.__file__\n"
         f"assert strfx.passes.__file__.startswith({str(target)!r}), strfx.passes.__file__\n"
         "from strfx._torchvision import torchvision\n"
-        "gm = strfx.sparsify(torchvision.models.resnet18(), 'structured')\n"
+        "import torch\n"
+        "gm = strfx.sparsify(torchvision.models.resnet18(), 'structured', example_inputs=torch.randn(1, 3, 64, 64))\n"
         "print(len(strfx.report(gm).layers))\n"
     )
     env = {**os.environ, "PYTHONPATH": str(target)}

@@ -18,7 +18,7 @@ EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 
 
 def _no_strfx(m: nn.Module) -> bool:
-    return not any(type(mod).__module__.startswith("strfx") for mod in m.modules()) and not any(
+    return not any(type(mod).__module__.startswith("strfx.") for mod in m.modules()) and not any(
         hasattr(mod, "parametrizations") for mod in m.modules())
 
 
