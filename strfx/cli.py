@@ -129,7 +129,8 @@ def inspect_cmd(model: str, config_path: str | None, as_json: bool, groups: bool
     rows = plan(loaded.model, loaded.example_inputs, cfg.sparsify)
     _print_rows(rows, as_json, f"what STR would touch in {loaded.name}",
                 ("layer", "type", "weight shape", "unstructured", "structured"),
-                lambda r: (r.layer, r.type, "×".join(map(str, r.weight_shape)), r.unstructured, r.structured))
+                lambda r: (r.layer, r.type, "×".join(map(str, r.weight_shape)), r.unstructured, r.structured),
+                footer=lambda rs: f"{len(rs)} weight layers")
 
 
 def _print_groups(loaded: Any, as_json: bool) -> None:
@@ -139,14 +140,18 @@ def _print_groups(loaded: Any, as_json: bool) -> None:
         members = ", ".join(r.members[:6]) + (f", … (+{len(r.members) - 6})" if len(r.members) > 6 else "")
         return str(r.group), str(r.channels), str(r.dead), members, "; ".join(r.blocked_by[:3]) or "—"
 
+    def footer(rs: list[Any]) -> str:
+        n_blocked = sum(bool(r.blocked_by) for r in rs)
+        return f"{len(rs)} groups, {len(rs) - n_blocked} prunable, {n_blocked} blocked"
+
     rows = channel_groups(loaded.model, loaded.example_inputs)
     _print_rows(rows, as_json, f"channel groups of {loaded.name}",
-                ("group", "channels", "dead", "members", "blocked by"), cells)
+                ("group", "channels", "dead", "members", "blocked by"), cells, footer)
 
 
 def _print_rows(rows: list[Any], as_json: bool, title: str, columns: tuple[str, ...],
-                cells: Callable[[Any], tuple[str, ...]]) -> None:
-    """Pydantic rows as JSON, or as a rich table with one cell per column."""
+                cells: Callable[[Any], tuple[str, ...]], footer: Callable[[list[Any]], str]) -> None:
+    """Pydantic rows as JSON, or as a rich table with one cell per column and a one-line footer."""
     if as_json:
         click.echo(json.dumps([r.model_dump() for r in rows], indent=2))
         return
@@ -158,8 +163,7 @@ def _print_rows(rows: list[Any], as_json: bool, title: str, columns: tuple[str, 
     for r in rows:
         t.add_row(*cells(r))
     console.print(t)
-    n_blocked = sum(bool(r.blocked_by) for r in rows)
-    console.print(f"{len(rows)} groups, {len(rows) - n_blocked} prunable, {n_blocked} blocked", highlight=False)
+    console.print(footer(rows), highlight=False)
 
 
 @command(main, "shrink")

@@ -176,3 +176,11 @@ def test_output_directory_gets_normal_permissions(tmp_path: Path) -> None:
     umask = os.umask(0)
     os.umask(umask)
     assert out.stat().st_mode & 0o777 == 0o777 & ~umask
+
+
+def test_inspect_without_flags_prints_the_table() -> None:
+    """The README's first command: plain `strfx inspect MODEL` (it used to crash after the table)."""
+    res = CliRunner().invoke(main, ["inspect", str(EXAMPLES / "lenet5.py")])
+    assert res.exit_code == 0, res.output
+    assert "conv1" in res.output and "gate fc1_gate" in res.output and "4 weight layers" in res.output
+    assert "error" not in res.output
