@@ -550,6 +550,44 @@ class Trainer:
             if g is not None:
                 g["weight_decay"] = decay
 
+    def _diverged(self, epoch: int, i: int, what: str) -> TrainError:
+        """One line: where the run diverged, what went non-finite, what to change, what is kept."""
+        last = _latest_checkpoint(self.run_dir)
+        kept = (f"the last good checkpoint {last} is kept (--resume continues from it with the run's settings)"
+                if last is not None else "no checkpoint was written yet")
+        return TrainError(f"training diverged at epoch {epoch + 1}, step {i + 1}/{self.steps_per_epoch}: {what}; "
+                          f"lower the learning rate (train.lr, now {self.tc.peak_lr():g}) or set "
+                          f"train.grad_clip_norm (now {self.tc.grad_clip_norm}) and start again with --force; {kept}")
+
+    def _clip_and_check(self, loss: torch.Tensor, epoch: int, i: int) -> None:
+        """Clip the gradient norm (``train.grad_clip_norm``) and refuse a non-finite loss or gradient.
+
+        The gradient norm is needed for clipping anyway; the check costs one host sync per step. DDP has
+        already averaged the gradients, so every rank sees the same norm and stops at the same step.
+        """
+        params = [p for p in self.gm.parameters() if p.grad is not None]
+        norm = (torch.nn.utils.get_total_norm([p.grad for p in params]) if params
+                else torch.zeros((), device=self.env.device))
+        if bool(torch.isfinite(torch.stack([loss.detach().float(), norm.float().to(loss.device)])).all()):
+            if self.tc.grad_clip_norm:
+                torch.nn.utils.clip_grads_with_norm_(params, self.tc.grad_clip_norm, norm)
+            return
+        if not bool(torch.isfinite(loss.detach()).all()):
+            raise self._diverged(epoch, i, f"the loss is {float(loss.detach()):g}")
+        name = next((n for n, p in self.gm.named_parameters()
+                     if p.grad is not None and not bool(torch.isfinite(p.grad).all())), "a parameter")
+        raise self._diverged(epoch, i, f"the gradient of {name} is not finite")
+
+    @torch.no_grad()
+    def _check_str_params(self, epoch: int, i: int) -> None:
+        """Thresholds and STR-BN γ/gates must stay finite (a NaN threshold would fail deep inside the forward)."""
+        params = [p for g in self.optimizer.param_groups if g.get("name") in ("thresholds", "norms") for p in g["params"]]
+        if not params or bool(torch.isfinite(torch.stack([p.sum() for p in params])).all()):
+            return
+        names = {id(p): n for n, p in self.gm.named_parameters()}
+        bad = next(names.get(id(p), "an STR parameter") for p in params if not bool(torch.isfinite(p).all()))
+        raise self._diverged(epoch, i, f"the STR parameter {bad} became non-finite after the update")
+
     def train_epoch(self, epoch: int) -> dict[str, float]:
         self.model.train()
         self.train_sampler.set_epoch(epoch)
@@ -568,7 +606,9 @@ class Trainer:
                     loss = self.loss_fn(out.float(), y)
                 self.optimizer.zero_grad(set_to_none=True)
                 loss.backward()
+                self._clip_and_check(loss, epoch, i)  # raises before a non-finite update is applied
                 self.optimizer.step()
+                self._check_str_params(epoch, i)
                 self.scheduler.step()
                 self.step += 1
                 self._controller_step()
@@ -704,10 +744,29 @@ class Trainer:
             "params_before": b.params, "params_after": rep.nonzero_params,
             "flops_before": b.dense_flops, "flops_after": _flops_after(rep),
         }
+        summary["warnings"] = self._warnings(summary)
         if self.job.export:
             summary["export"] = self.export()
         atomic_write(self.run_dir / SUMMARY_FILE, json.dumps(summary, indent=2))
         self.print_summary(summary)
+
+    #: A run whose sparsity ends further than this from --target-sparsity says so (fraction, i.e. 5 points).
+    TARGET_TOLERANCE = 0.05
+
+    def _warnings(self, s: dict[str, Any]) -> list[str]:
+        """What the user must not miss: a model that learned nothing, a target that was not reached."""
+        out = []
+        n = self.data.num_classes
+        if n and n > 1 and s["val_top1"] < 1.5 / n:
+            out.append(f"val top-1 {s['val_top1']:.2%} is at chance level ({1 / n:.2%} for {n} classes): the model "
+                       f"did not learn; lower the learning rate (train.lr, now {self.tc.peak_lr():g}) or train longer")
+        target = s["target_sparsity"]
+        if target is not None and abs(s["controlled"] - target) > self.TARGET_TOLERANCE:
+            what = "of weights zero" if self.mode == "unstructured" else "of FLOPs removed"
+            out.append(f"sparsity ended at {s['controlled']:.2%} {what}, {abs(s['controlled'] - target) * 100:.1f} "
+                       f"points from the target {target:.0%}: {self.total_steps} optimizer steps were too few for "
+                       f"the controller; train for more steps (--epochs, or a smaller --batch-size)")
+        return out
 
     def export(self) -> dict[str, Any]:
         """Shrink away the dead channels and export ONNX (+ .pt2), each verified against the trained model."""
@@ -768,6 +827,7 @@ class Trainer:
                 checks += f", .pt2 vs torch {ex['pt2_max_error']:.2g}"
             lines.append(f"  export     {self._show(ex['onnx'])} ({ex['exporter']}) · max relative error {checks} "
                          f"(≤ {ex['tolerance']:g}) [green]OK[/]")
+        lines += [f"  [bold yellow]warning[/]    {w}" for w in s.get("warnings", [])]
         lines.append(f"  plot       {self._show(self.run_dir / PLOT_FILE)} (layer-wise sparsity STR learned)")
         lines.append(f"  wrote      {self._show(self.run_dir)}/ (weights.pt, report.json, summary.json, metrics.jsonl, checkpoints/)")
         for ln in lines:

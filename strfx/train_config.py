@@ -58,6 +58,10 @@ class TrainConfig(_Strict):
                                  "run shorter than 25 epochs warms up for its first 20% instead, so a 3-epoch run "
                                  "neither spends all of it warming up nor jumps to the peak lr within a few steps.")
     label_smoothing: float = Field(0.1, ge=0, lt=1)
+    grad_clip_norm: float | None = Field(5.0, gt=0, description="Clip the global gradient norm to this value "
+                                         "(None: no clipping). A safety net, not part of the STR paper's recipe: "
+                                         "its lr 0.256 × batch/256 was tuned for BatchNorm networks, and networks "
+                                         "without normalization (LeNet-5, LeNet-300-100) diverge at it unclipped.")
     weight_decay: float = Field(3.0517578125e-05, ge=0, description="Decay on every parameter (STR's 1/32768).")
     threshold_decay: float | None = Field(None, ge=0, description="Decay on the thresholds s (default weight_decay). "
                                           "It is what raises s, so it sets how sparse the run ends.")
