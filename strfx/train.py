@@ -750,13 +750,25 @@ class Trainer:
         atomic_write(self.run_dir / SUMMARY_FILE, json.dumps(summary, indent=2))
         self.print_summary(summary)
 
+    @torch.no_grad()
+    def num_classes(self) -> int:
+        """Classes of the data, else the model's output width (a model file's datasets() may not say)."""
+        if self.data.num_classes:
+            return int(self.data.num_classes)
+        was = self.gm.training
+        self.gm.eval()
+        try:
+            return int(self.gm(*(t.to(self.env.device) for t in self.example_inputs)).shape[-1])
+        finally:
+            self.gm.train(was)
+
     #: A run whose sparsity ends further than this from --target-sparsity says so (fraction, i.e. 5 points).
     TARGET_TOLERANCE = 0.05
 
     def _warnings(self, s: dict[str, Any]) -> list[str]:
         """What the user must not miss: a model that learned nothing, a target that was not reached."""
         out = []
-        n = self.data.num_classes
+        n = self.num_classes()
         if n and n > 1 and s["val_top1"] < 1.5 / n:
             out.append(f"val top-1 {s['val_top1']:.2%} is at chance level ({1 / n:.2%} for {n} classes): the model "
                        f"did not learn; lower the learning rate (train.lr, now {self.tc.peak_lr():g}) or train longer")
