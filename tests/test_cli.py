@@ -94,6 +94,15 @@ BAD_MODELS = {
         "def example_inputs():\n    return (torch.randn(2, 3),)\n",
         "torch.fx cannot trace M at",
     ),
+    "wrong_input_shape": (  # issue 13: used to end in 126 lines, 3 tracebacks and "ShapeProp error"
+        "import torch\nfrom torch import nn\ndef build_model():\n    return nn.Conv2d(1, 4, 3)\n"
+        "def example_inputs():\n    return (torch.randn(2, 3, 8, 8),)\n",
+        "returned a tensor of shape 2×3×8×8 that build_model()'s model cannot run (RuntimeError: Given groups=1",
+    ),
+    "default_input_does_not_fit": (
+        "import torch\nfrom torch import nn\ndef build_model():\n    return nn.Linear(5, 2)\n",
+        "defines no example_inputs(), and the default input 1×3×224×224 that build_model()'s model cannot run",
+    ),
     "nothing_to_gate": (
         "import torch\nfrom torch import nn\ndef build_model():\n    return nn.Linear(3, 2)\n"
         "def example_inputs():\n    return torch.randn(2, 3)\n",
