@@ -74,6 +74,32 @@ def _as_nchw(x: np.ndarray, path: str, key: str) -> np.ndarray:
     raise DataError(f"{path}: {key} has shape {x.shape}; expected images N×H×W, N×C×H×W or N×H×W×C")
 
 
+def _as_uint8(x: np.ndarray, path: str, key: str) -> np.ndarray:
+    """Images as uint8: integer arrays within 0..255 are converted, anything else is refused, never cast."""
+    if x.dtype == np.uint8:
+        return x
+    fix = "store the images as uint8 (0..255)"
+    if np.issubdtype(x.dtype, np.integer) or x.dtype == np.bool_:
+        lo, hi = (int(x.min()), int(x.max())) if x.size else (0, 0)
+        if 0 <= lo and hi <= 255:
+            return x.astype(np.uint8)
+        raise DataError(f"{path}: {key} ({x.dtype}) has values {lo}..{hi}, outside 0..255; {fix}")
+    if np.issubdtype(x.dtype, np.floating):
+        finite = np.isfinite(x)
+        problems = []
+        if np.isnan(x).any():
+            problems.append("NaN")
+        if np.isinf(x).any():
+            problems.append("inf")
+        vals = x[finite]
+        if vals.size:
+            problems.append(f"values {float(vals.min()):g}..{float(vals.max()):g}")
+        raise DataError(f"{path}: {key} has dtype {x.dtype} ({', '.join(problems)}); strfx scales images by /255 "
+                        f"from uint8 and never casts floats silently; {fix} (e.g. (x * 255).round().astype(np.uint8) "
+                        f"for images in 0..1)")
+    raise DataError(f"{path}: {key} has dtype {x.dtype}; {fix}")
+
+
 def arrays_to_data(arrays: dict[str, np.ndarray], path: str, source: str) -> Data:
     """Validate npz-style arrays and wrap them (normalization statistics come from x_train)."""
     missing = [k for k in NPZ_KEYS if k not in arrays]
@@ -93,14 +119,13 @@ def arrays_to_data(arrays: dict[str, np.ndarray], path: str, source: str) -> Dat
     if xs["x_train"].shape[1:] != xs["x_test"].shape[1:]:
         raise DataError(f"{path}: x_train images are {xs['x_train'].shape[1:]} but x_test images are "
                         f"{xs['x_test'].shape[1:]}; both splits need the same image shape")
-    if xs["x_train"].dtype != np.uint8:
-        raise DataError(f"{path}: x_train has dtype {xs['x_train'].dtype}; images must be uint8 (0..255)")
+    xs = {k: _as_uint8(x, path, k) for k, x in xs.items()}
     train_x = torch.from_numpy(np.ascontiguousarray(xs["x_train"]))
     scaled = train_x.float().div_(255)
     mean = scaled.mean(dim=(0, 2, 3)).tolist()
     std = scaled.std(dim=(0, 2, 3)).clamp_min(1e-3).tolist()
     train = ArrayDataset(train_x, torch.from_numpy(ys["y_train"].astype(np.int64)), mean, std)
-    val = ArrayDataset(torch.from_numpy(np.ascontiguousarray(xs["x_test"]).astype(np.uint8)),
+    val = ArrayDataset(torch.from_numpy(np.ascontiguousarray(xs["x_test"])),
                        torch.from_numpy(ys["y_test"].astype(np.int64)), mean, std)
     num_classes = int(max(ys["y_train"].max(), ys["y_test"].max())) + 1
     return Data(train, val, num_classes, source, batched=True)
@@ -111,15 +136,22 @@ def load_npz(path: Path, source: str) -> Data:
         raise DataError(f"data file not found: {path} (from --data {source})")
     if path.is_dir():
         raise DataError(f"{path} is a directory; npz:PATH needs a .npz file with {', '.join(NPZ_KEYS)}")
+    with open(path, "rb") as fh:
+        magic = fh.read(6)
+    if magic == b"\x93NUMPY":
+        raise DataError(f"{path} is a single .npy array, not an .npz archive with {', '.join(NPZ_KEYS)}; "
+                        f"save one with np.savez")
+    if not zipfile.is_zipfile(path):  # numpy would try it as a pickle and suggest loading it unsafely
+        raise DataError(f"{path} is not an .npz archive (not a zip file); save the arrays {', '.join(NPZ_KEYS)} "
+                        f"with np.savez")
     try:
         with np.load(path, allow_pickle=False) as f:
-            if not isinstance(f, np.lib.npyio.NpzFile):
-                raise DataError(f"{path} is a single .npy array, not an .npz archive with {', '.join(NPZ_KEYS)}")
             arrays = {k: f[k] for k in f.files}
-    except DataError:
-        raise
     except (OSError, ValueError, zipfile.BadZipFile, EOFError) as err:
-        raise DataError(f"cannot read {path} as an .npz archive: {str(err).splitlines()[0] if str(err) else type(err).__name__}") from None
+        from strfx.safeload import reason
+
+        raise DataError(f"cannot read {path} as an .npz archive ({reason(err)}); an array of Python objects is "
+                        f"never loaded: store numeric arrays with np.savez") from None
     return arrays_to_data(arrays, str(path), source)
 
 

@@ -133,8 +133,9 @@ def load_shrunk(out_dir: str | Path) -> torch.export.ExportedProgram:
     except FileNotFoundError:
         raise StrfxError(f"{path} is missing; the shrink output is incomplete") from None
     except Exception as err:  # noqa: BLE001 - a corrupt or foreign file
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise StrfxError(f"cannot load {path}: {first}") from err
+        from strfx.safeload import reason
+
+        raise StrfxError(f"cannot load {path}: {reason(err)}; re-create it with `strfx shrink`") from None
     if program.example_inputs is None:
         raise StrfxError(f"{path} carries no example inputs; re-create it with `strfx shrink`")
     return program

@@ -46,6 +46,7 @@ from strfx.distributed import DistEnv, LaunchOptions, init_distributed, launch, 
 from strfx.errors import CheckpointError, DataError, OutputExistsError, StrfxError, TrainError
 from strfx.loader import LoadedModel, load_model
 from strfx.rundir import CONFIG_FILE, REPORT_FILE, WEIGHTS_FILE, atomic_torch_save, atomic_write
+from strfx.safeload import load_tensors
 from strfx.train_config import TrainConfig
 
 CHECKPOINT_DIR = "checkpoints"
@@ -131,11 +132,9 @@ def _config_diff(a: dict[str, Any], b: dict[str, Any], prefix: str = "") -> str 
 def load_checkpoint(path: Path, config: StrfxConfig) -> dict[str, Any]:
     """Read a checkpoint with ``weights_only=True`` and check it belongs to this configuration."""
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # noqa: BLE001 - truncated, corrupt, or not a torch file
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise CheckpointError(f"checkpoint {path} is corrupt or unreadable ({first[:160]}); delete it to resume "
-                              f"from the one before, or start over with --force") from None
+        ckpt = load_tensors(path, "checkpoint", "delete it to resume from the one before, or start over with --force")
+    except StrfxError as err:
+        raise CheckpointError(str(err)) from None
     if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
         raise CheckpointError(f"{path} is not a strfx training checkpoint; delete it or start over with --force")
     diff = _config_diff(json.loads(ckpt["config"]), config.model_dump(mode="json"))
