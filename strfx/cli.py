@@ -13,12 +13,11 @@ from pathlib import Path
 from typing import Any, Callable
 
 import click
-from rich.console import Console
-
+from strfx._table import make_console
 from strfx.errors import StrfxError
 
-console = Console()
-err_console = Console(stderr=True)
+console = make_console()
+err_console = make_console(stderr=True)
 
 
 def _fail(message: str, code: int) -> None:

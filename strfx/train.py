@@ -318,9 +318,9 @@ class _Log:
     """Rank-0 output: a rich progress bar on a terminal, plain lines otherwise."""
 
     def __init__(self, env: DistEnv, progress: bool | None):
-        from rich.console import Console
+        from strfx._table import make_console
 
-        self.console = Console()
+        self.console = make_console()
         self.on = env.is_main
         self.bar = self.on and (self.console.is_terminal if progress is None else progress)
 
