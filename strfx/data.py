@@ -62,6 +62,7 @@ class Data:
     num_classes: int | None  # None when it cannot be known without reading every label
     source: str  # what the user asked for, for messages and the config
     batched: bool  # datasets accept a list of indices (ArrayDataset)
+    preprocessing: dict[str, Any] | None = None  # raw/scale/mean/std/resize, for the input contract
 
 
 def _as_nchw(x: np.ndarray, path: str, key: str) -> np.ndarray:
@@ -128,7 +129,9 @@ def arrays_to_data(arrays: dict[str, np.ndarray], path: str, source: str) -> Dat
     val = ArrayDataset(torch.from_numpy(np.ascontiguousarray(xs["x_test"])),
                        torch.from_numpy(ys["y_test"].astype(np.int64)), mean, std)
     num_classes = int(max(ys["y_train"].max(), ys["y_test"].max())) + 1
-    return Data(train, val, num_classes, source, batched=True)
+    pre = {"raw": f"uint8 pixels 0..255, N×{'×'.join(map(str, train_x.shape[1:]))}", "scale": 1 / 255,
+           "mean": mean, "std": std}
+    return Data(train, val, num_classes, source, batched=True, preprocessing=pre)
 
 
 def load_npz(path: Path, source: str) -> Data:
@@ -193,7 +196,10 @@ def _torchvision_dataset(kind: str, root: Path, source: str, size: tuple[int, in
     except (RuntimeError, OSError):
         raise DataError(f"no {kind} data under {root}: expected {layout}; strfx never downloads, "
                         "fetch it yourself") from None
-    return Data(train, val, len(train.classes), source, batched=False)
+    resize = None if tuple(size) == {"cifar10": (32, 32), "mnist": (28, 28)}[kind] else f"resize to {size[0]}×{size[1]}"
+    pre = {"raw": f"torchvision {kind} images (uint8 pixels 0..255)", "scale": 1 / 255, "mean": list(stats[0]),
+           "std": list(stats[1]), "resize": resize}
+    return Data(train, val, len(train.classes), source, batched=False, preprocessing=pre)
 
 
 def _imagefolder(root: Path, source: str, size: tuple[int, int]) -> Data:
@@ -216,7 +222,10 @@ def _imagefolder(root: Path, source: str, size: tuple[int, int]) -> Data:
     if parts["train"].classes != parts["val"].classes:
         raise DataError(f"{root}: train/ has classes {parts['train'].classes[:5]}... but val/ has "
                         f"{parts['val'].classes[:5]}...; both splits need the same class folders")
-    return Data(parts["train"], parts["val"], len(parts["train"].classes), source, batched=False)
+    resize = f"resize to {int(round(size[0] / 0.875))}, center crop {size[0]}×{size[1]} (RGB)"
+    pre = {"raw": "image files (uint8 pixels 0..255)", "scale": 1 / 255, "mean": [0.485, 0.456, 0.406],
+           "std": [0.229, 0.224, 0.225], "resize": resize}
+    return Data(parts["train"], parts["val"], len(parts["train"].classes), source, batched=False, preprocessing=pre)
 
 
 def load_data(spec: str | None, datasets_hook: Callable[[], Any] | None = None,

@@ -40,6 +40,7 @@ from torch import nn
 from torch.utils.data import BatchSampler, DataLoader, DistributedSampler, Subset
 
 from strfx.config import StrfxConfig, dump_config, load_config, parse_config
+from strfx.contract import CONTRACT_FILE, InputContract, input_contract  # noqa: F401 - re-exported
 from strfx.controller import SparsityMeter, ThresholdDecayController
 from strfx.data import Data, load_data
 from strfx.distributed import DistEnv, LaunchOptions, init_distributed, launch, maybe_inject_fault, shutdown
@@ -743,6 +744,9 @@ class Trainer:
             "params_before": b.params, "params_after": rep.nonzero_params,
             "flops_before": b.dense_flops, "flops_after": _flops_after(rep),
         }
+        contract = input_contract(self.data, self.example_inputs, self.num_classes())
+        atomic_write(self.run_dir / CONTRACT_FILE, contract.model_dump_json(indent=2))
+        summary["input_contract"] = contract.model_dump(mode="json")
         summary["warnings"] = self._warnings(summary)
         if self.job.export:
             summary["export"] = self.export()
@@ -838,8 +842,10 @@ class Trainer:
                 checks += f", .pt2 vs torch {ex['pt2_max_error']:.2g}"
             lines.append(f"  export     {self._show(ex['onnx'])} ({ex['exporter']}) · max relative error {checks} "
                          f"(≤ {ex['tolerance']:g}) [green]OK[/]")
+        if s.get("input_contract"):
+            lines.append(f"  input      {InputContract.model_validate(s['input_contract']).describe()}")
         lines += [f"  [bold yellow]warning[/]    {w}" for w in s.get("warnings", [])]
         lines.append(f"  plot       {self._show(self.run_dir / PLOT_FILE)} (layer-wise sparsity STR learned)")
-        lines.append(f"  wrote      {self._show(self.run_dir)}/ (weights.pt, report.json, summary.json, metrics.jsonl, checkpoints/)")
+        lines.append(f"  wrote      {self._show(self.run_dir)}/ (weights.pt, report.json, summary.json, input_contract.json, metrics.jsonl, checkpoints/)")
         for ln in lines:
             self.log.print(ln)
