@@ -588,6 +588,18 @@ class Trainer:
         bad = next(names.get(id(p), "an STR parameter") for p in params if not bool(torch.isfinite(p).all()))
         raise self._diverged(epoch, i, f"the STR parameter {bad} became non-finite after the update")
 
+    def _plain_progress(self, epoch: int, i: int, loss: torch.Tensor, t_epoch: float) -> None:
+        """Without a progress bar (piped output), a plain line every ``log_every_steps`` or ``log_every_seconds``."""
+        if not self.log.on or i + 1 >= self.steps_per_epoch:  # the epoch line follows anyway
+            return
+        now = time.monotonic()
+        every = self.tc.log_every_steps
+        if not ((every and (i + 1) % every == 0) or now - self._last_line >= self.tc.log_every_seconds):
+            return
+        self._last_line = now
+        self.log.print(f"epoch {epoch + 1}/{self.tc.epochs} step {i + 1}/{self.steps_per_epoch}: loss {loss.item():.4f}"
+                       f" · lr {self.scheduler.get_last_lr()[0]:.4g} · {now - t_epoch:.0f}s")
+
     def train_epoch(self, epoch: int) -> dict[str, float]:
         self.model.train()
         self.train_sampler.set_epoch(epoch)
@@ -595,6 +607,7 @@ class Trainer:
         loss_sum = torch.zeros((), dtype=torch.float64, device=self.env.device)
         correct = torch.zeros((), dtype=torch.float64, device=self.env.device)
         seen = 0
+        t_epoch = self._last_line = time.monotonic()
         try:
             for i, (x, y) in enumerate(self.train_loader):
                 if i >= self.steps_per_epoch:
@@ -617,6 +630,8 @@ class Trainer:
                 seen += len(y)
                 if prog is not None:
                     prog.update(0, advance=1, info=f"loss {loss.item():.3f}")
+                else:
+                    self._plain_progress(epoch, i, loss, t_epoch)
         finally:
             if prog is not None:
                 prog.stop()

@@ -84,6 +84,9 @@ class TrainConfig(_Strict):
                                 "in-memory arrays on CPU, 2 otherwise.")
     checkpoint_every: int = Field(1, ge=1, description="Epochs between checkpoints (the last epoch always gets one).")
     keep_checkpoints: int | None = Field(3, ge=1, description="Newest checkpoints kept; None keeps all.")
+    log_every_steps: int | None = Field(None, ge=1, description="Without a progress bar (output not a terminal): "
+                                        "print a progress line every this many steps...")
+    log_every_seconds: float = Field(30.0, gt=0, description="...and at least every this many seconds.")
     max_steps_per_epoch: int | None = Field(None, ge=1, description="Cap on optimizer steps per epoch (smoke tests).")
 
     def peak_lr(self) -> float:

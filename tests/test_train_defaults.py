@@ -126,3 +126,15 @@ def test_run_at_chance_or_far_from_its_target_says_so(write_model, tmp_path: Pat
     assert "at chance level (25.00% for 4 classes)" in warnings[0]
     assert "points from the target 90%" in warnings[1]
     assert json.loads((tmp_path / "r" / "summary.json").read_text())["warnings"] == warnings
+
+
+def test_piped_training_prints_progress_lines_within_an_epoch(tmp_path: Path) -> None:
+    """Not a terminal: plain progress lines every train.log_every_steps (and every 30 s), not only per epoch."""
+    cfg = tmp_path / "cfg.yaml"
+    cfg.write_text("train: {batch_size: 64, log_every_steps: 2, max_steps_per_epoch: 5}\n")
+    res = CliRunner().invoke(main, ["train", str(ROOT / "examples" / "lenet300.py"), "--data", "demo", "--epochs", "1",
+                                    "--config", str(cfg), "-o", str(tmp_path / "r")])
+    assert res.exit_code == 0, res.output
+    steps = [ln for ln in res.output.splitlines() if ln.startswith("epoch 1/1 step ")]
+    assert [ln.split(":")[0] for ln in steps] == ["epoch 1/1 step 2/5", "epoch 1/1 step 4/5"], res.output
+    assert all("loss" in ln for ln in steps)
