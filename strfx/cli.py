@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Any, Callable
@@ -32,6 +33,8 @@ def command(group: click.Group, name: str) -> Callable[[Callable[..., Any]], cli
         @functools.wraps(fn)
         def wrapper(*args: Any, debug: bool = False, **kwargs: Any) -> Any:
             debug = debug or bool(click.get_current_context().find_root().params.get("debug"))
+            if debug:  # training workers (other processes) read it from the environment
+                os.environ["STRFX_DEBUG"] = "1"
             try:
                 return fn(*args, **kwargs)
             except StrfxError as err:

@@ -43,7 +43,7 @@ from strfx.config import StrfxConfig, dump_config, load_config, parse_config
 from strfx.contract import CONTRACT_FILE, InputContract, input_contract  # noqa: F401 - re-exported
 from strfx.controller import SparsityMeter, ThresholdDecayController
 from strfx.data import Data, load_data
-from strfx.distributed import DistEnv, LaunchOptions, init_distributed, launch, maybe_inject_fault, shutdown
+from strfx.distributed import DEBUG_ENV, DistEnv, LaunchOptions, init_distributed, launch, maybe_inject_fault, shutdown
 from strfx.errors import CheckpointError, DataError, OutputExistsError, StrfxError, TrainError
 from strfx.loader import LoadedModel, load_model
 from strfx.rundir import CONFIG_FILE, REPORT_FILE, WEIGHTS_FILE, atomic_torch_save, atomic_write
@@ -274,12 +274,29 @@ def run_job(job: dict[str, Any]) -> None:
 
         if isinstance(err, StrfxError):
             print(f"error: {err}", file=sys.stderr)
-        else:
+        elif os.environ.get(DEBUG_ENV):
             traceback.print_exc()
+        elif not _peer_died(err):  # a bystander of a dead peer stays quiet: the launcher names the dead rank
+            print(f"rank {env.rank} stopped: {_one_line(err)} (--debug shows the traceback)", file=sys.stderr)
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(2 if isinstance(err, StrfxError) else 1)
     shutdown(env)
+
+
+def _one_line(err: BaseException) -> str:
+    """An exception as one short line (gloo prefixes its messages with a source location)."""
+    text = str(err).strip().splitlines()[0] if str(err).strip() else ""
+    text = re.sub(r"^\[[^\]]*\]\s*", "", text)
+    text = re.split(r"(?<=\.)\s", text, maxsplit=1)[0].rstrip(".")
+    return f"{type(err).__name__}: {text}"
+
+
+def _peer_died(err: BaseException) -> bool:
+    """gloo/nccl errors a worker raises because another worker of the group died."""
+    text = str(err)
+    return any(s in text for s in ("Connection closed by peer", "Connection reset by peer", "Broken pipe",
+                                   "remote worker crashing"))
 
 
 class WarmupCosine:
