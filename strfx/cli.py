@@ -10,6 +10,7 @@ import functools
 import json
 import os
 import sys
+import warnings
 from pathlib import Path
 from typing import Any, Callable
 
@@ -26,6 +27,11 @@ def _fail(message: str, code: int) -> None:
     sys.exit(code)
 
 
+def _replay(caught: list[warnings.WarningMessage]) -> None:
+    for w in caught:
+        warnings.showwarning(w.message, w.category, w.filename, w.lineno)
+
+
 def command(group: click.Group, name: str) -> Callable[[Callable[..., Any]], click.Command]:
     """Register a subcommand with ``--debug`` and one-line error handling."""
 
@@ -35,19 +41,27 @@ def command(group: click.Group, name: str) -> Callable[[Callable[..., Any]], cli
             debug = debug or bool(click.get_current_context().find_root().params.get("debug"))
             if debug:  # training workers (other processes) read it from the environment
                 os.environ["STRFX_DEBUG"] = "1"
-            try:
-                return fn(*args, **kwargs)
-            except StrfxError as err:
-                if debug:
-                    raise
-                _fail(str(err), 2)
-            except KeyboardInterrupt:
+            # Warnings (torch's, mostly) are held back and shown after the command, so that a failure
+            # explained in one line is not preceded by unrelated warnings; with --debug they all show.
+            error: BaseException | None = None
+            with warnings.catch_warnings(record=True) as caught:
+                try:
+                    result = fn(*args, **kwargs)
+                except (Exception, KeyboardInterrupt) as err:  # noqa: BLE001 - reported below, never swallowed
+                    error = err
+            if error is None:
+                _replay(caught)
+                return result
+            if isinstance(error, KeyboardInterrupt):
                 _fail("interrupted", 130)
-            except Exception as err:  # noqa: BLE001 - unknown failures are reported, not swallowed
-                if debug:
-                    raise
-                first = str(err).strip().splitlines()[0] if str(err).strip() else ""
-                _fail(f"internal error: {type(err).__name__}: {first} (rerun with --debug for the traceback)", 1)
+            if isinstance(error, StrfxError) and not debug:
+                _fail(str(error), 2)
+            _replay(caught)
+            if debug:
+                raise error
+            first = str(error).strip().splitlines()[0] if str(error).strip() else ""
+            _fail(f"internal error: {type(error).__name__}: {first} (rerun with --debug for the traceback)", 1)
+            return None
 
         wrapper = click.option("--debug", is_flag=True, help="Show tracebacks.")(wrapper)
         return group.command(name)(wrapper)
@@ -112,7 +126,7 @@ def transform(model: str, mode: str | None, config_path: str | None, output: str
         click.echo(rep.model_dump_json(indent=2))
     else:
         console.print(rep.table())
-        console.print(f"wrote {out}/ (weights.pt, config.yaml, report.json)", highlight=False)
+        console.print(f"wrote {out}/ (weights.pt, config.yaml, report.json)", highlight=False)  # Path: no trailing /
 
 
 @command(main, "inspect")
@@ -186,7 +200,7 @@ def shrink_cmd(run_dir: str, output: str, force: bool, round_to: int, as_json: b
         return
     console.print(summary.table())
     console.print(summary.summary(), highlight=False)
-    console.print(f"wrote {output}/ (model.pt2, shrink.json)", highlight=False)
+    console.print(f"wrote {output.rstrip('/') or '/'}/ (model.pt2, shrink.json)", highlight=False)
 
 
 @command(main, "export")

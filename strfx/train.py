@@ -773,7 +773,8 @@ class Trainer:
             "flops_removed": 1 - _flops_after(rep) / rep.dense_flops if rep.dense_flops else None,
             "controlled": self.meter(), "target_sparsity": self.tc.target_sparsity, "world_size": self.env.world_size,
             "ranks_max_param_diff": final.get("ranks_max_param_diff", 0.0),
-            "params_before": b.params, "params_after": rep.nonzero_params,
+            "params_before": b.params, "params_nonzero_after": rep.nonzero_params,
+            "str_elements": rep.elements, "str_zeros": rep.zeros,
             "flops_before": b.dense_flops, "flops_after": _flops_after(rep),
         }
         contract = input_contract(self.data, self.example_inputs, self.num_classes())
@@ -855,17 +856,19 @@ class Trainer:
         lines = [
             f"[bold]done[/]: {s['model']} {self.mode} STR, {s['epochs']} epochs on {s['data']}",
             f"  accuracy   val top-1 {s['val_top1']:.2%}",
-            f"  sparsity   {measure:.2%} {what}{target}; {s['sparsity']:.2%} of STR {elements} zero",
+            f"  sparsity   {measure:.2%} {what}{target}"
+            + (f"; {s['str_zeros']:,} of {s['str_elements']:,} STR {elements} zero ({s['sparsity']:.2%})"
+               if self.mode == "structured" else ""),
         ]
         if self.mode == "unstructured":
-            lines.append(f"  params     {s['params_before']:,} → {s['params_after']:,} non-zero")
+            lines.append(f"  params     {s['params_before']:,} → {s['params_nonzero_after']:,} non-zero")
         if s["flops_before"]:
             lines.append(f"  FLOPs      {s['flops_before'] / 1e6:,.2f}M → {s['flops_after'] / 1e6:,.2f}M effective "
                          f"({s['flops_before'] / max(s['flops_after'], 1):.2f}×, on the example inputs"
                          + (", dead channels removed" if self.mode == "structured" else "") + ")")
         ex = s.get("export")
         if ex:
-            lines.append(f"  shrink     {ex['channels_removed']:,} of {ex['channels']:,} channels removed: params "
+            lines.append(f"  shrink     {ex['channels_removed']:,} of {s['str_elements']:,} STR channels removed: params "
                          f"{ex['params_before']:,} → {ex['params_after']:,}"
                          + (f", FLOPs {ex['flops_before'] / 1e6:,.2f}M → {ex['flops_after'] / 1e6:,.2f}M"
                             if ex["flops_before"] and ex["flops_after"] else ""))

@@ -138,3 +138,25 @@ def test_piped_training_prints_progress_lines_within_an_epoch(tmp_path: Path) ->
     steps = [ln for ln in res.output.splitlines() if ln.startswith("epoch 1/1 step ")]
     assert [ln.split(":")[0] for ln in steps] == ["epoch 1/1 step 2/5", "epoch 1/1 step 4/5"], res.output
     assert all("loss" in ln for ln in steps)
+
+
+def test_summary_states_each_number_once_with_one_denominator(tmp_path: Path) -> None:
+    cfg = tmp_path / "cfg.yaml"
+    cfg.write_text("train: {batch_size: 64, max_steps_per_epoch: 3}\n")
+    lenet300 = str(ROOT / "examples" / "lenet300.py")
+    res = CliRunner().invoke(main, ["train", lenet300, "--mode", "unstructured", "--data", "demo", "--epochs", "1",
+                                    "--config", str(cfg), "-o", str(tmp_path / "u")])
+    assert res.exit_code == 0, res.output
+    line = next(ln for ln in res.output.splitlines() if ln.strip().startswith("sparsity"))
+    summary = json.loads((tmp_path / "u" / "summary.json").read_text())
+    assert line.count(f"{summary['sparsity']:.2%}") == 1, line  # was printed twice on one line
+    assert "params_after" not in summary and summary["params_nonzero_after"] <= summary["params_before"]
+
+    res = CliRunner().invoke(main, ["train", lenet300, "--mode", "structured", "--data", "demo", "--epochs", "1",
+                                    "--config", str(cfg), "-o", str(tmp_path / "s"), "--export"])
+    assert res.exit_code == 0, res.output
+    s = json.loads((tmp_path / "s" / "summary.json").read_text())
+    n = s["str_elements"]  # 300 + 100 gated channels
+    assert n == 400
+    assert f"of {n:,} STR channels zero" in res.output and f"of {n:,} STR channels removed" in res.output
+    assert s["export"]["params_after"] <= s["params_before"]
