@@ -110,6 +110,35 @@ def _class_check(loaded: LoadedModel, data: Data) -> None:
                         f"(labels 0..{data.num_classes - 1}); change the model's number of classes or the data")
 
 
+def load_init(loaded: LoadedModel, path: str | Path) -> None:
+    """``--init``: load a state dict of MODEL's own model (before STR goes in), strictly, tensors only.
+
+    A dict holding the state dict under ``state_dict`` or ``model`` (common checkpoint layouts) is
+    accepted too. Any missing, unexpected or differently shaped key is one line naming them.
+    """
+    fix = "give a state dict of build_model()'s model, saved with torch.save(model.state_dict(), PATH)"
+    state = load_tensors(path, "--init", fix)
+    if isinstance(state, dict) and not any(isinstance(v, torch.Tensor) for v in state.values()):
+        inner = state.get("state_dict", state.get("model"))
+        state = inner if isinstance(inner, dict) else state
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise StrfxError(f"--init {path} is not a state dict (a dict of tensors); {fix}")
+    own = loaded.model.state_dict()
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    shapes = [f"{k} {tuple(state[k].shape)} vs {tuple(v.shape)}" for k, v in own.items()
+              if k in state and tuple(state[k].shape) != tuple(v.shape)]
+
+    def few(keys: list[str]) -> str:
+        return ", ".join(keys[:3]) + (f" (+{len(keys) - 3} more)" if len(keys) > 3 else "")
+
+    problems = ([f"missing {few(missing)}"] if missing else []) + ([f"unexpected {few(unexpected)}"] if unexpected
+                                                                    else []) + ([f"shape {few(shapes)}"] if shapes else [])
+    if problems:
+        raise StrfxError(f"--init {path} does not fit {loaded.name}: {'; '.join(problems)}; {fix}")
+    loaded.model.load_state_dict(state, strict=True)
+
+
 def _latest_checkpoint(run_dir: Path) -> Path | None:
     folder = run_dir / CHECKPOINT_DIR
     if not folder.is_dir():
@@ -188,6 +217,8 @@ def prepare(model: str, data: str | None, mode: str | None = None,
     cfg = resolve_config(loaded, mode, config, **train_overrides)
     tc = cfg.train
     assert tc is not None
+    if tc.init:
+        load_init(loaded, tc.init)  # fail now, in one line, rather than in every worker
     if world_size and tc.batch_size % world_size:
         raise StrfxError(f"train.batch_size {tc.batch_size} is the global batch and must divide evenly over "
                          f"{world_size} processes; pick a multiple of {world_size}")
@@ -237,15 +268,18 @@ def train(model: str, data: str | None = None, mode: str | None = None, *,
           config: StrfxConfig | dict[str, Any] | str | Path | None = None, run_dir: str | Path | None = None,
           resume: bool = False, force: bool = False, export: bool = False, epochs: int | None = None,
           batch_size: int | None = None, target_sparsity: float | None = None, launch_options: LaunchOptions | None = None,
-          progress: bool | None = None) -> TrainResult:
+          progress: bool | None = None, lr: float | None = None, seed: int | None = None,
+          init: str | Path | None = None) -> TrainResult:
     """Train MODEL with STR; one process, or ``launch_options.nproc_per_node`` through torchrun.
 
-    ``model`` and ``data`` are the CLI's MODEL and ``--data`` strings. Returns the run's summary.
+    ``model`` and ``data`` are the CLI's MODEL and ``--data`` strings; ``epochs``, ``batch_size``, ``lr``,
+    ``seed``, ``init`` and ``target_sparsity`` override the config's ``train:`` fields. Returns the run's summary.
     """
     opts = launch_options
     job = prepare(model, data, mode, config, run_dir, resume, force, export,
                   world_size=opts.world_size() if opts else 1, epochs=epochs, batch_size=batch_size,
-                  target_sparsity=target_sparsity)
+                  target_sparsity=target_sparsity, lr=lr, seed=seed,
+                  init=str(Path(init).expanduser().resolve()) if init is not None else None)
     job.progress = progress
     if opts is None:
         run_job(job.to_dict())
@@ -379,6 +413,8 @@ class Trainer:
         np.random.seed(tc.seed)
 
         self.loaded = load_model(job.model)
+        if tc.init:
+            load_init(self.loaded, tc.init)
         self.example_inputs = tuple(self.loaded.example_inputs)
         gm = sparsify(self.loaded.model, config=self.cfg.sparsify, example_inputs=self.example_inputs)
         self.before = report(gm, self.example_inputs, name=self.loaded.name)  # dense params/FLOPs
@@ -573,7 +609,7 @@ class Trainer:
         kept = (f"the last good checkpoint {last} is kept (--resume continues from it with the run's settings)"
                 if last is not None else "no checkpoint was written yet")
         return TrainError(f"training diverged at epoch {epoch + 1}, step {i + 1}/{self.steps_per_epoch}: {what}; "
-                          f"lower the learning rate (train.lr, now {self.tc.peak_lr():g}) or set "
+                          f"lower the learning rate (--lr, now {self.tc.peak_lr():g}) or set "
                           f"train.grad_clip_norm (now {self.tc.grad_clip_norm}) and start again with --force; {kept}")
 
     def _clip_and_check(self, loss: torch.Tensor, epoch: int, i: int) -> None:
@@ -807,7 +843,7 @@ class Trainer:
         n = self.num_classes()
         if n and n > 1 and s["val_top1"] < 1.5 / n:
             out.append(f"val top-1 {s['val_top1']:.2%} is at chance level ({1 / n:.2%} for {n} classes): the model "
-                       f"did not learn; lower the learning rate (train.lr, now {self.tc.peak_lr():g}) or train longer")
+                       f"did not learn; lower the learning rate (--lr, now {self.tc.peak_lr():g}) or train longer")
         target = s["target_sparsity"]
         if target is not None and abs(s["controlled"] - target) > self.TARGET_TOLERANCE:
             what = "of weights zero" if self.mode == "unstructured" else "of FLOPs removed"

@@ -74,6 +74,9 @@ class TrainConfig(_Strict):
                                           "end at zero. Structured: fraction of FLOPs removed. None: plain STR.")
     controller: ControllerConfig = Field(default_factory=ControllerConfig)
     seed: int = 0
+    init: str | None = Field(None, description="Start from these weights (--init): a state dict of the model "
+                             "build_model() returns, loaded with weights_only=True before STR is inserted; every "
+                             "key must match (the common case: STR fine-tuning of a pretrained model).")
     deterministic: bool = Field(False, description="torch.use_deterministic_algorithms (resume equals uninterrupted).")
     precision: Literal["auto", "fp32", "bf16"] = Field("auto", description="auto: bf16 autocast on CUDA, fp32 on CPU.")
     channels_last: bool | None = Field(None, description="None: on for 4-D inputs on CUDA.")

@@ -1,0 +1,70 @@
+"""`strfx train --lr --seed --init` (issue 13, "what users expect")."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from click.testing import CliRunner
+
+from strfx.cli import main
+
+ROOT = Path(__file__).resolve().parents[1]
+LENET300 = str(ROOT / "examples" / "lenet300.py")
+LENET5 = str(ROOT / "examples" / "lenet5.py")
+
+
+def _train(tmp_path: Path, name: str, *extra: str, model: str = LENET300):
+    cfg = tmp_path / "cfg.yaml"
+    cfg.write_text("train: {batch_size: 64, max_steps_per_epoch: 1}\n")
+    return CliRunner().invoke(main, ["train", model, "--mode", "unstructured", "--data", "demo", "--epochs", "1",
+                                     "--config", str(cfg), "-o", str(tmp_path / name), *extra])
+
+
+def test_lr_and_seed_flags_set_the_recipe(tmp_path: Path) -> None:
+    res = _train(tmp_path, "a", "--lr", "0.01", "--seed", "7")
+    assert res.exit_code == 0, res.output
+    train = yaml.safe_load((tmp_path / "a" / "config.yaml").read_text())["train"]
+    assert train["lr"] == 0.01 and train["seed"] == 7
+    assert "lr 0.01" in res.output.splitlines()[0]
+
+
+def test_init_loads_the_given_weights_strictly(tmp_path: Path) -> None:
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("lenet300_for_init", LENET300)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    model = mod.build_model()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.fill_(0.0123)
+    torch.save(model.state_dict(), tmp_path / "init.pt")
+    res = _train(tmp_path, "i", "--init", str(tmp_path / "init.pt"), "--lr", "1e-12")
+    assert res.exit_code == 0, res.output
+    state = torch.load(tmp_path / "i" / "weights.pt", weights_only=True)
+    w = state["1.parametrizations.weight.original"]
+    # lr ~0: still the init (STR stores |W| + g(s_init), g(-10) = 4.5e-5, so that it computes W exactly)
+    torch.testing.assert_close(w, torch.full_like(w, 0.0123 + torch.sigmoid(torch.tensor(-10.0)).item()), rtol=0, atol=1e-6)
+    cfg = yaml.safe_load((tmp_path / "i" / "config.yaml").read_text())
+    assert cfg["train"]["init"] == str(tmp_path / "init.pt")
+
+
+def test_init_of_another_model_is_one_line_naming_the_keys(tmp_path: Path) -> None:
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("lenet5_for_init", LENET5)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    torch.save(mod.build_model().state_dict(), tmp_path / "lenet5.pt")
+    res = _train(tmp_path, "m", "--init", str(tmp_path / "lenet5.pt"))
+    assert res.exit_code == 2
+    lines = [ln for ln in res.output.splitlines() if ln.strip()]
+    assert len(lines) == 1 and lines[0].startswith(f"error: --init {tmp_path / 'lenet5.pt'} does not fit lenet300: "
+                                                   "missing 1.weight, 1.bias, 3.weight (+3 more); unexpected conv1.weight")
+    assert not (tmp_path / "m").exists()
+    (tmp_path / "bad.pt").write_bytes(b"junk")
+    res = _train(tmp_path, "m", "--init", str(tmp_path / "bad.pt"))
+    assert res.exit_code == 2 and "is corrupt or unreadable" in res.output and "weights_only" not in res.output
