@@ -227,6 +227,29 @@ def export_cmd(source: str, onnx_path: str, pt2_path: str | None, force: bool, r
         console.print(rep.summary(), highlight=False)
 
 
+@command(main, "eval")
+@click.argument("source", type=click.Path())
+@click.option("--data", default=None, metavar="DATA", help="demo | npz:PATH | mnist:PATH | cifar10:PATH | "
+              "imagefolder:PATH: its validation split is evaluated.")
+@click.option("--contract", "contract_path", type=click.Path(dir_okay=False), default=None,
+              help="input_contract.json to use (default: the ONNX metadata or the one next to SOURCE).")
+@click.option("--batch-size", type=click.IntRange(min=1), default=256, show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+def eval_cmd(source: str, data: str | None, contract_path: str | None, batch_size: int, as_json: bool) -> None:
+    """Top-1 and loss of SOURCE (run directory, shrink output, .onnx or .pt2) on DATA, preprocessed as in training."""
+    from strfx.evaluate import evaluate
+
+    if not data:
+        from strfx.errors import StrfxError
+
+        raise StrfxError("strfx eval needs --data (demo, npz:PATH, mnist:PATH, cifar10:PATH or imagefolder:PATH)")
+    res = evaluate(source, data, contract_path, batch_size)
+    if as_json:
+        click.echo(res.model_dump_json(indent=2))
+    else:
+        console.print(res.line(), highlight=False)
+
+
 import strfx.train_cli  # noqa: E402,F401 - registers `strfx train` (kept in its own module)
 
 if __name__ == "__main__":  # `python -m strfx.cli`: use the registered copy of the group

@@ -115,6 +115,10 @@ def shrink_run(run_dir: str | Path, out: str | Path, force: bool = False, round_
             pt2_max_error=pt2_err,
         )
         (tmp / SHRINK_FILE).write_text(summary.model_dump_json(indent=2))
+        from strfx.contract import CONTRACT_FILE
+
+        if (run_dir / CONTRACT_FILE).is_file():  # the shrunk model needs the same preprocessing
+            (tmp / CONTRACT_FILE).write_bytes((run_dir / CONTRACT_FILE).read_bytes())
     return summary
 
 
