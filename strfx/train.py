@@ -147,6 +147,13 @@ def _latest_checkpoint(run_dir: Path) -> Path | None:
     return found[-1][1] if found else None
 
 
+def _without_epochs(cfg: dict[str, Any]) -> dict[str, Any]:
+    """A config without ``train.epochs``: the one setting ``--resume`` may change (to extend a run)."""
+    out = dict(cfg)
+    out["train"] = {k: v for k, v in (cfg.get("train") or {}).items() if k != "epochs"}
+    return out
+
+
 def _config_diff(a: dict[str, Any], b: dict[str, Any], prefix: str = "") -> str | None:
     for key in sorted(set(a) | set(b)):
         va, vb = a.get(key), b.get(key)
@@ -167,7 +174,7 @@ def load_checkpoint(path: Path, config: StrfxConfig) -> dict[str, Any]:
         raise CheckpointError(str(err)) from None
     if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
         raise CheckpointError(f"{path} is not a strfx training checkpoint; delete it or start over with --force")
-    diff = _config_diff(json.loads(ckpt["config"]), config.model_dump(mode="json"))
+    diff = _config_diff(_without_epochs(json.loads(ckpt["config"])), _without_epochs(config.model_dump(mode="json")))
     if diff:
         raise CheckpointError(f"checkpoint {path} was made with a different configuration ({diff}); resume with "
                               f"the run's own settings or start a new run")
@@ -236,13 +243,19 @@ def prepare(model: str, data: str | None, mode: str | None = None,
         if not (out / CONFIG_FILE).is_file():
             raise StrfxError(f"nothing to resume in {out} (no {CONFIG_FILE}); start the run without --resume")
         saved = load_config(out / CONFIG_FILE)
-        diff = _config_diff(saved.model_dump(mode="json"), cfg.model_dump(mode="json"))
+        diff = _config_diff(_without_epochs(saved.model_dump(mode="json")), _without_epochs(cfg.model_dump(mode="json")))
         if diff:
             raise CheckpointError(f"{out} was started with other settings ({diff}); pass the run's original "
-                                  f"options to --resume, or start a new run")
+                                  f"options to --resume (only --epochs may grow), or start a new run")
         latest = _latest_checkpoint(out)
         if latest is not None:
-            load_checkpoint(latest, cfg)  # fail now, in one line, rather than in every worker
+            done = int(load_checkpoint(latest, cfg)["epoch"])  # fail now, in one line, rather than in every worker
+            if tc.epochs < done:
+                raise CheckpointError(f"{out} has done {done} epochs already; --resume --epochs N extends a run, "
+                                      f"so N must be at least {done}")
+        assert saved.train is not None
+        if tc.epochs != saved.train.epochs:  # extending: the run's settings are now the longer run's
+            atomic_write(out / CONFIG_FILE, dump_config(cfg))
     else:
         if out.exists():
             if not force:
@@ -562,6 +575,10 @@ class Trainer:
             raise CheckpointError(f"checkpoint {latest} does not fit this model: {str(err).splitlines()[0]}; "
                                   f"start over with --force") from None
         self.scheduler.load_state_dict(ckpt["scheduler"])
+        schedule = self.scheduler.lr_lambdas[0]
+        extended = isinstance(schedule, WarmupCosine) and schedule.total_steps != self.total_steps
+        if extended:  # --resume --epochs N: same warm-up, the cosine stretched over the longer run
+            schedule.total_steps = self.total_steps
         self.scaler.load_state_dict(ckpt["scaler"])
         if self.controller and ckpt["controller"]:
             state = dict(ckpt["controller"])
@@ -577,7 +594,10 @@ class Trainer:
         self.start_epoch, self.step = int(ckpt["epoch"]), int(ckpt["step"])
         if self.env.is_main:
             self._truncate_metrics(self.start_epoch)
-        self.log.print(f"resumed from {latest} (epoch {self.start_epoch}/{self.tc.epochs} done)")
+        self.log.print(f"resumed from {latest} (epoch {self.start_epoch}/{self.tc.epochs} done)"
+                       + (f"; extended to {self.tc.epochs} epochs: the cosine learning-rate schedule is stretched over "
+                          f"{self.total_steps} steps, so lr rises again to {self.scheduler.lr_lambdas[0](self.step) * self.tc.peak_lr():.4g}"
+                          if extended else ""))
 
     def _truncate_metrics(self, epochs_done: int) -> None:
         path = self.run_dir / METRICS_FILE

@@ -68,3 +68,20 @@ def test_init_of_another_model_is_one_line_naming_the_keys(tmp_path: Path) -> No
     (tmp_path / "bad.pt").write_bytes(b"junk")
     res = _train(tmp_path, "m", "--init", str(tmp_path / "bad.pt"))
     assert res.exit_code == 2 and "is corrupt or unreadable" in res.output and "weights_only" not in res.output
+
+
+def test_resume_with_more_epochs_extends_a_finished_run(tmp_path: Path) -> None:
+    from strfx.errors import CheckpointError
+    from strfx.train import train
+
+    tiny = str(Path(__file__).with_name("tiny_model.py"))
+    cfg = {"train": {"batch_size": 64, "workers": 0, "max_steps_per_epoch": 2}}
+    train(tiny, None, "unstructured", config=cfg, run_dir=tmp_path / "r", epochs=2)
+    res = train(tiny, None, "unstructured", config=cfg, run_dir=tmp_path / "r", epochs=4, resume=True)
+    rows = [__import__("json").loads(ln) for ln in (tmp_path / "r" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in rows] == [1, 2, 3, 4] and rows[-1]["step"] == 8
+    assert rows[1]["lr"] == 0 and rows[2]["lr"] > 0 and rows[3]["lr"] == 0  # stretched cosine, back to 0 at the end
+    assert res.summary["epochs"] == 4
+    assert yaml.safe_load((tmp_path / "r" / "config.yaml").read_text())["train"]["epochs"] == 4
+    with pytest.raises(CheckpointError, match="has done 4 epochs already.*at least 4"):
+        train(tiny, None, "unstructured", config=cfg, run_dir=tmp_path / "r", epochs=3, resume=True)
