@@ -85,3 +85,53 @@ def test_resume_with_more_epochs_extends_a_finished_run(tmp_path: Path) -> None:
     assert yaml.safe_load((tmp_path / "r" / "config.yaml").read_text())["train"]["epochs"] == 4
     with pytest.raises(CheckpointError, match="has done 4 epochs already.*at least 4"):
         train(tiny, None, "unstructured", config=cfg, run_dir=tmp_path / "r", epochs=3, resume=True)
+
+
+def test_tensorboard_scalars_when_installed(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """With the `tensorboard` extra installed, every epoch's numbers go to RUN_DIR/tensorboard (a stand-in
+    SummaryWriter here; the real one is exercised when tensorboard is installed)."""
+    import sys
+    import types
+
+    from strfx.train import train
+
+    calls: list[tuple[str, float, int]] = []
+
+    class Writer:
+        def __init__(self, logdir: str) -> None:
+            calls.append(("logdir", 0.0, 0)) if logdir.endswith("tensorboard") else None
+
+        def add_scalar(self, key: str, value: float, step: int) -> None:
+            calls.append((key, value, step))
+
+        def flush(self) -> None: ...
+
+        def close(self) -> None: ...
+
+    try:
+        import torch.utils.tensorboard  # noqa: F401 - real one installed: use it
+        real = True
+    except ImportError:
+        monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", types.SimpleNamespace(SummaryWriter=Writer))
+        real = False
+    tiny = str(Path(__file__).with_name("tiny_model.py"))
+    train(tiny, None, "unstructured", config={"train": {"batch_size": 64, "workers": 0, "max_steps_per_epoch": 2}},
+          run_dir=tmp_path / "r", epochs=2)
+    if real:
+        assert any((tmp_path / "r" / "tensorboard").iterdir())
+    else:
+        assert calls[0][0] == "logdir"
+        assert {(k, s) for k, _, s in calls if k in ("val_top1", "train_loss", "sparsity")} == {
+            (k, s) for k in ("val_top1", "train_loss", "sparsity") for s in (1, 2)}
+
+
+def test_example_yaml_is_a_valid_config_that_trains(tmp_path: Path) -> None:
+    from strfx.config import load_config
+    from strfx.train import train
+
+    path = ROOT / "examples" / "lenet5_structured.yaml"
+    cfg = load_config(path)
+    assert cfg.sparsify.mode == "structured" and cfg.train is not None and cfg.train.target_sparsity == 0.5
+    res = train(str(ROOT / "examples" / "lenet5.py"), "demo", config=path, run_dir=tmp_path / "r", epochs=1,
+                batch_size=256)
+    assert res.summary["mode"] == "structured" and res.summary["val_top1"] > 0.3
