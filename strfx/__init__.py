@@ -9,7 +9,15 @@ from __future__ import annotations
 import importlib
 import sys
 import types
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:  # what type checkers and IDEs see; at run time the names load on first use
+    from strfx.api import check_equivalent, param_groups, sparsify
+    from strfx.config import SparsifyConfig, StrfxConfig, load_config
+    from strfx.errors import StrfxError
+    from strfx.export import ExportReport, export
+    from strfx.report import Report, report
+    from strfx.surgery import ShrinkReport, shrink
 
 __version__ = "0.1.0"
 
