@@ -85,9 +85,13 @@ def test_corrupt_or_foreign_weights_never_suggest_weights_only_false(tmp_path: P
 
 def test_corrupt_run_weights_through_the_cli_is_one_safe_line(tmp_path: Path) -> None:
     out = tmp_path / "run"
-    ok = subprocess.run([sys.executable, "-m", "strfx", "transform", str(ROOT / "examples" / "lenet300.py"),
-                         "--mode", "unstructured", "-o", str(out)], capture_output=True, text=True, timeout=300)
-    assert ok.returncode == 0, ok.stderr
+    from click.testing import CliRunner
+
+    from strfx.cli import main
+
+    ok = CliRunner().invoke(main, ["transform", str(ROOT / "examples" / "lenet300.py"), "--mode", "unstructured",
+                                   "-o", str(out)])
+    assert ok.exit_code == 0, ok.output
     (out / "weights.pt").write_bytes(b"PK\x03\x04 not really a zip")
     bad = subprocess.run([sys.executable, "-m", "strfx", "shrink", str(out), "-o", str(tmp_path / "s")],
                          capture_output=True, text=True, timeout=300)
