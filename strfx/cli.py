@@ -8,22 +8,28 @@ from __future__ import annotations
 
 import functools
 import json
+import os
 import sys
+import warnings
 from pathlib import Path
 from typing import Any, Callable
 
 import click
-from rich.console import Console
-
+from strfx._table import make_console
 from strfx.errors import StrfxError
 
-console = Console()
-err_console = Console(stderr=True)
+console = make_console()
+err_console = make_console(stderr=True)
 
 
 def _fail(message: str, code: int) -> None:
     err_console.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
     sys.exit(code)
+
+
+def _replay(caught: list[warnings.WarningMessage]) -> None:
+    for w in caught:
+        warnings.showwarning(w.message, w.category, w.filename, w.lineno)
 
 
 def command(group: click.Group, name: str) -> Callable[[Callable[..., Any]], click.Command]:
@@ -33,19 +39,29 @@ def command(group: click.Group, name: str) -> Callable[[Callable[..., Any]], cli
         @functools.wraps(fn)
         def wrapper(*args: Any, debug: bool = False, **kwargs: Any) -> Any:
             debug = debug or bool(click.get_current_context().find_root().params.get("debug"))
-            try:
-                return fn(*args, **kwargs)
-            except StrfxError as err:
-                if debug:
-                    raise
-                _fail(str(err), 2)
-            except KeyboardInterrupt:
+            if debug:  # training workers (other processes) read it from the environment
+                os.environ["STRFX_DEBUG"] = "1"
+            # Warnings (torch's, mostly) are held back and shown after the command, so that a failure
+            # explained in one line is not preceded by unrelated warnings; with --debug they all show.
+            error: BaseException | None = None
+            with warnings.catch_warnings(record=True) as caught:
+                try:
+                    result = fn(*args, **kwargs)
+                except (Exception, KeyboardInterrupt) as err:  # noqa: BLE001 - reported below, never swallowed
+                    error = err
+            if error is None:
+                _replay(caught)
+                return result
+            if isinstance(error, KeyboardInterrupt):
                 _fail("interrupted", 130)
-            except Exception as err:  # noqa: BLE001 - unknown failures are reported, not swallowed
-                if debug:
-                    raise
-                first = str(err).strip().splitlines()[0] if str(err).strip() else ""
-                _fail(f"internal error: {type(err).__name__}: {first} (rerun with --debug for the traceback)", 1)
+            if isinstance(error, StrfxError) and not debug:
+                _fail(str(error), 2)
+            _replay(caught)
+            if debug:
+                raise error
+            first = str(error).strip().splitlines()[0] if str(error).strip() else ""
+            _fail(f"internal error: {type(error).__name__}: {first} (rerun with --debug for the traceback)", 1)
+            return None
 
         wrapper = click.option("--debug", is_flag=True, help="Show tracebacks.")(wrapper)
         return group.command(name)(wrapper)
@@ -112,7 +128,7 @@ def transform(model: str, mode: str | None, config_path: str | None, output: str
         click.echo(rep.model_dump_json(indent=2))
     else:
         console.print(rep.table())
-        console.print(f"wrote {out}/ (weights.pt, config.yaml, report.json)", highlight=False)
+        console.print(f"wrote {out}/ (weights.pt, config.yaml, report.json)", highlight=False)  # Path: no trailing /
 
 
 @command(main, "inspect")
@@ -131,7 +147,8 @@ def inspect_cmd(model: str, config_path: str | None, as_json: bool, groups: bool
     rows = plan(loaded.model, loaded.example_inputs, cfg.sparsify)
     _print_rows(rows, as_json, f"what STR would touch in {loaded.name}",
                 ("layer", "type", "weight shape", "unstructured", "structured"),
-                lambda r: (r.layer, r.type, "×".join(map(str, r.weight_shape)), r.unstructured, r.structured))
+                lambda r: (r.layer, r.type, "×".join(map(str, r.weight_shape)), r.unstructured, r.structured),
+                footer=lambda rs: f"{len(rs)} weight layers")
 
 
 def _print_groups(loaded: Any, as_json: bool) -> None:
@@ -141,14 +158,18 @@ def _print_groups(loaded: Any, as_json: bool) -> None:
         members = ", ".join(r.members[:6]) + (f", … (+{len(r.members) - 6})" if len(r.members) > 6 else "")
         return str(r.group), str(r.channels), str(r.dead), members, "; ".join(r.blocked_by[:3]) or "—"
 
+    def footer(rs: list[Any]) -> str:
+        n_blocked = sum(bool(r.blocked_by) for r in rs)
+        return f"{len(rs)} groups, {len(rs) - n_blocked} prunable, {n_blocked} blocked"
+
     rows = channel_groups(loaded.model, loaded.example_inputs)
     _print_rows(rows, as_json, f"channel groups of {loaded.name}",
-                ("group", "channels", "dead", "members", "blocked by"), cells)
+                ("group", "channels", "dead", "members", "blocked by"), cells, footer)
 
 
 def _print_rows(rows: list[Any], as_json: bool, title: str, columns: tuple[str, ...],
-                cells: Callable[[Any], tuple[str, ...]]) -> None:
-    """Pydantic rows as JSON, or as a rich table with one cell per column."""
+                cells: Callable[[Any], tuple[str, ...]], footer: Callable[[list[Any]], str]) -> None:
+    """Pydantic rows as JSON, or as a rich table with one cell per column and a one-line footer."""
     if as_json:
         click.echo(json.dumps([r.model_dump() for r in rows], indent=2))
         return
@@ -160,8 +181,7 @@ def _print_rows(rows: list[Any], as_json: bool, title: str, columns: tuple[str, 
     for r in rows:
         t.add_row(*cells(r))
     console.print(t)
-    n_blocked = sum(bool(r.blocked_by) for r in rows)
-    console.print(f"{len(rows)} groups, {len(rows) - n_blocked} prunable, {n_blocked} blocked", highlight=False)
+    console.print(footer(rows), highlight=False)
 
 
 @command(main, "shrink")
@@ -182,7 +202,7 @@ def shrink_cmd(run_dir: str, output: str, force: bool, round_to: int, as_json: b
         return
     console.print(summary.table())
     console.print(summary.summary(), highlight=False)
-    console.print(f"wrote {output}/ (model.pt2, shrink.json)", highlight=False)
+    console.print(f"wrote {output.rstrip('/') or '/'}/ (model.pt2, shrink.json)", highlight=False)
 
 
 @command(main, "export")
@@ -207,6 +227,29 @@ def export_cmd(source: str, onnx_path: str, pt2_path: str | None, force: bool, r
     else:
         console.print(rep.table(f"strfx export: {source}"))
         console.print(rep.summary(), highlight=False)
+
+
+@command(main, "eval")
+@click.argument("source", type=click.Path())
+@click.option("--data", default=None, metavar="DATA", help="demo | npz:PATH | mnist:PATH | cifar10:PATH | "
+              "imagefolder:PATH: its validation split is evaluated.")
+@click.option("--contract", "contract_path", type=click.Path(dir_okay=False), default=None,
+              help="input_contract.json to use (default: the ONNX metadata or the one next to SOURCE).")
+@click.option("--batch-size", type=click.IntRange(min=1), default=256, show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+def eval_cmd(source: str, data: str | None, contract_path: str | None, batch_size: int, as_json: bool) -> None:
+    """Top-1 and loss of SOURCE (run directory, shrink output, .onnx or .pt2) on DATA, preprocessed as in training."""
+    from strfx.evaluate import evaluate
+
+    if not data:
+        from strfx.errors import StrfxError
+
+        raise StrfxError("strfx eval needs --data (demo, npz:PATH, mnist:PATH, cifar10:PATH or imagefolder:PATH)")
+    res = evaluate(source, data, contract_path, batch_size)
+    if as_json:
+        click.echo(res.model_dump_json(indent=2))
+    else:
+        console.print(res.line(), highlight=False)
 
 
 import strfx.train_cli  # noqa: E402,F401 - registers `strfx train` (kept in its own module)

@@ -29,6 +29,12 @@ Controller (documented in the README, "Target sparsity"):
   (relative error) and Δt the fraction of training since the last update, in percent (so it is
   indifferent to run length); the integral only moves while the effort is not saturated (anti-windup).
 
+Stopping at the target: once the measured sparsity reaches the final target X, the integral is
+cleared of any positive part and the effort is capped at 0, so the decay stops pushing (it may still
+turn negative and bring elements back). Without this rule, the integral wound up while the run was
+behind the schedule kept the effort positive for hundreds of steps after X was reached, and runs
+ended 1–2 points past their target (structured 0.6 → 61.6 % FLOPs removed on LeNet-5/MNIST).
+
 Structured mode: a channel dies when its STR-BN/gate ``|γ|`` falls below ``g(s)``, but decay can
 raise ``g(s)`` only towards ``g(0) = 0.5`` while γ starts near 1, so there the same λ is also set
 on the ``"norms"`` group (γ of STR-BN and gates): thresholds rise and γ shrinks together, and the
@@ -182,7 +188,11 @@ class ThresholdDecayController:
         saturated = (raw >= 1.0 and err > 0) or (raw <= -cfg.max_reverse and err < 0)
         if not saturated:  # conditional integration: no wind-up while the effort is already at its limit
             self.integral = min(max(self.integral + cfg.integral * err * dt, -cfg.max_reverse), 1.0)
+        if measured >= self.target:  # reached: never push further (see "Stopping at the target" above)
+            self.integral = min(self.integral, 0.0)
         self.effort = min(max(cfg.proportional * err + self.integral, -cfg.max_reverse), 1.0)
+        if measured >= self.target:
+            self.effort = min(self.effort, 0.0)
         lr_eff = lr / (1.0 - self.momentum)  # SGD with momentum moves a parameter lr/(1-μ) per unit gradient
         self.decay = self.effort * self.max_rate / max(lr_eff, 1e-12)
         if self.effort > 0:

@@ -62,6 +62,7 @@ class Data:
     num_classes: int | None  # None when it cannot be known without reading every label
     source: str  # what the user asked for, for messages and the config
     batched: bool  # datasets accept a list of indices (ArrayDataset)
+    preprocessing: dict[str, Any] | None = None  # raw/scale/mean/std/resize, for the input contract
 
 
 def _as_nchw(x: np.ndarray, path: str, key: str) -> np.ndarray:
@@ -72,6 +73,32 @@ def _as_nchw(x: np.ndarray, path: str, key: str) -> np.ndarray:
             return x
         return np.ascontiguousarray(x.transpose(0, 3, 1, 2))  # N×H×W×C
     raise DataError(f"{path}: {key} has shape {x.shape}; expected images N×H×W, N×C×H×W or N×H×W×C")
+
+
+def _as_uint8(x: np.ndarray, path: str, key: str) -> np.ndarray:
+    """Images as uint8: integer arrays within 0..255 are converted, anything else is refused, never cast."""
+    if x.dtype == np.uint8:
+        return x
+    fix = "store the images as uint8 (0..255)"
+    if np.issubdtype(x.dtype, np.integer) or x.dtype == np.bool_:
+        lo, hi = (int(x.min()), int(x.max())) if x.size else (0, 0)
+        if 0 <= lo and hi <= 255:
+            return x.astype(np.uint8)
+        raise DataError(f"{path}: {key} ({x.dtype}) has values {lo}..{hi}, outside 0..255; {fix}")
+    if np.issubdtype(x.dtype, np.floating):
+        finite = np.isfinite(x)
+        problems = []
+        if np.isnan(x).any():
+            problems.append("NaN")
+        if np.isinf(x).any():
+            problems.append("inf")
+        vals = x[finite]
+        if vals.size:
+            problems.append(f"values {float(vals.min()):g}..{float(vals.max()):g}")
+        raise DataError(f"{path}: {key} has dtype {x.dtype} ({', '.join(problems)}); strfx scales images by /255 "
+                        f"from uint8 and never casts floats silently; {fix} (e.g. (x * 255).round().astype(np.uint8) "
+                        f"for images in 0..1)")
+    raise DataError(f"{path}: {key} has dtype {x.dtype}; {fix}")
 
 
 def arrays_to_data(arrays: dict[str, np.ndarray], path: str, source: str) -> Data:
@@ -93,17 +120,18 @@ def arrays_to_data(arrays: dict[str, np.ndarray], path: str, source: str) -> Dat
     if xs["x_train"].shape[1:] != xs["x_test"].shape[1:]:
         raise DataError(f"{path}: x_train images are {xs['x_train'].shape[1:]} but x_test images are "
                         f"{xs['x_test'].shape[1:]}; both splits need the same image shape")
-    if xs["x_train"].dtype != np.uint8:
-        raise DataError(f"{path}: x_train has dtype {xs['x_train'].dtype}; images must be uint8 (0..255)")
+    xs = {k: _as_uint8(x, path, k) for k, x in xs.items()}
     train_x = torch.from_numpy(np.ascontiguousarray(xs["x_train"]))
     scaled = train_x.float().div_(255)
     mean = scaled.mean(dim=(0, 2, 3)).tolist()
     std = scaled.std(dim=(0, 2, 3)).clamp_min(1e-3).tolist()
     train = ArrayDataset(train_x, torch.from_numpy(ys["y_train"].astype(np.int64)), mean, std)
-    val = ArrayDataset(torch.from_numpy(np.ascontiguousarray(xs["x_test"]).astype(np.uint8)),
+    val = ArrayDataset(torch.from_numpy(np.ascontiguousarray(xs["x_test"])),
                        torch.from_numpy(ys["y_test"].astype(np.int64)), mean, std)
     num_classes = int(max(ys["y_train"].max(), ys["y_test"].max())) + 1
-    return Data(train, val, num_classes, source, batched=True)
+    pre = {"raw": f"uint8 pixels 0..255, N×{'×'.join(map(str, train_x.shape[1:]))}", "scale": 1 / 255,
+           "mean": mean, "std": std}
+    return Data(train, val, num_classes, source, batched=True, preprocessing=pre)
 
 
 def load_npz(path: Path, source: str) -> Data:
@@ -111,15 +139,22 @@ def load_npz(path: Path, source: str) -> Data:
         raise DataError(f"data file not found: {path} (from --data {source})")
     if path.is_dir():
         raise DataError(f"{path} is a directory; npz:PATH needs a .npz file with {', '.join(NPZ_KEYS)}")
+    with open(path, "rb") as fh:
+        magic = fh.read(6)
+    if magic == b"\x93NUMPY":
+        raise DataError(f"{path} is a single .npy array, not an .npz archive with {', '.join(NPZ_KEYS)}; "
+                        f"save one with np.savez")
+    if not zipfile.is_zipfile(path):  # numpy would try it as a pickle and suggest loading it unsafely
+        raise DataError(f"{path} is not an .npz archive (not a zip file); save the arrays {', '.join(NPZ_KEYS)} "
+                        f"with np.savez")
     try:
         with np.load(path, allow_pickle=False) as f:
-            if not isinstance(f, np.lib.npyio.NpzFile):
-                raise DataError(f"{path} is a single .npy array, not an .npz archive with {', '.join(NPZ_KEYS)}")
             arrays = {k: f[k] for k in f.files}
-    except DataError:
-        raise
     except (OSError, ValueError, zipfile.BadZipFile, EOFError) as err:
-        raise DataError(f"cannot read {path} as an .npz archive: {str(err).splitlines()[0] if str(err) else type(err).__name__}") from None
+        from strfx.safeload import reason
+
+        raise DataError(f"cannot read {path} as an .npz archive ({reason(err)}); an array of Python objects is "
+                        f"never loaded: store numeric arrays with np.savez") from None
     return arrays_to_data(arrays, str(path), source)
 
 
@@ -161,7 +196,10 @@ def _torchvision_dataset(kind: str, root: Path, source: str, size: tuple[int, in
     except (RuntimeError, OSError):
         raise DataError(f"no {kind} data under {root}: expected {layout}; strfx never downloads, "
                         "fetch it yourself") from None
-    return Data(train, val, len(train.classes), source, batched=False)
+    resize = None if tuple(size) == {"cifar10": (32, 32), "mnist": (28, 28)}[kind] else f"resize to {size[0]}×{size[1]}"
+    pre = {"raw": f"torchvision {kind} images (uint8 pixels 0..255)", "scale": 1 / 255, "mean": list(stats[0]),
+           "std": list(stats[1]), "resize": resize}
+    return Data(train, val, len(train.classes), source, batched=False, preprocessing=pre)
 
 
 def _imagefolder(root: Path, source: str, size: tuple[int, int]) -> Data:
@@ -184,7 +222,10 @@ def _imagefolder(root: Path, source: str, size: tuple[int, int]) -> Data:
     if parts["train"].classes != parts["val"].classes:
         raise DataError(f"{root}: train/ has classes {parts['train'].classes[:5]}... but val/ has "
                         f"{parts['val'].classes[:5]}...; both splits need the same class folders")
-    return Data(parts["train"], parts["val"], len(parts["train"].classes), source, batched=False)
+    resize = f"resize to {int(round(size[0] / 0.875))}, center crop {size[0]}×{size[1]} (RGB)"
+    pre = {"raw": "image files (uint8 pixels 0..255)", "scale": 1 / 255, "mean": [0.485, 0.456, 0.406],
+           "std": [0.229, 0.224, 0.225], "resize": resize}
+    return Data(parts["train"], parts["val"], len(parts["train"].classes), source, batched=False, preprocessing=pre)
 
 
 def load_data(spec: str | None, datasets_hook: Callable[[], Any] | None = None,

@@ -109,6 +109,10 @@ def shrink_run(run_dir: str | Path, out: str | Path, force: bool = False, round_
             pt2_max_error=pt2_err,
         )
         (tmp / SHRINK_FILE).write_text(summary.model_dump_json(indent=2))
+        from strfx.contract import CONTRACT_FILE
+
+        if (run_dir / CONTRACT_FILE).is_file():  # the shrunk model needs the same preprocessing
+            (tmp / CONTRACT_FILE).write_bytes((run_dir / CONTRACT_FILE).read_bytes())
     return summary
 
 
@@ -127,8 +131,9 @@ def load_shrunk(out_dir: str | Path) -> torch.export.ExportedProgram:
     except FileNotFoundError:
         raise StrfxError(f"{path} is missing; the shrink output is incomplete") from None
     except Exception as err:  # noqa: BLE001 - a corrupt or foreign file
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise StrfxError(f"cannot load {path}: {first}") from err
+        from strfx.safeload import reason
+
+        raise StrfxError(f"cannot load {path}: {reason(err)}; re-create it with `strfx shrink`") from None
     if program.example_inputs is None:
         raise StrfxError(f"{path} carries no example inputs; re-create it with `strfx shrink`")
     return program

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import datetime
 import json
+import logging
 import os
 import signal
 import sys
@@ -30,6 +31,7 @@ import torch.distributed as dist
 from strfx.errors import StrfxError, TrainError
 
 FAULT_ENV = "STRFX_FAULT_INJECT"
+DEBUG_ENV = "STRFX_DEBUG"  # set by `strfx --debug`: workers print full tracebacks, torchrun logs stay on
 
 
 @dataclass
@@ -137,15 +139,41 @@ def launch(job: dict[str, Any], options: LaunchOptions) -> None:
     # key prefix, so a restarted gloo group can read the dead worker's address and fail with "Connection
     # refused" (seen here on the first restart). Opting out gives every attempt a fresh store.
     os.environ.setdefault("TORCH_DISABLE_SHARE_RDZV_TCP_STORE", "1")
+    quiet = not os.environ.get(DEBUG_ENV)
+    elastic_log = logging.getLogger("torch.distributed.elastic")
+    level = elastic_log.level
+    if quiet:  # torchrun logs every worker exit and SIGTERM it sends; strfx says what matters in one line
+        elastic_log.setLevel(logging.CRITICAL)
     try:
         run(args)
     except ChildFailedError as err:
-        rank, failure = min(err.failures.items())
-        raise TrainError(
-            f"training worker rank {rank} failed (exit code {failure.exitcode}) after "
-            f"{options.max_restarts} restart(s); its error is printed above; rerun with --resume to continue "
-            f"from the last checkpoint"
-        ) from None
+        raise TrainError(failure_line(err.failures, options.max_restarts)) from None
+    finally:
+        elastic_log.setLevel(level)
+
+
+def failure_line(failures: dict[int, Any], max_restarts: int) -> str:
+    """Name the worker that caused the failure, and why, in one line.
+
+    When one worker dies, torchrun records its peers as failed too (gloo raises "connection closed"
+    in them, or the agent terminates them), so the lowest failed rank is usually a bystander. The
+    cause is a worker killed by a signal if there is one, else the worker that failed first.
+    """
+    def key(item: tuple[int, Any]) -> tuple[int, float, int]:
+        rank, f = item
+        return (0 if f.exitcode is not None and f.exitcode < 0 else 1, float(f.timestamp or 0), rank)
+
+    rank, f = min(failures.items(), key=key)
+    if f.exitcode is not None and f.exitcode < 0:
+        why = f"was killed by {f.signal_name()} (exit code {f.exitcode}; out of memory, or killed from outside)"
+    elif f.exitcode == 2:
+        why = "stopped with the error printed above"
+    else:
+        why = f"failed (exit code {f.exitcode}; its error is printed above)"
+    others = sorted(r for r in failures if r != rank)
+    peers = f"; rank(s) {', '.join(map(str, others))} stopped because of it" if others else ""
+    return (f"training worker rank {rank} {why}{peers}; {max_restarts} restart(s) were allowed "
+            f"(--max-restarts); rerun with --resume to continue from the last checkpoint")
 
 
 def worker_main(argv: list[str]) -> int:

@@ -14,6 +14,7 @@ import hashlib
 import importlib.util
 import sys
 import traceback
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import ModuleType
@@ -108,7 +109,35 @@ def load_from_file(path: str | Path) -> LoadedModel:
         raise ModelLoadError(f"build_model() in {path} returned {type(model).__name__}, not a torch.nn.Module")
     make_inputs = getattr(module, "example_inputs", None)
     inputs = _as_inputs(_call(make_inputs, "example_inputs()", path), path) if callable(make_inputs) else _default_inputs()
+    _check_runs(model, inputs, path, defined=callable(make_inputs))
     return LoadedModel(model, inputs, path.stem, str(path), module)
+
+
+def _shapes(inputs: tuple[Any, ...]) -> str:
+    return ", ".join("×".join(map(str, t.shape)) + ("" if t.dtype == torch.float32 else f" {t.dtype}") for t in inputs)
+
+
+def _check_runs(model: nn.Module, inputs: tuple[Any, ...], path: Path, defined: bool) -> None:
+    """Run the model once on its example inputs, so a wrong shape is one line here and not a trace failure later.
+
+    In eval mode and without gradients, so neither BatchNorm statistics nor anything else changes.
+    """
+    was = model.training
+    model.eval()
+    try:
+        with torch.no_grad(), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            model(*inputs)
+    except Exception as err:  # noqa: BLE001 - any error of the user's forward on these inputs
+        first = str(err).strip().splitlines()[0] if str(err).strip() else ""
+        what = "a tensor of shape" if len(inputs) == 1 else "tensors of shapes"
+        source = (f"example_inputs() in {path} returned {what} {_shapes(inputs)}" if defined else
+                  f"{path} defines no example_inputs(), and the default input {_shapes(inputs)}")
+        fix = "return inputs the model accepts" if defined else "define example_inputs() returning inputs it accepts"
+        raise ModelLoadError(f"{source} that build_model()'s model cannot run ({type(err).__name__}: {first}); "
+                             f"{fix}") from None
+    finally:
+        model.train(was)
 
 
 def load_from_torchvision(name: str) -> LoadedModel:

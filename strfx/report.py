@@ -48,8 +48,8 @@ class Report(BaseModel):
                                      "None when not computed or the model cannot be shrunk.")
 
     def table(self, title: str | None = None) -> Any:
-        """A rich Table of the report (the CLI prints it)."""
-        from rich.table import Table
+        """The report as a table: ``print()`` shows it as text, a rich console with styles (the CLI)."""
+        from strfx._table import Table
 
         t = Table(title=title or f"strfx report: {self.model} ({self.mode})", show_footer=True)
         t.add_column("layer", footer="total")

@@ -26,6 +26,7 @@ from torch import nn
 from strfx.config import StrfxConfig, dump_config, load_config
 from strfx.errors import OutputExistsError, StrfxError
 from strfx.loader import LoadedModel, load_model
+from strfx.safeload import load_tensors, reason
 
 CONFIG_FILE = "config.yaml"
 WEIGHTS_FILE = "weights.pt"
@@ -123,11 +124,10 @@ def load_run(run_dir: str | Path) -> tuple[nn.Module, LoadedModel, StrfxConfig]:
     loaded = load_model(config.model)
     gm = sparsify(loaded.model, config=config.sparsify, example_inputs=loaded.example_inputs, verify=False)
     weights = run_dir / WEIGHTS_FILE
+    state = load_tensors(weights, "weights file", "the run directory is incomplete or damaged; train or transform again")
     try:
-        state = torch.load(weights, map_location="cpu", weights_only=True)
         gm.load_state_dict(state)
-    except FileNotFoundError:
-        raise StrfxError(f"{weights} is missing; the run directory is incomplete") from None
-    except Exception as err:  # noqa: BLE001 - corrupt or mismatched file
-        raise StrfxError(f"cannot load {weights}: {str(err).strip().splitlines()[0]}") from err
+    except Exception as err:  # noqa: BLE001 - a state dict of another model or configuration
+        raise StrfxError(f"{weights} does not fit {config.model} ({reason(err)}); the run directory was written "
+                         f"for another model or configuration") from None
     return gm, loaded, config

@@ -40,12 +40,14 @@ from torch import nn
 from torch.utils.data import BatchSampler, DataLoader, DistributedSampler, Subset
 
 from strfx.config import StrfxConfig, dump_config, load_config, parse_config
+from strfx.contract import CONTRACT_FILE, InputContract, input_contract  # noqa: F401 - re-exported
 from strfx.controller import SparsityMeter, ThresholdDecayController
 from strfx.data import Data, load_data
-from strfx.distributed import DistEnv, LaunchOptions, init_distributed, launch, maybe_inject_fault, shutdown
+from strfx.distributed import DEBUG_ENV, DistEnv, LaunchOptions, init_distributed, launch, maybe_inject_fault, shutdown
 from strfx.errors import CheckpointError, DataError, OutputExistsError, StrfxError, TrainError
 from strfx.loader import LoadedModel, load_model
 from strfx.rundir import CONFIG_FILE, REPORT_FILE, WEIGHTS_FILE, atomic_torch_save, atomic_write
+from strfx.safeload import load_tensors
 from strfx.train_config import TrainConfig
 
 CHECKPOINT_DIR = "checkpoints"
@@ -108,12 +110,48 @@ def _class_check(loaded: LoadedModel, data: Data) -> None:
                         f"(labels 0..{data.num_classes - 1}); change the model's number of classes or the data")
 
 
+def load_init(loaded: LoadedModel, path: str | Path) -> None:
+    """``--init``: load a state dict of MODEL's own model (before STR goes in), strictly, tensors only.
+
+    A dict holding the state dict under ``state_dict`` or ``model`` (common checkpoint layouts) is
+    accepted too. Any missing, unexpected or differently shaped key is one line naming them.
+    """
+    fix = "give a state dict of build_model()'s model, saved with torch.save(model.state_dict(), PATH)"
+    state = load_tensors(path, "--init", fix)
+    if isinstance(state, dict) and not any(isinstance(v, torch.Tensor) for v in state.values()):
+        inner = state.get("state_dict", state.get("model"))
+        state = inner if isinstance(inner, dict) else state
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise StrfxError(f"--init {path} is not a state dict (a dict of tensors); {fix}")
+    own = loaded.model.state_dict()
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    shapes = [f"{k} {tuple(state[k].shape)} vs {tuple(v.shape)}" for k, v in own.items()
+              if k in state and tuple(state[k].shape) != tuple(v.shape)]
+
+    def few(keys: list[str]) -> str:
+        return ", ".join(keys[:3]) + (f" (+{len(keys) - 3} more)" if len(keys) > 3 else "")
+
+    problems = ([f"missing {few(missing)}"] if missing else []) + ([f"unexpected {few(unexpected)}"] if unexpected
+                                                                    else []) + ([f"shape {few(shapes)}"] if shapes else [])
+    if problems:
+        raise StrfxError(f"--init {path} does not fit {loaded.name}: {'; '.join(problems)}; {fix}")
+    loaded.model.load_state_dict(state, strict=True)
+
+
 def _latest_checkpoint(run_dir: Path) -> Path | None:
     folder = run_dir / CHECKPOINT_DIR
     if not folder.is_dir():
         return None
     found = sorted((int(m.group(1)), p) for p in folder.iterdir() if (m := _CKPT_RE.match(p.name)))
     return found[-1][1] if found else None
+
+
+def _without_epochs(cfg: dict[str, Any]) -> dict[str, Any]:
+    """A config without ``train.epochs``: the one setting ``--resume`` may change (to extend a run)."""
+    out = dict(cfg)
+    out["train"] = {k: v for k, v in (cfg.get("train") or {}).items() if k != "epochs"}
+    return out
 
 
 def _config_diff(a: dict[str, Any], b: dict[str, Any], prefix: str = "") -> str | None:
@@ -131,14 +169,12 @@ def _config_diff(a: dict[str, Any], b: dict[str, Any], prefix: str = "") -> str 
 def load_checkpoint(path: Path, config: StrfxConfig) -> dict[str, Any]:
     """Read a checkpoint with ``weights_only=True`` and check it belongs to this configuration."""
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # noqa: BLE001 - truncated, corrupt, or not a torch file
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise CheckpointError(f"checkpoint {path} is corrupt or unreadable ({first[:160]}); delete it to resume "
-                              f"from the one before, or start over with --force") from None
+        ckpt = load_tensors(path, "checkpoint", "delete it to resume from the one before, or start over with --force")
+    except StrfxError as err:
+        raise CheckpointError(str(err)) from None
     if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
         raise CheckpointError(f"{path} is not a strfx training checkpoint; delete it or start over with --force")
-    diff = _config_diff(json.loads(ckpt["config"]), config.model_dump(mode="json"))
+    diff = _config_diff(_without_epochs(json.loads(ckpt["config"])), _without_epochs(config.model_dump(mode="json")))
     if diff:
         raise CheckpointError(f"checkpoint {path} was made with a different configuration ({diff}); resume with "
                               f"the run's own settings or start a new run")
@@ -188,6 +224,8 @@ def prepare(model: str, data: str | None, mode: str | None = None,
     cfg = resolve_config(loaded, mode, config, **train_overrides)
     tc = cfg.train
     assert tc is not None
+    if tc.init:
+        load_init(loaded, tc.init)  # fail now, in one line, rather than in every worker
     if world_size and tc.batch_size % world_size:
         raise StrfxError(f"train.batch_size {tc.batch_size} is the global batch and must divide evenly over "
                          f"{world_size} processes; pick a multiple of {world_size}")
@@ -205,13 +243,19 @@ def prepare(model: str, data: str | None, mode: str | None = None,
         if not (out / CONFIG_FILE).is_file():
             raise StrfxError(f"nothing to resume in {out} (no {CONFIG_FILE}); start the run without --resume")
         saved = load_config(out / CONFIG_FILE)
-        diff = _config_diff(saved.model_dump(mode="json"), cfg.model_dump(mode="json"))
+        diff = _config_diff(_without_epochs(saved.model_dump(mode="json")), _without_epochs(cfg.model_dump(mode="json")))
         if diff:
             raise CheckpointError(f"{out} was started with other settings ({diff}); pass the run's original "
-                                  f"options to --resume, or start a new run")
+                                  f"options to --resume (only --epochs may grow), or start a new run")
         latest = _latest_checkpoint(out)
         if latest is not None:
-            load_checkpoint(latest, cfg)  # fail now, in one line, rather than in every worker
+            done = int(load_checkpoint(latest, cfg)["epoch"])  # fail now, in one line, rather than in every worker
+            if tc.epochs < done:
+                raise CheckpointError(f"{out} has done {done} epochs already; --resume --epochs N extends a run, "
+                                      f"so N must be at least {done}")
+        assert saved.train is not None
+        if tc.epochs != saved.train.epochs:  # extending: the run's settings are now the longer run's
+            atomic_write(out / CONFIG_FILE, dump_config(cfg))
     else:
         if out.exists():
             if not force:
@@ -237,15 +281,18 @@ def train(model: str, data: str | None = None, mode: str | None = None, *,
           config: StrfxConfig | dict[str, Any] | str | Path | None = None, run_dir: str | Path | None = None,
           resume: bool = False, force: bool = False, export: bool = False, epochs: int | None = None,
           batch_size: int | None = None, target_sparsity: float | None = None, launch_options: LaunchOptions | None = None,
-          progress: bool | None = None) -> TrainResult:
+          progress: bool | None = None, lr: float | None = None, seed: int | None = None,
+          init: str | Path | None = None) -> TrainResult:
     """Train MODEL with STR; one process, or ``launch_options.nproc_per_node`` through torchrun.
 
-    ``model`` and ``data`` are the CLI's MODEL and ``--data`` strings. Returns the run's summary.
+    ``model`` and ``data`` are the CLI's MODEL and ``--data`` strings; ``epochs``, ``batch_size``, ``lr``,
+    ``seed``, ``init`` and ``target_sparsity`` override the config's ``train:`` fields. Returns the run's summary.
     """
     opts = launch_options
     job = prepare(model, data, mode, config, run_dir, resume, force, export,
                   world_size=opts.world_size() if opts else 1, epochs=epochs, batch_size=batch_size,
-                  target_sparsity=target_sparsity)
+                  target_sparsity=target_sparsity, lr=lr, seed=seed,
+                  init=str(Path(init).expanduser().resolve()) if init is not None else None)
     job.progress = progress
     if opts is None:
         run_job(job.to_dict())
@@ -274,8 +321,10 @@ def run_job(job: dict[str, Any]) -> None:
 
         if isinstance(err, StrfxError):
             print(f"error: {err}", file=sys.stderr)
-        else:
+        elif os.environ.get(DEBUG_ENV):
             traceback.print_exc()
+        elif not _peer_died(err):  # a bystander of a dead peer stays quiet: the launcher names the dead rank
+            print(f"rank {env.rank} stopped: {_one_line(err)} (--debug shows the traceback)", file=sys.stderr)
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(2 if isinstance(err, StrfxError) else 1)
@@ -294,6 +343,21 @@ def _convert_sync_batchnorm(module: nn.Module) -> nn.Module:
         if new is not child:
             setattr(module, name, new)
     return module
+
+
+def _one_line(err: BaseException) -> str:
+    """An exception as one short line (gloo prefixes its messages with a source location)."""
+    text = str(err).strip().splitlines()[0] if str(err).strip() else ""
+    text = re.sub(r"^\[[^\]]*\]\s*", "", text)
+    text = re.split(r"(?<=\.)\s", text, maxsplit=1)[0].rstrip(".")
+    return f"{type(err).__name__}: {text}"
+
+
+def _peer_died(err: BaseException) -> bool:
+    """gloo/nccl errors a worker raises because another worker of the group died."""
+    text = str(err)
+    return any(s in text for s in ("Connection closed by peer", "Connection reset by peer", "Broken pipe",
+                                   "remote worker crashing"))
 
 
 class WarmupCosine:
@@ -333,9 +397,9 @@ class _Log:
     """Rank-0 output: a rich progress bar on a terminal, plain lines otherwise."""
 
     def __init__(self, env: DistEnv, progress: bool | None):
-        from rich.console import Console
+        from strfx._table import make_console
 
-        self.console = Console()
+        self.console = make_console()
         self.on = env.is_main
         self.bar = self.on and (self.console.is_terminal if progress is None else progress)
 
@@ -376,6 +440,8 @@ class Trainer:
         np.random.seed(tc.seed)
 
         self.loaded = load_model(job.model)
+        if tc.init:
+            load_init(self.loaded, tc.init)
         self.example_inputs = tuple(self.loaded.example_inputs)
         gm = sparsify(self.loaded.model, config=self.cfg.sparsify, example_inputs=self.example_inputs)
         self.before = report(gm, self.example_inputs, name=self.loaded.name)  # dense params/FLOPs
@@ -523,6 +589,10 @@ class Trainer:
             raise CheckpointError(f"checkpoint {latest} does not fit this model: {str(err).splitlines()[0]}; "
                                   f"start over with --force") from None
         self.scheduler.load_state_dict(ckpt["scheduler"])
+        schedule = self.scheduler.lr_lambdas[0]
+        extended = isinstance(schedule, WarmupCosine) and schedule.total_steps != self.total_steps
+        if extended:  # --resume --epochs N: same warm-up, the cosine stretched over the longer run
+            schedule.total_steps = self.total_steps
         self.scaler.load_state_dict(ckpt["scaler"])
         if self.controller and ckpt["controller"]:
             state = dict(ckpt["controller"])
@@ -538,7 +608,10 @@ class Trainer:
         self.start_epoch, self.step = int(ckpt["epoch"]), int(ckpt["step"])
         if self.env.is_main:
             self._truncate_metrics(self.start_epoch)
-        self.log.print(f"resumed from {latest} (epoch {self.start_epoch}/{self.tc.epochs} done)")
+        self.log.print(f"resumed from {latest} (epoch {self.start_epoch}/{self.tc.epochs} done)"
+                       + (f"; extended to {self.tc.epochs} epochs: the cosine learning-rate schedule is stretched over "
+                          f"{self.total_steps} steps, so lr rises again to {self.scheduler.lr_lambdas[0](self.step) * self.tc.peak_lr():.4g}"
+                          if extended else ""))
 
     def _truncate_metrics(self, epochs_done: int) -> None:
         path = self.run_dir / METRICS_FILE
@@ -564,6 +637,56 @@ class Trainer:
             if g is not None:
                 g["weight_decay"] = decay
 
+    def _diverged(self, epoch: int, i: int, what: str) -> TrainError:
+        """One line: where the run diverged, what went non-finite, what to change, what is kept."""
+        last = _latest_checkpoint(self.run_dir)
+        kept = (f"the last good checkpoint {last} is kept (--resume continues from it with the run's settings)"
+                if last is not None else "no checkpoint was written yet")
+        return TrainError(f"training diverged at epoch {epoch + 1}, step {i + 1}/{self.steps_per_epoch}: {what}; "
+                          f"lower the learning rate (--lr, now {self.tc.peak_lr():g}) or set "
+                          f"train.grad_clip_norm (now {self.tc.grad_clip_norm}) and start again with --force; {kept}")
+
+    def _clip_and_check(self, loss: torch.Tensor, epoch: int, i: int) -> None:
+        """Clip the gradient norm (``train.grad_clip_norm``) and refuse a non-finite loss or gradient.
+
+        The gradient norm is needed for clipping anyway; the check costs one host sync per step. DDP has
+        already averaged the gradients, so every rank sees the same norm and stops at the same step.
+        """
+        params = [p for p in self.gm.parameters() if p.grad is not None]
+        norm = (torch.nn.utils.get_total_norm([p.grad for p in params]) if params
+                else torch.zeros((), device=self.env.device))
+        if bool(torch.isfinite(torch.stack([loss.detach().float(), norm.float().to(loss.device)])).all()):
+            if self.tc.grad_clip_norm:
+                torch.nn.utils.clip_grads_with_norm_(params, self.tc.grad_clip_norm, norm)
+            return
+        if not bool(torch.isfinite(loss.detach()).all()):
+            raise self._diverged(epoch, i, f"the loss is {float(loss.detach()):g}")
+        name = next((n for n, p in self.gm.named_parameters()
+                     if p.grad is not None and not bool(torch.isfinite(p.grad).all())), "a parameter")
+        raise self._diverged(epoch, i, f"the gradient of {name} is not finite")
+
+    @torch.no_grad()
+    def _check_str_params(self, epoch: int, i: int) -> None:
+        """Thresholds and STR-BN γ/gates must stay finite (a NaN threshold would fail deep inside the forward)."""
+        params = [p for g in self.optimizer.param_groups if g.get("name") in ("thresholds", "norms") for p in g["params"]]
+        if not params or bool(torch.isfinite(torch.stack([p.sum() for p in params])).all()):
+            return
+        names = {id(p): n for n, p in self.gm.named_parameters()}
+        bad = next(names.get(id(p), "an STR parameter") for p in params if not bool(torch.isfinite(p).all()))
+        raise self._diverged(epoch, i, f"the STR parameter {bad} became non-finite after the update")
+
+    def _plain_progress(self, epoch: int, i: int, loss: torch.Tensor, t_epoch: float) -> None:
+        """Without a progress bar (piped output), a plain line every ``log_every_steps`` or ``log_every_seconds``."""
+        if not self.log.on or i + 1 >= self.steps_per_epoch:  # the epoch line follows anyway
+            return
+        now = time.monotonic()
+        every = self.tc.log_every_steps
+        if not ((every and (i + 1) % every == 0) or now - self._last_line >= self.tc.log_every_seconds):
+            return
+        self._last_line = now
+        self.log.print(f"epoch {epoch + 1}/{self.tc.epochs} step {i + 1}/{self.steps_per_epoch}: loss {loss.item():.4f}"
+                       f" · lr {self.scheduler.get_last_lr()[0]:.4g} · {now - t_epoch:.0f}s")
+
     def train_epoch(self, epoch: int) -> dict[str, float]:
         self.model.train()
         self.train_sampler.set_epoch(epoch)
@@ -571,6 +694,7 @@ class Trainer:
         loss_sum = torch.zeros((), dtype=torch.float64, device=self.env.device)
         correct = torch.zeros((), dtype=torch.float64, device=self.env.device)
         seen = 0
+        t_epoch = self._last_line = time.monotonic()
         try:
             for i, (x, y) in enumerate(self.train_loader):
                 if i >= self.steps_per_epoch:
@@ -582,7 +706,9 @@ class Trainer:
                     loss = self.loss_fn(out.float(), y)
                 self.optimizer.zero_grad(set_to_none=True)
                 loss.backward()
+                self._clip_and_check(loss, epoch, i)  # raises before a non-finite update is applied
                 self.optimizer.step()
+                self._check_str_params(epoch, i)
                 self.scheduler.step()
                 self.step += 1
                 self._controller_step()
@@ -591,6 +717,8 @@ class Trainer:
                 seen += len(y)
                 if prog is not None:
                     prog.update(0, advance=1, info=f"loss {loss.item():.3f}")
+                else:
+                    self._plain_progress(epoch, i, loss, t_epoch)
         finally:
             if prog is not None:
                 prog.stop()
@@ -715,13 +843,48 @@ class Trainer:
             "flops_removed": 1 - _flops_after(rep) / rep.dense_flops if rep.dense_flops else None,
             "controlled": self.meter(), "target_sparsity": self.tc.target_sparsity, "world_size": self.env.world_size,
             "ranks_max_param_diff": final.get("ranks_max_param_diff", 0.0),
-            "params_before": b.params, "params_after": rep.nonzero_params,
+            "params_before": b.params, "params_nonzero_after": rep.nonzero_params,
+            "str_elements": rep.elements, "str_zeros": rep.zeros,
             "flops_before": b.dense_flops, "flops_after": _flops_after(rep),
         }
+        contract = input_contract(self.data, self.example_inputs, self.num_classes())
+        atomic_write(self.run_dir / CONTRACT_FILE, contract.model_dump_json(indent=2))
+        summary["input_contract"] = contract.model_dump(mode="json")
+        summary["warnings"] = self._warnings(summary)
         if self.job.export:
             summary["export"] = self.export()
         atomic_write(self.run_dir / SUMMARY_FILE, json.dumps(summary, indent=2))
         self.print_summary(summary)
+
+    @torch.no_grad()
+    def num_classes(self) -> int:
+        """Classes of the data, else the model's output width (a model file's datasets() may not say)."""
+        if self.data.num_classes:
+            return int(self.data.num_classes)
+        was = self.gm.training
+        self.gm.eval()
+        try:
+            return int(self.gm(*(t.to(self.env.device) for t in self.example_inputs)).shape[-1])
+        finally:
+            self.gm.train(was)
+
+    #: A run whose sparsity ends further than this from --target-sparsity says so (fraction, i.e. 5 points).
+    TARGET_TOLERANCE = 0.05
+
+    def _warnings(self, s: dict[str, Any]) -> list[str]:
+        """What the user must not miss: a model that learned nothing, a target that was not reached."""
+        out = []
+        n = self.num_classes()
+        if n and n > 1 and s["val_top1"] < 1.5 / n:
+            out.append(f"val top-1 {s['val_top1']:.2%} is at chance level ({1 / n:.2%} for {n} classes): the model "
+                       f"did not learn; lower the learning rate (--lr, now {self.tc.peak_lr():g}) or train longer")
+        target = s["target_sparsity"]
+        if target is not None and abs(s["controlled"] - target) > self.TARGET_TOLERANCE:
+            what = "of weights zero" if self.mode == "unstructured" else "of FLOPs removed"
+            out.append(f"sparsity ended at {s['controlled']:.2%} {what}, {abs(s['controlled'] - target) * 100:.1f} "
+                       f"points from the target {target:.0%}: {self.total_steps} optimizer steps were too few for "
+                       f"the controller; train for more steps (--epochs, or a smaller --batch-size)")
+        return out
 
     def export(self) -> dict[str, Any]:
         """Shrink away the dead channels and export ONNX (+ .pt2), each verified against the trained model."""
@@ -763,17 +926,19 @@ class Trainer:
         lines = [
             f"[bold]done[/]: {s['model']} {self.mode} STR, {s['epochs']} epochs on {s['data']}",
             f"  accuracy   val top-1 {s['val_top1']:.2%}",
-            f"  sparsity   {measure:.2%} {what}{target}; {s['sparsity']:.2%} of STR {elements} zero",
+            f"  sparsity   {measure:.2%} {what}{target}"
+            + (f"; {s['str_zeros']:,} of {s['str_elements']:,} STR {elements} zero ({s['sparsity']:.2%})"
+               if self.mode == "structured" else ""),
         ]
         if self.mode == "unstructured":
-            lines.append(f"  params     {s['params_before']:,} → {s['params_after']:,} non-zero")
+            lines.append(f"  params     {s['params_before']:,} → {s['params_nonzero_after']:,} non-zero")
         if s["flops_before"]:
             lines.append(f"  FLOPs      {s['flops_before'] / 1e6:,.2f}M → {s['flops_after'] / 1e6:,.2f}M effective "
                          f"({s['flops_before'] / max(s['flops_after'], 1):.2f}×, on the example inputs"
                          + (", dead channels removed" if self.mode == "structured" else "") + ")")
         ex = s.get("export")
         if ex:
-            lines.append(f"  shrink     {ex['channels_removed']:,} of {ex['channels']:,} channels removed: params "
+            lines.append(f"  shrink     {ex['channels_removed']:,} of {s['str_elements']:,} STR channels removed: params "
                          f"{ex['params_before']:,} → {ex['params_after']:,}"
                          + (f", FLOPs {ex['flops_before'] / 1e6:,.2f}M → {ex['flops_after'] / 1e6:,.2f}M"
                             if ex["flops_before"] and ex["flops_after"] else ""))
@@ -782,7 +947,10 @@ class Trainer:
                 checks += f", .pt2 vs torch {ex['pt2_max_error']:.2g}"
             lines.append(f"  export     {self._show(ex['onnx'])} ({ex['exporter']}) · max relative error {checks} "
                          f"(≤ {ex['tolerance']:g}) [green]OK[/]")
+        if s.get("input_contract"):
+            lines.append(f"  input      {InputContract.model_validate(s['input_contract']).describe()}")
+        lines += [f"  [bold yellow]warning[/]    {w}" for w in s.get("warnings", [])]
         lines.append(f"  plot       {self._show(self.run_dir / PLOT_FILE)} (layer-wise sparsity STR learned)")
-        lines.append(f"  wrote      {self._show(self.run_dir)}/ (weights.pt, report.json, summary.json, metrics.jsonl, checkpoints/)")
+        lines.append(f"  wrote      {self._show(self.run_dir)}/ (weights.pt, report.json, summary.json, input_contract.json, metrics.jsonl, checkpoints/)")
         for ln in lines:
             self.log.print(ln)

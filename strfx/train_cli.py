@@ -16,6 +16,12 @@ from strfx.cli import CONFIG, MODE, command, main
 @click.option("--epochs", type=click.IntRange(min=1), default=None, help="Override train.epochs.")
 @click.option("--batch-size", type=click.IntRange(min=1), default=None,
               help="Override train.batch_size (global; lr follows as 0.256 × batch/256 unless train.lr is set).")
+@click.option("--lr", type=click.FloatRange(0, min_open=True), default=None,
+              help="Override train.lr, the peak learning rate (default 0.256 × batch/256).")
+@click.option("--seed", type=int, default=None, help="Override train.seed (initial weights, data order).")
+@click.option("--init", "init", type=click.Path(dir_okay=False), default=None,
+              help="Start from these weights: a state dict of MODEL's build_model() (torch.save(model.state_dict())), "
+              "loaded with weights_only=True; every key must match.")
 @CONFIG
 @click.option("--target-sparsity", type=click.FloatRange(0, 1, min_open=True, max_open=True), default=None,
               help="End the run at this sparsity (unstructured: fraction of weights zero; structured: fraction "
@@ -37,7 +43,7 @@ from strfx.cli import CONFIG, MODE, command, main
 @click.option("--export", is_flag=True, help="After training, shrink the model and export it (with verification).")
 @click.option("--progress/--no-progress", default=None, help="Progress bar (default: only on a terminal).")
 def train_cmd(model: str, mode: str | None, data: str | None, epochs: int | None, batch_size: int | None,
-              config_path: str | None,
+              lr: float | None, seed: int | None, init: str | None, config_path: str | None,
               target_sparsity: float | None, nproc_per_node: int | None, nnodes: str | None, node_rank: int | None,
               rdzv_endpoint: str | None, rdzv_id: str | None, rdzv_backend: str, max_restarts: int | None,
               output: str | None, resume: bool, force: bool, export: bool, progress: bool | None) -> None:
@@ -61,4 +67,4 @@ def train_cmd(model: str, mode: str | None, data: str | None, epochs: int | None
         raise StrfxError("--node-rank/--rdzv-id only make sense with --nnodes and --rdzv-endpoint")
     train(model, data, mode, config=config_path, run_dir=output, resume=resume, force=force, export=export,
           epochs=epochs, batch_size=batch_size, target_sparsity=target_sparsity, launch_options=opts,
-          progress=progress)
+          progress=progress, lr=lr, seed=seed, init=init)

@@ -58,6 +58,10 @@ class TrainConfig(_Strict):
                                  "run shorter than 25 epochs warms up for its first 20% instead, so a 3-epoch run "
                                  "neither spends all of it warming up nor jumps to the peak lr within a few steps.")
     label_smoothing: float = Field(0.1, ge=0, lt=1)
+    grad_clip_norm: float | None = Field(5.0, gt=0, description="Clip the global gradient norm to this value "
+                                         "(None: no clipping). A safety net, not part of the STR paper's recipe: "
+                                         "its lr 0.256 × batch/256 was tuned for BatchNorm networks, and networks "
+                                         "without normalization (LeNet-5, LeNet-300-100) diverge at it unclipped.")
     weight_decay: float = Field(3.0517578125e-05, ge=0, description="Decay on every parameter (STR's 1/32768).")
     threshold_decay: float | None = Field(None, ge=0, description="Decay on the thresholds s (default weight_decay). "
                                           "It is what raises s, so it sets how sparse the run ends.")
@@ -70,6 +74,9 @@ class TrainConfig(_Strict):
                                           "end at zero. Structured: fraction of FLOPs removed. None: plain STR.")
     controller: ControllerConfig = Field(default_factory=ControllerConfig)
     seed: int = 0
+    init: str | None = Field(None, description="Start from these weights (--init): a state dict of the model "
+                             "build_model() returns, loaded with weights_only=True before STR is inserted; every "
+                             "key must match (the common case: STR fine-tuning of a pretrained model).")
     deterministic: bool = Field(False, description="torch.use_deterministic_algorithms (resume equals uninterrupted).")
     precision: Literal["auto", "fp32", "bf16"] = Field("auto", description="auto: bf16 autocast on CUDA, fp32 on CPU.")
     channels_last: bool | None = Field(None, description="None: on for 4-D inputs on CUDA.")
@@ -80,6 +87,9 @@ class TrainConfig(_Strict):
                                 "in-memory arrays on CPU, 2 otherwise.")
     checkpoint_every: int = Field(1, ge=1, description="Epochs between checkpoints (the last epoch always gets one).")
     keep_checkpoints: int | None = Field(3, ge=1, description="Newest checkpoints kept; None keeps all.")
+    log_every_steps: int | None = Field(None, ge=1, description="Without a progress bar (output not a terminal): "
+                                        "print a progress line every this many steps...")
+    log_every_seconds: float = Field(30.0, gt=0, description="...and at least every this many seconds.")
     max_steps_per_epoch: int | None = Field(None, ge=1, description="Cap on optimizer steps per epoch (smoke tests).")
 
     def peak_lr(self) -> float:

@@ -94,6 +94,15 @@ BAD_MODELS = {
         "def example_inputs():\n    return (torch.randn(2, 3),)\n",
         "torch.fx cannot trace M at",
     ),
+    "wrong_input_shape": (  # issue 13: used to end in 126 lines, 3 tracebacks and "ShapeProp error"
+        "import torch\nfrom torch import nn\ndef build_model():\n    return nn.Conv2d(1, 4, 3)\n"
+        "def example_inputs():\n    return (torch.randn(2, 3, 8, 8),)\n",
+        "returned a tensor of shape 2×3×8×8 that build_model()'s model cannot run (RuntimeError: Given groups=1",
+    ),
+    "default_input_does_not_fit": (
+        "import torch\nfrom torch import nn\ndef build_model():\n    return nn.Linear(5, 2)\n",
+        "defines no example_inputs(), and the default input 1×3×224×224 that build_model()'s model cannot run",
+    ),
     "nothing_to_gate": (
         "import torch\nfrom torch import nn\ndef build_model():\n    return nn.Linear(3, 2)\n"
         "def example_inputs():\n    return torch.randn(2, 3)\n",
@@ -176,3 +185,37 @@ def test_output_directory_gets_normal_permissions(tmp_path: Path) -> None:
     umask = os.umask(0)
     os.umask(umask)
     assert out.stat().st_mode & 0o777 == 0o777 & ~umask
+
+
+def test_inspect_without_flags_prints_the_table() -> None:
+    """The README's first command: plain `strfx inspect MODEL` (it used to crash after the table)."""
+    res = CliRunner().invoke(main, ["inspect", str(EXAMPLES / "lenet5.py")])
+    assert res.exit_code == 0, res.output
+    assert "conv1" in res.output and "gate fc1_gate" in res.output and "4 weight layers" in res.output
+    assert "error" not in res.output
+
+
+def test_warnings_are_held_back_from_one_line_errors(write_model, tmp_path: Path) -> None:
+    """A torch-style warning raised before a failure strfx explains is not printed in front of its one line."""
+    model = write_model("import warnings\nwarnings.warn('some torch deprecation', UserWarning)\n"
+                        "def build_model():\n    return 42\n")
+    proc = subprocess.run([sys.executable, "-m", "strfx", "transform", str(model), "-o", str(tmp_path / "o")],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2
+    assert [ln for ln in proc.stderr.splitlines() if ln.strip()] == [
+        f"error: build_model() in {model} returned int, not a torch.nn.Module"]
+    ok = write_model("import warnings\nimport torch\nfrom torch import nn\n"
+                     "warnings.warn('some torch deprecation', UserWarning)\n"
+                     "def build_model():\n    return nn.Sequential(nn.Flatten(), nn.Linear(12, 4))\n"
+                     "def example_inputs():\n    return (torch.randn(2, 3, 2, 2),)\n", "ok.py")
+    proc = subprocess.run([sys.executable, "-m", "strfx", "transform", str(ok), "--mode", "unstructured", "-o",
+                           str(tmp_path / "o")], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0 and "some torch deprecation" in proc.stderr  # shown once the command is done
+
+
+def test_shrink_output_path_is_printed_without_a_double_slash(tmp_path: Path) -> None:
+    run_dir = tmp_path / "run"
+    assert run("transform", str(EXAMPLES / "lenet300.py"), "--mode", "structured", "-o", str(run_dir)).exit_code == 0
+    res = run("shrink", str(run_dir), "-o", f"{tmp_path}/shrunk/")
+    assert res.exit_code == 0, res.output
+    assert f"wrote {tmp_path}/shrunk/ (model.pt2" in res.output and "shrunk//" not in res.output

@@ -169,8 +169,8 @@ def test_bad_inputs_are_one_line_and_write_nothing(killed_run, tmp_path: Path) -
     for f in ("config.yaml", "report.json"):
         (corrupt / f).write_bytes((run_dir / f).read_bytes())
     (corrupt / "weights.pt").write_bytes((run_dir / "weights.pt").read_bytes()[:500])
-    assert "cannot load" in _one_line_error(run("shrink", corrupt, "-o", tmp_path / "OUT"))
-    assert "cannot load" in _one_line_error(run("export", corrupt, "--onnx", tmp_path / "m.onnx"))
+    assert "weights.pt is corrupt or unreadable" in _one_line_error(run("shrink", corrupt, "-o", tmp_path / "OUT"))
+    assert "weights.pt is corrupt or unreadable" in _one_line_error(run("export", corrupt, "--onnx", tmp_path / "m.onnx"))
 
     bad_out = tmp_path / "badout"
     bad_out.mkdir()

@@ -249,8 +249,8 @@ def test_resume_equals_uninterrupted_and_corrupt_checkpoint_is_an_error(tmp_path
     assert "Traceback" not in bad.stderr
 
     # resuming with other settings is refused, naming the setting
-    other = _run(tmp_path, "cut", "--resume", config=cfg, epochs=4)
-    assert other.returncode == 2 and "train.epochs: run has 3, now 4" in other.stderr
+    other = _run(tmp_path, "cut", "--resume", "--lr", "0.5", config=cfg, epochs=3)
+    assert other.returncode == 2 and "train.lr: run has None, now 0.5" in other.stderr
 
 
 def test_checkpoint_of_another_configuration_is_refused(tmp_path: Path) -> None:

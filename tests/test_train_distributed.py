@@ -67,3 +67,27 @@ def test_killed_worker_is_restarted_and_resumes_from_last_checkpoint(tmp_path: P
     assert summary["epochs"] == 3 and summary["ranks_max_param_diff"] == 0.0
     ckpt = torch.load(run / "checkpoints" / "epoch-0003.pt", weights_only=True)
     assert ckpt["epoch"] == 3 and ckpt["step"] == 3 * 512 // 64  # no step lost or repeated
+
+
+def test_killed_worker_without_restarts_is_one_line_naming_the_dead_rank(tmp_path: Path) -> None:
+    """rank 1 is SIGKILLed and no restart is allowed: the error names rank 1 (not the bystander rank 0), once."""
+    res = _train(tmp_path, "dead", "--nproc-per-node", "2", "--max-restarts", "0", env={"STRFX_FAULT_INJECT": "1:2:3"})
+    assert res.returncode == 2
+    lines = [ln for ln in res.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1, res.stderr[-3000:]
+    assert lines[0].startswith("error: training worker rank 1 was killed by SIGKILL"), lines[0]
+    assert "rank(s) 0 stopped because of it" in lines[0] and "--resume" in lines[0]
+    assert "Traceback" not in res.stderr
+
+
+def test_failure_line_prefers_the_killed_or_first_failed_rank() -> None:
+    from types import SimpleNamespace
+
+    from strfx.distributed import failure_line
+
+    def f(code: int, t: float, sig: str = "") -> SimpleNamespace:
+        return SimpleNamespace(exitcode=code, timestamp=t, signal_name=lambda: sig)
+
+    assert "rank 3 was killed by SIGKILL" in failure_line({0: f(1, 5.0), 3: f(-9, 9.0, "SIGKILL")}, 0)
+    assert "rank 2 failed (exit code 1" in failure_line({0: f(1, 5.0), 2: f(1, 4.0)}, 1)
+    assert "rank 1 stopped with the error printed above" in failure_line({1: f(2, 1.0)}, 0)

@@ -1,0 +1,35 @@
+"""--target-sparsity stops pushing once the target is reached and lands within ±1 point (issue 13, defect 4)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from strfx.controller import ThresholdDecayController
+from strfx.train import train
+from strfx.train_config import ControllerConfig
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_no_push_once_the_target_is_reached_even_with_a_wound_up_integral() -> None:
+    c = ThresholdDecayController(0.6, 1000, ControllerConfig(interval_steps=1), base_decay=1e-5, momentum=0.875)
+    for step in range(60, 600, 5):  # a little behind for the whole ramp (not saturated): the integral winds up
+        c.update(step, measured=max(c.schedule(step) - 0.03, 0.0), lr=0.1)
+    assert c.integral > 0.1
+    # the target is reached during the hold phase: the schedule says "hold", the integral says "push"
+    decay = c.update(610, measured=0.6005, lr=0.1)
+    assert c.effort <= 0 and decay <= 0 and c.integral <= 0
+    # just below the target it may push again, proportionally to the (small) gap
+    c.update(620, measured=0.59, lr=0.1)
+    assert 0 < c.effort < 0.3
+
+
+@pytest.mark.parametrize("mode, target", [("unstructured", 0.7), ("structured", 0.5)])
+def test_demo_run_lands_within_one_point_of_its_target(mode: str, target: float, tmp_path: Path) -> None:
+    """A fast version of the README's table: LeNet-300-100 on the demo data, 3 epochs at batch 64 (186 steps)."""
+    res = train(str(ROOT / "examples" / "lenet300.py"), "demo", mode, run_dir=tmp_path / "r", epochs=3,
+                batch_size=64, target_sparsity=target)
+    assert res.summary["controlled"] == pytest.approx(target, abs=0.01), res.summary
+    assert res.summary["warnings"] == []
