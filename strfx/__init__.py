@@ -1,4 +1,4 @@
-"""strfx: learnable sparsity (Soft Threshold Reparameterization) for any torch.fx-traceable model.
+"""strfx: learnable sparsity (Soft Threshold Reparameterization) for any model torch.export can capture.
 
 The public names below are imported on first use (PEP 562), so that ``import strfx`` — and with it
 ``strfx --help`` / ``strfx --version`` — does not pay for importing torch and torchvision.
