@@ -124,6 +124,7 @@ class Ctx:
         self.unknown_ops: dict[str, str] = {}
         self.writers: list[Writer] = []
         self._consts: dict[fx.Node, Any] = {}
+        self.preferred_axis: dict[fx.Node, int] = {}  # reshape → output dim to cut (attention heads)
 
     # --- reading the graph -------------------------------------------------------------
     def value(self, arg: Any) -> Any:
@@ -360,11 +361,12 @@ def _members(node: fx.Node, gm: fx.GraphModule) -> str:
 
 def analyze_channels(gm: fx.GraphModule, keep_one: bool = True) -> ChannelAnalysis:
     """Run the channel rules over ``gm`` (which must carry ``tensor_meta``) and find dead channels."""
-    from strfx.passes.channel_rules import lookup, unknown_rule
+    from strfx.passes.channel_rules import lookup, mark_head_splits, unknown_rule
 
     if not any("val" in n.meta for n in gm.graph.nodes):
         raise StrfxError("channel analysis needs the graph of strfx.passes.capture (shapes in node.meta['val'])")
     ctx = Ctx(gm)
+    ctx.preferred_axis = mark_head_splits(gm)
     with torch.no_grad():
         for node in gm.graph.nodes:
             rule = lookup(node)

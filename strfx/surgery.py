@@ -218,12 +218,31 @@ def _fix_hf_config(model: nn.Module, cuts: dict[str, dict[int, np.ndarray]]) -> 
     config = getattr(model, "config", None)
     if config is None or not hasattr(config, "to_dict"):
         return
-    for field, value in config.to_dict().items():
-        if not isinstance(value, int) or isinstance(value, bool) or not any(k in field for k in _WIDTH_FIELDS):
+    fields = config.to_dict()
+    kept: dict[int, set[int]] = {}  # old size of a cut dim → its new sizes
+    for keeps in cuts.values():
+        for keep in keeps.values():
+            kept.setdefault(len(keep), set()).add(int(keep.sum()))
+    for field, value in fields.items():
+        if not isinstance(value, int) or isinstance(value, bool):
             continue
-        new = {int(keep.sum()) for keeps in cuts.values() for keep in keeps.values() if len(keep) == value}
-        if len(new) == 1:
-            setattr(config, field, new.pop())
+        if any(k in field for k in _WIDTH_FIELDS) and len(kept.get(value, ())) == 1:
+            setattr(config, field, next(iter(kept[value])))
+    # head counts: a projection of heads × head_dim rows lost whole heads
+    heads = fields.get("num_attention_heads")
+    hidden = fields.get("hidden_size")
+    head_dim = fields.get("head_dim") or (hidden // heads if isinstance(hidden, int) and heads else None)
+    if not head_dim:
+        return
+    for field in ("num_attention_heads", "num_key_value_heads"):
+        value = fields.get(field)
+        if isinstance(value, int) and len(kept.get(value * head_dim, ())) == 1:
+            new = next(iter(kept[value * head_dim]))
+            if new % head_dim == 0:
+                setattr(config, field, new // head_dim)
+                if hasattr(config, "head_dim"):
+                    config.head_dim = head_dim  # no longer hidden_size // num_attention_heads
+
 
 
 def _cut_eager(model: nn.Module, cuts: dict[str, dict[int, np.ndarray]]) -> str | None:

@@ -68,7 +68,7 @@ def test_hf_models_sparsify_train_and_shrink_mlp_neurons_exactly(build):
         torch.testing.assert_close(_logits(small(ids)), _logits(sparse(ids)), rtol=1e-4, atol=1e-5)
 
 
-def test_hf_llama_generates_after_sparsify_and_after_shrink(tmp_path):
+def test_hf_llama_loses_heads_and_neurons_and_still_generates(tmp_path):
     model, cfg = _llama()
     x = hf_example_inputs(cfg)
     sparse = strfx.sparsify(model, "structured", example_inputs=x)
@@ -76,15 +76,22 @@ def test_hf_llama_generates_after_sparsify_and_after_shrink(tmp_path):
     kwargs = dict(max_new_tokens=6, do_sample=False, pad_token_id=0)
     expected = model.generate(prompt, **kwargs)
     assert torch.equal(sparse.generate(prompt, **kwargs), expected)  # insertion is exact
-    with torch.no_grad():  # the same 20 MLP neurons of every layer: uniform widths, as HF configs need
-        for carrier in strfx.modules.channel_carriers(sparse).values():
-            carrier.raw[torch.randperm(carrier.raw.numel(), generator=torch.Generator().manual_seed(0))[:20]] = 0.0
+    carriers = strfx.modules.channel_carriers(sparse)
+    # heads are units too: one per key/value head, which goes with the query heads sharing it (GQA)
+    assert sorted(c.raw.numel() for c in carriers.values()) == [2, 2, 48, 48]
+    with torch.no_grad():  # the same 20 MLP neurons and 1 kv head of every layer: uniform, as HF configs need
+        for carrier in carriers.values():
+            n = 20 if carrier.raw.numel() == 48 else 1
+            carrier.raw[torch.randperm(carrier.raw.numel(), generator=torch.Generator().manual_seed(0))[:n]] = 0.0
     small = strfx.shrink(sparse, x)
+    attn = small.model.layers[0].self_attn
+    assert (attn.q_proj.out_features, attn.k_proj.out_features, attn.o_proj.in_features) == (16, 8, 16)
     assert small.strfx_shrink["result"] == "eager" and type(small) is type(model)
     assert torch.equal(small.generate(prompt, **kwargs), sparse.generate(prompt, **kwargs))
     # the shrunk model is still a HF model: it saves and reloads locally
     small.save_pretrained(tmp_path / "small")
     loaded = load_model(f"hf:{tmp_path / 'small'}")
     assert small.config.intermediate_size == 28 == loaded.model.model.layers[1].mlp.up_proj.out_features
+    assert (small.config.num_attention_heads, small.config.num_key_value_heads) == (2, 1)
     with torch.no_grad():
         torch.testing.assert_close(loaded.model(prompt).logits, small(prompt).logits)
