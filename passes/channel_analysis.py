@@ -360,7 +360,7 @@ def _members(node: fx.Node, gm: fx.GraphModule) -> str:
 
 
 def analyze_channels(gm: fx.GraphModule, keep_one: bool = True) -> ChannelAnalysis:
-    """Run the channel rules over ``gm`` (which must carry ``tensor_meta``) and find dead channels."""
+    """Run the channel rules over a captured ``gm`` (shapes in ``node.meta["val"]``) and find dead channels."""
     from strfx.passes.channel_rules import lookup, mark_head_splits, unknown_rule
 
     if not any("val" in n.meta for n in gm.graph.nodes):

@@ -464,6 +464,9 @@ def _reshape(ctx: Ctx, node: fx.Node) -> Any:
             continue
         d = labelled[0]
         big = [k for k in jj if shape[k] != 1]
+        if x.shape[d] == 1:  # a one-channel dim folded into another: it cannot be cut anyway
+            ctx.block_ids(x.labels[d], f"reshape folding a channel dim away ({node.name})")
+            continue
         if len([k for k in ii if x.shape[k] != 1]) == 1 and len(big) == 1:
             out.set(big[0], x.labels[d], x.zero[d])
             continue

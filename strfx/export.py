@@ -183,12 +183,11 @@ def _runnable(model: nn.Module | torch.export.ExportedProgram) -> nn.Module:
 
 
 def count_params(model: nn.Module | torch.export.ExportedProgram) -> int:
-    """Parameters a deployed model carries: STR thresholds ``s`` are training state, not weights."""
-    from strfx.modules import threshold_parameters
+    """Parameters a deployed model computes with: an STR-parametrized tensor counts as the tensor it
+    computes; thresholds and importance vectors are training state, not weights."""
+    from strfx.report import used_tensors
 
-    module = _runnable(model)
-    skip = {id(p) for p in threshold_parameters(module)}
-    return sum(p.numel() for p in module.parameters() if id(p) not in skip)
+    return sum(t.numel() for t in used_tensors(_runnable(model)))
 
 
 @torch.no_grad()

@@ -293,6 +293,10 @@ def _cut_model(model: nn.Module, inputs: Sequence[Any], round_to: int = 1,
         raise VerificationError(f"shrinking failed while cutting the graph: {_first_line(err)}") from err
     for node in gm.graph.nodes:  # analysis facts are not part of the shrunk model
         node.meta.pop(META_KEY, None)
+    # A plain GraphModule (the exported program's module refuses .train()/.eval()); the graph is the
+    # inference graph, named after the user's class.
+    gm = fx.GraphModule(gm, gm.graph, type(model).__name__)
+    gm.train(model.training)
     return plain, gm, analysis, _cut_eager(plain, cuts)
 
 

@@ -92,7 +92,7 @@ BAD_MODELS = {
         "    def forward(self, x):\n        if x.sum() > 0:\n            return self.fc(x)\n        return x\n"
         "def build_model():\n    return M()\n"
         "def example_inputs():\n    return (torch.randn(2, 3),)\n",
-        "torch.fx cannot trace M at",
+        "torch.export cannot capture M at",
     ),
     "wrong_input_shape": (  # issue 13: used to end in 126 lines, 3 tracebacks and "ShapeProp error"
         "import torch\nfrom torch import nn\ndef build_model():\n    return nn.Conv2d(1, 4, 3)\n"
@@ -191,7 +191,7 @@ def test_inspect_without_flags_prints_the_table() -> None:
     """The README's first command: plain `strfx inspect MODEL` (it used to crash after the table)."""
     res = CliRunner().invoke(main, ["inspect", str(EXAMPLES / "lenet5.py")])
     assert res.exit_code == 0, res.output
-    assert "conv1" in res.output and "gate fc1_gate" in res.output and "4 weight layers" in res.output
+    assert "conv1" in res.output and "importance vector" in res.output and "4 weight layers" in res.output
     assert "error" not in res.output
 
 

@@ -14,7 +14,7 @@ from strfx.surgery import random_like
 from strfx.testing import kill_channels, random_cnn
 
 
-@settings(max_examples=200, deadline=None, derandomize=True,
+@settings(max_examples=30, deadline=None, derandomize=True,
           suppress_health_check=[HealthCheck.too_slow])
 @given(seed=st.integers(0, 2**31 - 1), fraction=st.floats(0.1, 0.9))
 def test_random_cnn_shrinks_exactly(seed, fraction):

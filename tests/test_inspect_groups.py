@@ -24,7 +24,7 @@ def test_inspect_groups_table_and_json() -> None:
     assert residual["channels"] == 16 and not residual["blocked_by"]
     assert any(m.startswith("block.conv2") for m in residual["members"])
     assert any(m.startswith("block.se.fc2") for m in residual["members"])
-    head = next(r for r in rows if any(m.startswith("head") for m in r["members"]))
+    head = next(r for r in rows if any(m.startswith("head (") for m in r["members"]) and r["blocked_by"])
     assert head["blocked_by"] == ["model output"]
 
 

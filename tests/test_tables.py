@@ -46,5 +46,5 @@ def test_piped_cli_tables_keep_long_names_on_one_line(write_model, tmp_path: Pat
                           timeout=300)
     assert proc.returncode == 0, proc.stderr
     rows = [ln for ln in proc.stdout.splitlines() if LONG in ln]
-    assert len(rows) == 1 and "STR on weight" in rows[0] and "gate" in rows[0], proc.stdout
+    assert len(rows) == 1 and "STR on weight" in rows[0] and "importance vector" in rows[0], proc.stdout
     assert "…" not in proc.stdout
