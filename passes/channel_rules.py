@@ -1106,6 +1106,11 @@ for _k, _names in ((1, ("max_pool1d", "avg_pool1d", "adaptive_avg_pool1d", "adap
         if hasattr(aten, _name):
             RULES[getattr(aten, _name)] = _pool(_k)
 
+# Elementwise ops ATen does not tag ``torch.Tag.pointwise`` (so the tag lookup misses them); the pointwise
+# rule still asks the op itself whether it maps zeros to zeros.
+for _op in (aten.hardswish,):
+    RULES[_op] = R_POINTWISE
+
 
 def lookup(node: fx.Node) -> Rule | None:
     """The rule for ``node`` or None (then :data:`unknown_rule` applies)."""

@@ -429,3 +429,17 @@ def test_a_dimension_never_loses_every_channel():
     kill_bn(m.a[1], list(range(8)))  # everything dead: one channel stays so the model keeps its shape
     small = shrink_checked(m, torch.randn(2, 3, 8, 8))
     assert sub(small, "a.0").out_channels == 1 and sub(small, "b.0").in_channels == 1
+
+
+@pytest.mark.parametrize("act", [nn.Hardswish, nn.Hardsigmoid])
+def test_activations_without_the_pointwise_tag_keep_channels_prunable(act):
+    """aten.hardswish carries no torch.Tag.pointwise; it is elementwise and maps 0 to 0, so dead channels pass
+    through it (hardsigmoid maps 0 to 0.5: the channels after it stay)."""
+    m = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8), act(),
+                      nn.Conv2d(8, 4, 1), nn.AdaptiveAvgPool2d(1), nn.Flatten()).eval()
+    kill_bn(m[1], [1, 5])
+    x = torch.randn(2, 3, 6, 6)
+    _, analysis = analyze(m, (x,))
+    assert not analysis.unknown_ops
+    small = shrink_checked(m, x)
+    assert small[0].out_channels == (6 if act is nn.Hardswish else 8)
