@@ -574,16 +574,18 @@ def _expand(ctx: Ctx, node: fx.Node) -> Any:
 # ---------------------------------------------------------------------------------------------
 # reductions, spatial ops, softmax
 # ---------------------------------------------------------------------------------------------
-def _reduce(kind: str) -> Callable[[Ctx, fx.Node], Any]:
-    """A sum over channels mixes them (zeros add nothing); mean/max/var over channels change with the count."""
+def _reduce(kind: str, dim_at: int = 1) -> Callable[[Ctx, fx.Node], Any]:
+    """A sum over channels mixes them (zeros add nothing); mean/max/var over channels change with the count.
+
+    ``dim_at``: the position of ``dim`` (``keepdim`` follows it) in the op's schema."""
 
     def analyze(ctx: Ctx, node: fx.Node) -> Any:
         x = ctx.info(node.args[0])
         shape = ctx.shape(node)
         if x is None or shape is None:
             return _unknown(ctx, node)
-        dims = arg(node, 1, "dim")
-        keepdim = bool(arg(node, 2, "keepdim", False))
+        dims = arg(node, dim_at, "dim")
+        keepdim = bool(arg(node, dim_at + 1, "keepdim", False))
         if dims is None or dims == []:
             red = list(range(x.ndim))
         elif isinstance(dims, int):
@@ -607,6 +609,14 @@ def _reduce(kind: str) -> Callable[[Ctx, fx.Node], Any]:
         return out
 
     return analyze
+
+
+def _vector_norm(ctx: Ctx, node: fx.Node) -> Any:
+    """``linalg_vector_norm(x, ord, dim, keepdim)``: a zero channel has norm 0 (reduced over other dims); over
+    channels, zero entries add nothing to a p-norm with p > 0 (or ∞), as to a sum; p ≤ 0 counts them."""
+    order = arg(node, 1, "ord", 2)
+    kind = "sum" if isinstance(order, (int, float)) and order > 0 else "norm"
+    return _reduce(kind, dim_at=2)(ctx, node)
 
 
 def _spatial(n_spatial: Callable[[fx.Node, TInfo], int], zero_preserving: bool | Callable[[fx.Node], bool] = True):
@@ -1110,6 +1120,7 @@ for _k, _names in ((1, ("max_pool1d", "avg_pool1d", "adaptive_avg_pool1d", "adap
 # rule still asks the op itself whether it maps zeros to zeros.
 for _op in (aten.hardswish,):
     RULES[_op] = R_POINTWISE
+RULES[aten.linalg_vector_norm] = Rule("vector_norm", _vector_norm)
 
 
 def lookup(node: fx.Node) -> Rule | None:

@@ -443,3 +443,28 @@ def test_activations_without_the_pointwise_tag_keep_channels_prunable(act):
     assert not analysis.unknown_ops
     small = shrink_checked(m, x)
     assert small[0].out_channels == (6 if act is nn.Hardswish else 8)
+
+
+@pytest.mark.parametrize("dim,kept", [(-1, 5), (1, 8)])
+def test_vector_norm_over_tokens_keeps_dead_channels_prunable(dim, kept):
+    """F.normalize → aten.linalg_vector_norm: a dead channel has norm 0 over its tokens (0 / eps = 0; timm's
+    EdgeNeXt/XCiT cross-covariance attention). Over channels the norm itself is fine (zeros add nothing to a
+    2-norm), but F.normalize expands it back over the channel dim, which still blocks: shrink stays exact."""
+
+    class Normalized(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a, self.c = conv_bn(3, 8), nn.Conv2d(8, 4, 1)
+
+        def forward(self, x):
+            y = self.a(x)
+            z = F.normalize(y.flatten(2), dim=dim).view_as(y)
+            return self.c(z).mean((2, 3))
+
+    m = Normalized().eval()
+    kill_bn(m.a[1], [0, 3, 6])
+    x = torch.randn(2, 3, 6, 6)
+    _, analysis = analyze(m, (x,))
+    assert "aten.linalg_vector_norm.default" not in analysis.unknown_ops
+    small = shrink_checked(m, x)
+    assert sub(small, "a.0").out_channels == kept and sub(small, "c").in_channels == kept
