@@ -1,36 +1,39 @@
-"""The torchvision zoo: sparsify → kill channels → shrink → verify in torch and onnxruntime, for every model.
+"""The zoo: sparsify → kill channels → shrink → verify, over three public model sets (random init, nothing downloaded).
 
-For every classification builder in ``torchvision.models.list_models(module=torchvision.models)``
-(random init, nothing downloaded) this script:
+Sets (``--set``):
 
-1. builds the model and gives it non-trivial parameters (``strfx.testing.randomize_``), input 1×3×S×S
-   with S as small as the model allows (64 px; 224 for ViT/MaxViT, which fix their input size; 96 for
-   Inception-v3);
-2. times the channel-dependency analysis of strfx (``strfx.surgery.analyze``: trace, shapes on meta
-   tensors, channel groups) **side by side with** Torch-Pruning's
-   ``DependencyGraph().build_dependency(model, example_inputs)`` on the same model in the same process
-   (each after a warm-up on a small net, so one-time initialisation is not counted), at S and again
-   at 224 px;
-3. ``strfx.sparsify(..., "structured")``, kills a random 30–50 % of the channels of every prunable
-   group through the STR parameters (``strfx.testing.kill_channels``), ``strfx.shrink`` (which verifies
-   the shrunk model against the masked one in torch), exports it with ``strfx.export`` and compares
-   onnxruntime's output with the masked model's;
-4. records groups, blocked groups and why, params/FLOPs before → after (before = the dense model),
-   max errors, analysis and shrink time, and the peak RSS growth of ``strfx.shrink`` (analysis + cut
-   + verification) against the model's own size (read from ``/proc/self/status`` VmHWM after
-   resetting it through ``/proc/self/clear_refs``).
+* ``torchvision``: every classification builder (``list_models(module=torchvision.models)``, 64 px; 224 for
+  ViT/MaxViT, 96 for Inception-v3), segmentation (fcn, deeplabv3, lraspp; 64 px), video (r3d_18, mc3_18,
+  r2plus1d_18, s3d, mvit_v1_b built for 4×64×64, swin3d_t; 1×3×4×64×64, s3d 8 frames), raft_small (two
+  64×64 frames) and the quantizable models in float mode (``quantize=False``);
+* ``timm``: the smallest model (parameter count on the meta device; timm's ``test_*`` configs left out) of
+  every timm module, i.e. architecture family (``timm.models._registry._model_to_module``), at 96 px where
+  it runs there, else its default input size; the choice is cached in benchmarks/timm_families.json;
+* ``hf``: BERT, RoBERTa, GPT-2, Llama (GQA), Qwen2, Mistral, ViT, T5 encoder, Whisper encoder from small
+  configs built in code, inputs from ``strfx.loader.hf_example_inputs``.
 
-Each model runs in its own subprocess with a time limit, so one crash or hang is one row, not the
-end of the run; results are appended after every model (``--resume`` continues an interrupted run).
-Models whose estimated memory need exceeds what the machine has available are skipped, and say so.
+For every model, in its own subprocess with a time limit (one crash or hang is one row; results are
+written after every model, ``--resume`` continues):
 
-Usage (standalone; torch-pruning is the optional ``bench`` extra: ``pip install -c constraints.txt
-torch-pruning``; without it the Torch-Pruning column is empty)::
+1. build, ``strfx.testing.randomize_``; params and FLOPs;
+2. time capture + analysis (``strfx.surgery.analyze``: torch.export, ATen graph, channel rules) **side by
+   side with** Torch-Pruning's ``DependencyGraph().build_dependency`` on the same model in the same process
+   (both after a warm-up on a small net); torchvision image models again at 224 px;
+3. ``strfx.sparsify(..., "structured")``, kill a random 30–50 % of every prunable group through the STR
+   parameters (``strfx.testing.kill_channels``), ``strfx.shrink`` (which verifies the result against the
+   masked model in float32 and float64), and, for torchvision (``--onnx``), export to ONNX and compare
+   onnxruntime with the masked model;
+4. record the status (*exact*: fewer parameters and verified; *refused*: strfx said why in one line;
+   *failed*: anything else), eager or exported result, groups and what blocks them, ATen ops without a
+   rule, params/FLOPs after, errors, timings, peak memory of ``strfx.shrink``.
 
-    python benchmarks/zoo.py                                   # all models → docs/zoo.json + docs/zoo.md
-    python benchmarks/zoo.py --models resnet18,swin_t --out /tmp/zoo.json --md /tmp/zoo.md
-    python benchmarks/zoo.py --resume                          # skip models already in --out
-    python benchmarks/zoo.py --render-only                     # rewrite docs/zoo.md from docs/zoo.json
+Usage (torch-pruning is the ``bench`` extra; without it the Torch-Pruning column is empty)::
+
+    python benchmarks/zoo.py --set timm                        # → docs/zoo_timm.json + docs/zoo.md (all sets)
+    python benchmarks/zoo.py --set hf --models gpt2,llama --out /tmp/hf.json   # → /tmp/hf.json + /tmp/hf.md
+    python benchmarks/zoo.py --set torchvision --resume        # skip models already in docs/zoo_torchvision.json
+    python benchmarks/zoo.py --set timm --list                 # the models of a set
+    python benchmarks/zoo.py --render-only                     # rewrite docs/zoo.md from the JSON files
 """
 
 from __future__ import annotations
