@@ -577,7 +577,7 @@ def _expand(ctx: Ctx, node: fx.Node) -> Any:
 def _reduce(kind: str, dim_at: int = 1) -> Callable[[Ctx, fx.Node], Any]:
     """A sum over channels mixes them (zeros add nothing); mean/max/var over channels change with the count.
 
-    ``dim_at``: the position of ``dim`` (``keepdim`` follows it) in the op's schema."""
+    ``dim_at``: the position of ``dim`` in the op's schema. A zero channel has zero sum, mean, max, var, std."""
 
     def analyze(ctx: Ctx, node: fx.Node) -> Any:
         x = ctx.info(node.args[0])
@@ -585,7 +585,6 @@ def _reduce(kind: str, dim_at: int = 1) -> Callable[[Ctx, fx.Node], Any]:
         if x is None or shape is None:
             return _unknown(ctx, node)
         dims = arg(node, dim_at, "dim")
-        keepdim = bool(arg(node, dim_at + 1, "keepdim", False))
         if dims is None or dims == []:
             red = list(range(x.ndim))
         elif isinstance(dims, int):
@@ -594,8 +593,7 @@ def _reduce(kind: str, dim_at: int = 1) -> Callable[[Ctx, fx.Node], Any]:
             red = [ndim_dim(d, x.ndim) for d in dims]
         else:
             return _unknown(ctx, node)
-        if len(shape) == x.ndim:
-            keepdim = True
+        keepdim = len(shape) == x.ndim  # ATen's output shape decides (var.dim has ``unbiased`` before keepdim)
         out = TInfo(shape)
         for d, ids in x.labels.items():
             if d in red:
@@ -605,7 +603,7 @@ def _reduce(kind: str, dim_at: int = 1) -> Callable[[Ctx, fx.Node], Any]:
                     ctx.block_ids(ids, f"{kind} over a channel dim ({node.name})")
                 continue
             nd = d if keepdim else d - sum(1 for r in red if r < d)
-            out.set(nd, ids, x.zero[d] if kind in ("sum", "mean", "max") else None)
+            out.set(nd, ids, x.zero[d] if kind in ("sum", "mean", "max", "var", "std") else None)
         return out
 
     return analyze
@@ -1121,6 +1119,8 @@ for _k, _names in ((1, ("max_pool1d", "avg_pool1d", "adaptive_avg_pool1d", "adap
 for _op in (aten.hardswish,):
     RULES[_op] = R_POINTWISE
 RULES[aten.linalg_vector_norm] = Rule("vector_norm", _vector_norm)
+RULES[aten.var] = Rule("var", _reduce("var"))
+RULES[aten.std] = Rule("std", _reduce("std"))
 
 
 def lookup(node: fx.Node) -> Rule | None:

@@ -468,3 +468,34 @@ def test_vector_norm_over_tokens_keeps_dead_channels_prunable(dim, kept):
     assert "aten.linalg_vector_norm.default" not in analysis.unknown_ops
     small = shrink_checked(m, x)
     assert sub(small, "a.0").out_channels == kept and sub(small, "c").in_channels == kept
+
+
+@pytest.mark.parametrize("op", ["var", "std"])
+def test_var_std_over_space_keep_channels_and_over_channels_block(op):
+    """aten.var.dim / std (timm's norms): per channel over H×W a dead channel stays dead (var 0, 0 / √eps = 0),
+    without keepdim the channel dim moves (N, C) into the linear; over channels they mix, as a LayerNorm."""
+
+    class Stats(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a, self.b, self.fc = conv_bn(3, 8), conv_bn(8, 6), nn.Linear(8 + 6, 4)
+
+        def forward(self, x):
+            y = self.a(x)
+            s = getattr(y, op)((2, 3), keepdim=True)
+            y = y / (s + 1e-3)
+            z = self.b(y)
+            z = z / (getattr(z, op)(1, keepdim=True) + 1e-3)  # across channels
+            return self.fc(torch.cat([getattr(y, op)((2, 3)), z.mean((2, 3))], 1))
+
+    m = Stats().eval()
+    kill_bn(m.a[1], [1, 4])
+    kill_bn(m.b[1], [0])
+    x = torch.randn(2, 3, 6, 6)
+    _, analysis = analyze(m, (x,))
+    assert not analysis.unknown_ops
+    group = [g for g in analysis.groups if any(s.startswith("b.0") for s in g.members)][0]
+    assert any(f"{op} over a channel dim" in r for r in group.blocked_by), group.blocked_by
+    small = shrink_checked(m, x)
+    assert sub(small, "a.0").out_channels == 6 and sub(small, "b.0").out_channels == 6
+    assert sub(small, "fc").in_features == 6 + 6
