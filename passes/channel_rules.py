@@ -209,8 +209,9 @@ def _pointwise(ctx: Ctx, node: fx.Node) -> Any:
             continue
         for _, t, dd in labelled[1:]:
             ctx.uf.union_arrays(ids, t.labels[dd])
-        for _, a, dd in params:
-            ctx.tie(a, dd, ids)
+        if not all(_tie_const(ctx, a, dd, ids) for _, a, dd in params):
+            ctx.block_ids(ids, f"{op_name(node)} with a parameter computed in forward that strfx cannot cut ({node.name})")
+            continue
         zeros = {k: t.zero[dd] for k, t, dd in labelled}
         for k, a, dd in params:
             zeros[k] = ~_nz_along(ctx.tensor(a), dd) if ctx.tensor(a) is not None else np.zeros(len(ids), bool)
@@ -223,6 +224,43 @@ def _pointwise(ctx: Ctx, node: fx.Node) -> Any:
             zero |= np.logical_and.reduce(list(zeros.values()))
         out.set(d, ids, zero)
     return out
+
+
+_SHAPE_ONLY = {aten.view, aten._unsafe_view, aten.reshape, aten.unsqueeze, aten.squeeze, aten.flatten, aten.clone,
+               aten._to_copy, aten.alias, aten.detach, aten.contiguous}
+
+
+def _tie_const(ctx: Ctx, a: fx.Node, dim: int, ids: np.ndarray) -> bool:
+    """Label ``dim`` of the constant operand ``a`` with ``ids``, and the parameter it comes from.
+
+    Only the parameter itself is cut, so a constant computed in ``forward`` can follow a cut only
+    when it is that parameter reshaped (``gamma.view(1, -1, 1, 1)``, ``gamma[:, None, None]``): then
+    every node of the chain is labelled too (their size arguments are rewritten). False otherwise.
+    """
+    chain: list[tuple[fx.Node, int]] = []
+    node = a
+    while isinstance(node, fx.Node) and node.op == "call_function":
+        packet = getattr(node.target, "overloadpacket", None)
+        src = node.args[0] if node.args else None
+        if packet not in _SHAPE_ONLY or not isinstance(src, fx.Node) or node.all_input_nodes != [src]:
+            return False
+        out_shape, in_shape = ctx.shape(node), ctx.shape(src)
+        if out_shape is None or in_shape is None:
+            return False
+        chain.append((node, dim))
+        if in_shape != out_shape:
+            big_out = [i for i, n in enumerate(out_shape) if n != 1]
+            big_in = [i for i, n in enumerate(in_shape) if n != 1]
+            if big_out != [dim] or len(big_in) != 1 or in_shape[big_in[0]] != out_shape[dim]:
+                return False
+            dim = big_in[0]
+        node = src
+    if not isinstance(node, fx.Node) or node.op != "get_attr":
+        return False
+    ctx.tie(node, dim, ids)
+    for n, d in chain:
+        ctx.tie(n, d, ids)
+    return True
 
 
 def _identity(ctx: Ctx, node: fx.Node) -> Any:

@@ -499,3 +499,34 @@ def test_var_std_over_space_keep_channels_and_over_channels_block(op):
     small = shrink_checked(m, x)
     assert sub(small, "a.0").out_channels == 6 and sub(small, "b.0").out_channels == 6
     assert sub(small, "fc").in_features == 6 + 6
+
+
+@pytest.mark.parametrize("scale", ["view", "view8", "index", "computed"])
+def test_layer_scale_reshaped_in_forward_is_cut_with_its_parameter(scale):
+    """``x * gamma.reshape(1, -1, 1, 1)`` (timm's InceptionNeXt, MetaFormer): the ATen graph multiplies by a view
+    of the parameter; the cut must reach the parameter itself, and the view's sizes (a hard-coded 8 is
+    rewritten in the cut graph, which is then the result). A scale computed from it (``gamma.exp()``)
+    cannot follow a cut: its channels are blocked, never mis-cut."""
+
+    class Scaled(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a, self.c = conv_bn(3, 8), nn.Conv2d(8, 4, 1)
+            self.gamma = nn.Parameter(torch.rand(8) + 0.5)
+
+        def forward(self, x):
+            y = self.a(x)
+            g = {"view": lambda: self.gamma.reshape(1, -1, 1, 1), "view8": lambda: self.gamma.view(1, 8, 1, 1),
+                 "index": lambda: self.gamma[:, None, None],
+                 "computed": lambda: self.gamma.exp().reshape(1, -1, 1, 1)}[scale]()
+            return self.c(y * g).mean((2, 3))
+
+    m = Scaled().eval()
+    kill_bn(m.a[1], [2, 7])
+    small = shrink_checked(m, torch.randn(2, 3, 6, 6))
+    rep = small.strfx_shrink
+    assert rep["channels_removed"] == (0 if scale == "computed" else 2)
+    assert rep["result"] == ("exported" if scale == "view8" else "eager")
+    if rep["result"] == "eager":
+        kept = 8 if scale == "computed" else 6
+        assert sub(small, "a.0").out_channels == kept and small.gamma.shape == (kept,)
