@@ -764,8 +764,11 @@ def main() -> None:
     if unknown:
         sys.exit(f"error: not in the {args.set_name} set: {', '.join(unknown)}; see --list")
     results: list[dict[str, Any]] = []
-    if args.resume and out.exists():
-        results = [r for r in json.loads(out.read_text())["results"] if r["model"] in names]
+    previous: list[str] = []
+    old_meta: dict[str, Any] = {}
+    if args.resume and out.exists():  # keep every row already there; run only what --models names and lacks
+        old = json.loads(out.read_text())
+        results, previous, old_meta = old["results"], list(old["meta"].get("all_models", [])), old["meta"]
     done = {r["model"] for r in results}
     todo = sorted((n for n in names if n not in done), key=lambda n: _param_bytes_on_meta(args.set_name, n))
     sys.path.insert(0, str(ROOT / "benchmarks"))
@@ -774,8 +777,14 @@ def main() -> None:
     env = environment()
     meta = {"date": env["date"], "commit": env["commit"], "env": env,
             "machine": f"{platform.machine()}, {env['cpu']}, {os.cpu_count()} CPUs (shared)", "threads": args.threads,
-            "versions": _versions(), "all_models": names, "fraction": FRACTION, "seed": SEED, "onnx": onnx,
+            "versions": _versions(), "all_models": list(dict.fromkeys(previous + names)), "fraction": FRACTION, "seed": SEED, "onnx": onnx,
             **({"note": args.note} if args.note else {})}
+    if old_meta:  # a resumed run: say when and at which commits its rows were measured
+        for key in ("date", "commit"):
+            if old_meta.get(key) and old_meta[key] != meta[key]:
+                meta[key] = f"{old_meta[key].split(' to ')[0]} to {meta[key]}"
+        if not args.note and old_meta.get("note"):
+            meta["note"] = old_meta["note"]
     for name in todo:
         need = _param_bytes_on_meta(args.set_name, name) * 5  # model + sparsified copy + shrunk + float64 copies
         t0 = time.perf_counter()
@@ -799,6 +808,7 @@ def main() -> None:
             finally:
                 Path(tmp).unlink(missing_ok=True)
         row["wall_s"] = time.perf_counter() - t0
+        row["commit"] = env["commit"]
         results.append(row)
         print(f"{name:28s} {row['status']:8s} {row['wall_s']:7.1f}s  "
               f"params {_fmt_int(row.get('params_before'))} → {_fmt_int(row.get('params_after'))}  "
