@@ -4,7 +4,8 @@ Sets (``--set``):
 
 * ``torchvision``: every classification builder (``list_models(module=torchvision.models)``, 64 px; 224 for
   ViT/MaxViT, 96 for Inception-v3), segmentation (fcn, deeplabv3, lraspp; 64 px), video (r3d_18, mc3_18,
-  r2plus1d_18, s3d, mvit_v1_b built for 4×64×64, swin3d_t; 1×3×4×64×64, s3d 8 frames), raft_small (two
+  r2plus1d_18, s3d, mvit_v1_b built for 4×64×64, swin3d_t; 1×3×4×64×64, s3d 1×3×16×224×224, the least
+  its final 2×7×7 pooling takes), raft_small (two
   64×64 frames) and the quantizable models in float mode (``quantize=False``);
 * ``timm``: the smallest model (parameter count on the meta device; timm's ``test_*`` configs left out) of
   every timm module, i.e. architecture family (``timm.models._registry._model_to_module``), at 96 px where
@@ -104,7 +105,7 @@ def build_torchvision(name: str) -> tuple[Any, tuple[Any, ...], str]:
     elif name in tvm.list_models(module=tvm.video):
         kw = {"spatial_size": (64, 64), "temporal_size": 4} if name.startswith("mvit") else {}
         model = tvm.get_model(name, weights=None, **kw)
-        shape = (1, 3, 8, 64, 64) if name == "s3d" else (1, 3, 4, 64, 64)
+        shape = (1, 3, 16, 224, 224) if name == "s3d" else (1, 3, 4, 64, 64)  # s3d's last pool is 2×7×7
     elif name.startswith("raft"):
         model = tvm.get_model(name, weights=None)
         # its correlation pyramid needs feature maps of ≥ 16 px (input ≥ 128)
