@@ -6,7 +6,7 @@ Sets (``--set``):
   ViT/MaxViT, 96 for Inception-v3), segmentation (fcn, deeplabv3, lraspp; 64 px), video (r3d_18, mc3_18,
   r2plus1d_18, s3d, mvit_v1_b built for 4×64×64, swin3d_t; 1×3×4×64×64, s3d 1×3×16×224×224, the least
   its final 2×7×7 pooling takes), raft_small (two
-  64×64 frames) and the quantizable models in float mode (``quantize=False``);
+  128×128 frames) and the quantizable models in float mode (``quantize=False``);
 * ``timm``: the smallest model (parameter count on the meta device; timm's ``test_*`` configs left out) of
   every timm module, i.e. architecture family (``timm.models._registry._model_to_module``), at 96 px where
   it runs there, else its default input size; the choice is cached in benchmarks/timm_families.json;
