@@ -87,6 +87,22 @@ def _tv() -> Any:
     return torchvision
 
 
+def _small_mvit(name: str) -> Any:
+    """MViT with its own block settings, built for 4×64×64 clips (mvit_v1_b hard-codes 16×224×224)."""
+    from torchvision.models.video import mvit
+
+    build = mvit._mvit
+
+    def small(**kw: Any) -> Any:
+        return build(**dict(kw, spatial_size=(64, 64), temporal_size=4))
+
+    mvit._mvit = small
+    try:
+        return _tv().models.get_model(name, weights=None)
+    finally:
+        mvit._mvit = build
+
+
 def list_torchvision() -> list[str]:
     """The 80 classifiers, segmentation, video, optical flow and the quantizable models (float mode)."""
     tvm = _tv().models
@@ -103,8 +119,7 @@ def build_torchvision(name: str) -> tuple[Any, tuple[Any, ...], str]:
     if name in tvm.list_models(module=tvm.segmentation):
         model, shape = tvm.get_model(name, weights=None, weights_backbone=None), (1, 3, 64, 64)
     elif name in tvm.list_models(module=tvm.video):
-        kw = {"spatial_size": (64, 64), "temporal_size": 4} if name.startswith("mvit") else {}
-        model = tvm.get_model(name, weights=None, **kw)
+        model = _small_mvit(name) if name.startswith("mvit") else tvm.get_model(name, weights=None)
         shape = (1, 3, 16, 224, 224) if name == "s3d" else (1, 3, 4, 64, 64)  # s3d's last pool is 2×7×7
     elif name.startswith("raft"):
         model = tvm.get_model(name, weights=None)
