@@ -209,8 +209,9 @@ def _pointwise(ctx: Ctx, node: fx.Node) -> Any:
             continue
         for _, t, dd in labelled[1:]:
             ctx.uf.union_arrays(ids, t.labels[dd])
-        for _, a, dd in params:
-            ctx.tie(a, dd, ids)
+        if not all(_tie_const(ctx, a, dd, ids) for _, a, dd in params):
+            ctx.block_ids(ids, f"{op_name(node)} with a parameter computed in forward that strfx cannot cut ({node.name})")
+            continue
         zeros = {k: t.zero[dd] for k, t, dd in labelled}
         for k, a, dd in params:
             zeros[k] = ~_nz_along(ctx.tensor(a), dd) if ctx.tensor(a) is not None else np.zeros(len(ids), bool)
@@ -223,6 +224,43 @@ def _pointwise(ctx: Ctx, node: fx.Node) -> Any:
             zero |= np.logical_and.reduce(list(zeros.values()))
         out.set(d, ids, zero)
     return out
+
+
+_SHAPE_ONLY = {aten.view, aten._unsafe_view, aten.reshape, aten.unsqueeze, aten.squeeze, aten.flatten, aten.clone,
+               aten._to_copy, aten.alias, aten.detach, aten.contiguous}
+
+
+def _tie_const(ctx: Ctx, a: fx.Node, dim: int, ids: np.ndarray) -> bool:
+    """Label ``dim`` of the constant operand ``a`` with ``ids``, and the parameter it comes from.
+
+    Only the parameter itself is cut, so a constant computed in ``forward`` can follow a cut only
+    when it is that parameter reshaped (``gamma.view(1, -1, 1, 1)``, ``gamma[:, None, None]``): then
+    every node of the chain is labelled too (their size arguments are rewritten). False otherwise.
+    """
+    chain: list[tuple[fx.Node, int]] = []
+    node = a
+    while isinstance(node, fx.Node) and node.op == "call_function":
+        packet = getattr(node.target, "overloadpacket", None)
+        src = node.args[0] if node.args else None
+        if packet not in _SHAPE_ONLY or not isinstance(src, fx.Node) or node.all_input_nodes != [src]:
+            return False
+        out_shape, in_shape = ctx.shape(node), ctx.shape(src)
+        if out_shape is None or in_shape is None:
+            return False
+        chain.append((node, dim))
+        if in_shape != out_shape:
+            big_out = [i for i, n in enumerate(out_shape) if n != 1]
+            big_in = [i for i, n in enumerate(in_shape) if n != 1]
+            if big_out != [dim] or len(big_in) != 1 or in_shape[big_in[0]] != out_shape[dim]:
+                return False
+            dim = big_in[0]
+        node = src
+    if not isinstance(node, fx.Node) or node.op != "get_attr":
+        return False
+    ctx.tie(node, dim, ids)
+    for n, d in chain:
+        ctx.tie(n, d, ids)
+    return True
 
 
 def _identity(ctx: Ctx, node: fx.Node) -> Any:
@@ -580,16 +618,17 @@ def _expand(ctx: Ctx, node: fx.Node) -> Any:
 # ---------------------------------------------------------------------------------------------
 # reductions, spatial ops, softmax
 # ---------------------------------------------------------------------------------------------
-def _reduce(kind: str) -> Callable[[Ctx, fx.Node], Any]:
-    """A sum over channels mixes them (zeros add nothing); mean/max/var over channels change with the count."""
+def _reduce(kind: str, dim_at: int = 1) -> Callable[[Ctx, fx.Node], Any]:
+    """A sum over channels mixes them (zeros add nothing); mean/max/var over channels change with the count.
+
+    ``dim_at``: the position of ``dim`` in the op's schema. A zero channel has zero sum, mean, max, var, std."""
 
     def analyze(ctx: Ctx, node: fx.Node) -> Any:
         x = ctx.info(node.args[0])
         shape = ctx.shape(node)
         if x is None or shape is None:
             return _unknown(ctx, node)
-        dims = arg(node, 1, "dim")
-        keepdim = bool(arg(node, 2, "keepdim", False))
+        dims = arg(node, dim_at, "dim")
         if dims is None or dims == []:
             red = list(range(x.ndim))
         elif isinstance(dims, int):
@@ -598,8 +637,7 @@ def _reduce(kind: str) -> Callable[[Ctx, fx.Node], Any]:
             red = [ndim_dim(d, x.ndim) for d in dims]
         else:
             return _unknown(ctx, node)
-        if len(shape) == x.ndim:
-            keepdim = True
+        keepdim = len(shape) == x.ndim  # ATen's output shape decides (var.dim has ``unbiased`` before keepdim)
         out = TInfo(shape)
         for d, ids in x.labels.items():
             if d in red:
@@ -609,10 +647,18 @@ def _reduce(kind: str) -> Callable[[Ctx, fx.Node], Any]:
                     ctx.block_ids(ids, f"{kind} over a channel dim ({node.name})")
                 continue
             nd = d if keepdim else d - sum(1 for r in red if r < d)
-            out.set(nd, ids, x.zero[d] if kind in ("sum", "mean", "max") else None)
+            out.set(nd, ids, x.zero[d] if kind in ("sum", "mean", "max", "var", "std") else None)
         return out
 
     return analyze
+
+
+def _vector_norm(ctx: Ctx, node: fx.Node) -> Any:
+    """``linalg_vector_norm(x, ord, dim, keepdim)``: a zero channel has norm 0 (reduced over other dims); over
+    channels, zero entries add nothing to a p-norm with p > 0 (or ∞), as to a sum; p ≤ 0 counts them."""
+    order = arg(node, 1, "ord", 2)
+    kind = "sum" if isinstance(order, (int, float)) and order > 0 else "norm"
+    return _reduce(kind, dim_at=2)(ctx, node)
 
 
 def _spatial(n_spatial: Callable[[fx.Node, TInfo], int], zero_preserving: bool | Callable[[fx.Node], bool] = True):
@@ -1235,6 +1281,14 @@ for _k, _names in ((1, ("max_pool1d", "avg_pool1d", "adaptive_avg_pool1d", "adap
     for _name in _names:
         if hasattr(aten, _name):
             RULES[getattr(aten, _name)] = _pool(_k)
+
+# Elementwise ops ATen does not tag ``torch.Tag.pointwise`` (so the tag lookup misses them); the pointwise
+# rule still asks the op itself whether it maps zeros to zeros.
+for _op in (aten.hardswish,):
+    RULES[_op] = R_POINTWISE
+RULES[aten.linalg_vector_norm] = Rule("vector_norm", _vector_norm)
+RULES[aten.var] = Rule("var", _reduce("var"))
+RULES[aten.std] = Rule("std", _reduce("std"))
 
 
 def lookup(node: fx.Node) -> Rule | None:

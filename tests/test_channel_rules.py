@@ -429,3 +429,104 @@ def test_a_dimension_never_loses_every_channel():
     kill_bn(m.a[1], list(range(8)))  # everything dead: one channel stays so the model keeps its shape
     small = shrink_checked(m, torch.randn(2, 3, 8, 8))
     assert sub(small, "a.0").out_channels == 1 and sub(small, "b.0").in_channels == 1
+
+
+@pytest.mark.parametrize("act", [nn.Hardswish, nn.Hardsigmoid])
+def test_activations_without_the_pointwise_tag_keep_channels_prunable(act):
+    """aten.hardswish carries no torch.Tag.pointwise; it is elementwise and maps 0 to 0, so dead channels pass
+    through it (hardsigmoid maps 0 to 0.5: the channels after it stay)."""
+    m = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8), act(),
+                      nn.Conv2d(8, 4, 1), nn.AdaptiveAvgPool2d(1), nn.Flatten()).eval()
+    kill_bn(m[1], [1, 5])
+    x = torch.randn(2, 3, 6, 6)
+    _, analysis = analyze(m, (x,))
+    assert not analysis.unknown_ops
+    small = shrink_checked(m, x)
+    assert small[0].out_channels == (6 if act is nn.Hardswish else 8)
+
+
+@pytest.mark.parametrize("dim,kept", [(-1, 5), (1, 8)])
+def test_vector_norm_over_tokens_keeps_dead_channels_prunable(dim, kept):
+    """F.normalize → aten.linalg_vector_norm: a dead channel has norm 0 over its tokens (0 / eps = 0; timm's
+    EdgeNeXt/XCiT cross-covariance attention). Over channels the norm itself is fine (zeros add nothing to a
+    2-norm), but F.normalize expands it back over the channel dim, which still blocks: shrink stays exact."""
+
+    class Normalized(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a, self.c = conv_bn(3, 8), nn.Conv2d(8, 4, 1)
+
+        def forward(self, x):
+            y = self.a(x)
+            z = F.normalize(y.flatten(2), dim=dim).view_as(y)
+            return self.c(z).mean((2, 3))
+
+    m = Normalized().eval()
+    kill_bn(m.a[1], [0, 3, 6])
+    x = torch.randn(2, 3, 6, 6)
+    _, analysis = analyze(m, (x,))
+    assert "aten.linalg_vector_norm.default" not in analysis.unknown_ops
+    small = shrink_checked(m, x)
+    assert sub(small, "a.0").out_channels == kept and sub(small, "c").in_channels == kept
+
+
+@pytest.mark.parametrize("op", ["var", "std"])
+def test_var_std_over_space_keep_channels_and_over_channels_block(op):
+    """aten.var.dim / std (timm's norms): per channel over H×W a dead channel stays dead (var 0, 0 / √eps = 0),
+    without keepdim the channel dim moves (N, C) into the linear; over channels they mix, as a LayerNorm."""
+
+    class Stats(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a, self.b, self.fc = conv_bn(3, 8), conv_bn(8, 6), nn.Linear(8 + 6, 4)
+
+        def forward(self, x):
+            y = self.a(x)
+            s = getattr(y, op)((2, 3), keepdim=True)
+            y = y / (s + 1e-3)
+            z = self.b(y)
+            z = z / (getattr(z, op)(1, keepdim=True) + 1e-3)  # across channels
+            return self.fc(torch.cat([getattr(y, op)((2, 3)), z.mean((2, 3))], 1))
+
+    m = Stats().eval()
+    kill_bn(m.a[1], [1, 4])
+    kill_bn(m.b[1], [0])
+    x = torch.randn(2, 3, 6, 6)
+    _, analysis = analyze(m, (x,))
+    assert not analysis.unknown_ops
+    group = [g for g in analysis.groups if any(s.startswith("b.0") for s in g.members)][0]
+    assert any(f"{op} over a channel dim" in r for r in group.blocked_by), group.blocked_by
+    small = shrink_checked(m, x)
+    assert sub(small, "a.0").out_channels == 6 and sub(small, "b.0").out_channels == 6
+    assert sub(small, "fc").in_features == 6 + 6
+
+
+@pytest.mark.parametrize("scale", ["view", "view8", "index", "computed"])
+def test_layer_scale_reshaped_in_forward_is_cut_with_its_parameter(scale):
+    """``x * gamma.reshape(1, -1, 1, 1)`` (timm's InceptionNeXt, MetaFormer): the ATen graph multiplies by a view
+    of the parameter; the cut must reach the parameter itself, and the view's sizes (a hard-coded 8 is
+    rewritten in the cut graph, which is then the result). A scale computed from it (``gamma.exp()``)
+    cannot follow a cut: its channels are blocked, never mis-cut."""
+
+    class Scaled(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a, self.c = conv_bn(3, 8), nn.Conv2d(8, 4, 1)
+            self.gamma = nn.Parameter(torch.rand(8) + 0.5)
+
+        def forward(self, x):
+            y = self.a(x)
+            g = {"view": lambda: self.gamma.reshape(1, -1, 1, 1), "view8": lambda: self.gamma.view(1, 8, 1, 1),
+                 "index": lambda: self.gamma[:, None, None],
+                 "computed": lambda: self.gamma.exp().reshape(1, -1, 1, 1)}[scale]()
+            return self.c(y * g).mean((2, 3))
+
+    m = Scaled().eval()
+    kill_bn(m.a[1], [2, 7])
+    small = shrink_checked(m, torch.randn(2, 3, 6, 6))
+    rep = small.strfx_shrink
+    assert rep["channels_removed"] == (0 if scale == "computed" else 2)
+    assert rep["result"] == ("exported" if scale == "view8" else "eager")
+    if rep["result"] == "eager":
+        kept = 8 if scale == "computed" else 6
+        assert sub(small, "a.0").out_channels == kept and small.gamma.shape == (kept,)
