@@ -193,6 +193,21 @@ class Ctx:
         else:
             info.set(dim, ids)
 
+    def pin(self, arg: Any, dim: int, reason: str) -> None:
+        """``dim`` of parameter ``arg`` is read by channels strfx does not follow: never cut it.
+
+        A weight shared by two calls (one conv applied to the raw input and to a feature map) is
+        labelled by the call that follows channels; the other call needs every index of that dim,
+        so fresh blocked ids are tied there and the union blocks whatever the other call ties.
+        """
+        info = self.info(arg)
+        if info is None or not info.ndim:
+            return
+        dim = dim % info.ndim
+        ids = self.new(info.shape[dim])
+        self.block_ids(ids, reason)
+        self.tie(arg, dim, ids)
+
     # --- facts --------------------------------------------------------------------------
     def new(self, n: int) -> np.ndarray:
         return self.uf.new(n)

@@ -178,7 +178,13 @@ def _pointwise(ctx: Ctx, node: fx.Node) -> Any:
     R = len(shape)
     out = TInfo(shape)
     if not any(ctx.info(a) is not None and ctx.info(a).labels for _, a in operands):
-        # constants combined with constants/inputs: nothing to follow (still unlabelled)
+        # constants combined with constants/inputs: nothing to follow (still unlabelled); a parameter
+        # used here must keep every index, whatever another use of it ties (a shared layer scale)
+        for k, a in operands:
+            if ctx.param_name(a) is not None:
+                for dd in range(ctx.info(a).ndim if ctx.info(a) is not None else 0):
+                    if ctx.info(a).shape[dd] > 1:
+                        ctx.pin(a, dd, f"{short_name(node)} on values strfx does not follow ({node.name})")
         return out
     single_zero = {k: _zero_image(ctx, node, {k}) for k, _ in operands}
     all_zero = _zero_image(ctx, node, {k for k, _ in operands})
@@ -201,6 +207,9 @@ def _pointwise(ctx: Ctx, node: fx.Node) -> Any:
             elif shape[d] != 1:
                 blocked_by = "an operand strfx cannot cut"
         if not labelled:
+            for _, a, dd in params:
+                if ctx.param_name(a) is not None and ctx.info(a).shape[dd] > 1:
+                    ctx.pin(a, dd, f"{short_name(node)} on values strfx does not follow ({node.name})")
             continue
         ids = labelled[0][1].labels[labelled[0][2]]
         if blocked_by is not None:
@@ -746,15 +755,20 @@ def _conv(ctx: Ctx, node: fx.Node) -> Any:
     bias = ctx.tensor(b_node) if isinstance(b_node, fx.Node) else None
     zero = _conv_out_zero(w, bias, isinstance(b_node, fx.Node), transposed, g, cin, cout, in_zero)
     # parameters: the weight's out (and in) dims, the bias
+    unfollowed = f"{short_name(node)} reads an input strfx does not follow ({node.name})"
     if transposed:  # weight (cin, cout/g, k...)
         if xin is not None:
             ctx.tie(w_node, 0, xin)
+        else:
+            ctx.pin(w_node, 0, unfollowed)
         if g == 1:
             ctx.tie(w_node, 1, out_ids)
     else:  # weight (cout, cin/g, k...)
         ctx.tie(w_node, 0, out_ids)
         if xin is not None and g == 1:
             ctx.tie(w_node, 1, xin)
+        elif xin is None:
+            ctx.pin(w_node, 1, unfollowed)
     if isinstance(b_node, fx.Node):
         ctx.tie(b_node, 0, out_ids)
     if g == 1:
@@ -832,6 +846,8 @@ def _dense(ctx: Ctx, node: fx.Node, x_arg: Any, w_node: Any, b_node: Any, out_di
     if xin is not None:
         ctx.tie(w_node, in_dim, xin)
         ctx.sink(x, last)
+    else:
+        ctx.pin(w_node, in_dim, f"{short_name(node)} reads an input strfx does not follow ({node.name})")
     if has_bias:
         ctx.tie(b_node, -1, out_ids)
     if w is None or has_bias and bias is None:
@@ -937,7 +953,11 @@ def _norm(ctx: Ctx, node: fx.Node) -> Any:
         else:
             out.set(d, ids)
     ids = x.labels.get(1)
-    if ids is None:
+    if ids is None:  # a norm (maybe shared) on channels strfx does not follow: its parameters stay whole
+        for i in (spec.weight, spec.bias, spec.mean, spec.var):
+            p = arg(node, i, "") if i is not None else None
+            if isinstance(p, fx.Node):
+                ctx.pin(p, 0, f"{short_name(node)} reads an input strfx does not follow ({node.name})")
         return (out, *ctx.fresh_value(node)[1:]) if multi else out
     n = x.shape[1]
     w_node, b_node = arg(node, spec.weight, "weight"), arg(node, spec.bias, "bias") if spec.bias is not None else None
@@ -1026,6 +1046,8 @@ def _prelu(ctx: Ctx, node: fx.Node) -> Any:
     w_shape = ctx.shape(w_node)
     if w_shape and w_shape[0] > 1 and x.ndim >= 2 and 1 in x.labels:
         ctx.tie(w_node, 0, x.labels[1])
+    elif w_shape and w_shape[0] > 1:
+        ctx.pin(w_node, 0, f"prelu on channels strfx does not follow ({node.name})")
     return out
 
 
