@@ -57,12 +57,19 @@ class Probe(nn.Module):
         elif source == "linear":
             self.src = nn.Linear(5, C)
             x = torch.randn(2, 7, 5)
+        elif source == "bn":  # network slimming: γ = 0, β ≠ 0 makes channels DEAD the constant β
+            self.src = nn.Sequential(nn.Conv2d(3, C, 3, padding=1), nn.BatchNorm2d(C))
+            x = torch.randn(2, 3, spatial, spatial)
         elif source == "embedding":
             self.src = nn.Embedding(10, C)
             x = torch.randint(0, 10, (2, 7))
         with torch.no_grad():
-            w = self.src.weight
-            if source == "embedding":
+            w = self.src[1].weight if source == "bn" else self.src.weight
+            if source == "bn":
+                bn = self.src[1]
+                bn.running_mean.uniform_(-1, 1), bn.running_var.uniform_(0.5, 2), bn.bias.uniform_(-1, 1)
+                w[list(DEAD)] = 0
+            elif source == "embedding":
                 w[:, list(DEAD)] = 0
             else:
                 w[list(DEAD)] = 0
@@ -78,18 +85,21 @@ class Probe(nn.Module):
         return self.head(self.op(self.src(x)).flatten(1))
 
 
-def _claims(gm: fx.GraphModule, analysis: Any) -> dict[str, list[tuple[int, int, np.ndarray]]]:
-    """node name -> [(output index, dim, indices claimed zero)]."""
-    out: dict[str, list[tuple[int, int, np.ndarray]]] = {}
+def _claims(gm: fx.GraphModule, analysis: Any) -> dict[str, list[tuple[int, int, np.ndarray, np.ndarray]]]:
+    """node name -> [(output index, dim, indices claimed constant, their values)]; zero is the constant 0."""
+    out: dict[str, list[tuple[int, int, np.ndarray, np.ndarray]]] = {}
     for node in gm.graph.nodes:
         value = analysis.values.get(node.name)
         infos = [value] if isinstance(value, TInfo) else list(value) if isinstance(value, tuple) else []
         for k, info in enumerate(infos):
             if not isinstance(info, TInfo):
                 continue
-            for d, z in info.zero.items():
-                if z.any():
-                    out.setdefault(node.name, []).append((k, d, np.nonzero(z)[0]))
+            for d in info.labels:
+                const = info.const_of(d)
+                known = np.isfinite(const) | info.zero[d]
+                if known.any():
+                    idx = np.nonzero(known)[0]
+                    out.setdefault(node.name, []).append((k, d, idx, np.where(info.zero[d], 0.0, const)[idx]))
     return out
 
 
@@ -118,12 +128,16 @@ def audit(model: nn.Module, x: torch.Tensor) -> dict[str, Any]:
         env = _run_nodes(gm, s.inputs)
         for name, facts in claims.items():
             value = env[name]
-            for k, d, idx in facts:
+            for k, d, idx, vals in facts:
                 t = value[k] if isinstance(value, (tuple, list)) else value
-                got = t.index_select(d, torch.as_tensor(idx))
-                assert bool((got == 0).all()), (
-                    f"{name} ({gm.graph.find_nodes(op='call_function') and ''}) claims channels {idx.tolist()} of dim {d} "
-                    f"zero, but on the {s.kind} they are not (max {got.abs().max().item():.3g})")
+                got = t.index_select(d, torch.as_tensor(idx)).movedim(d, -1).to(torch.float64)
+                want = torch.as_tensor(vals).expand_as(got)
+                zero = want == 0
+                assert bool((got[zero] == 0).all()), (
+                    f"{name} claims channels {idx.tolist()} of dim {d} zero, but on the {s.kind} they are not")
+                torch.testing.assert_close(got, want, rtol=1e-6, atol=0, msg=lambda m: (
+                    f"{name} claims channels {idx.tolist()} of dim {d} are the constants {vals.tolist()}, "
+                    f"but on the {s.kind} they are not: {m}"))
     if analysis.dead_channels() == 0:
         return {"channels_removed": 0}  # nothing is cut: the model itself is the result
     small = strfx.shrink(model, (x,))
@@ -236,6 +250,25 @@ CASES: list[tuple[str, Callable[[], nn.Module], str, bool]] = [
     ("pad_channel_dim", lambda: nn.ConstantPad3d((0, 0, 0, 0, 1, 0), 0.0), "conv", False),
     ("pad_channel_dim_value", lambda: P(lambda m, x: F.pad(x, (0, 0, 0, 0, 2, 1), value=0.5)), "conv", False),
 ]
+
+
+# cases re-run with constant channels (BatchNorm γ = 0, β ≠ 0) instead of zero ones
+CONSTANT_CASES = ["relu", "gelu", "sigmoid", "hardtanh_0.5_2", "threshold_nonzero_value", "clamp_min_pos",
+                  "starrelu", "add_param_some_zero", "mul_param", "div_param", "where_scalar", "residual_mul",
+                  "cat_channels", "split_channels", "chunk", "slice_spatial", "flatten_linear", "view_unflatten",
+                  "permute_channels_last", "expand", "sum_spatial", "mean_spatial", "amax_spatial", "sum_channels",
+                  "conv_grouped", "conv_depthwise", "conv_transposed", "linear_pooled", "matmul_param", "addmm_param",
+                  "batch_norm", "instance_norm_running", "group_norm", "layer_norm_spatial", "prelu", "max_pool",
+                  "avg_pool", "adaptive_avg", "upsample_bilinear", "zero_pad", "constant_pad_one", "reflect_pad",
+                  "pad_channel_dim"]
+BY_ID = {c[0]: c for c in CASES}
+
+
+@pytest.mark.parametrize("name", CONSTANT_CASES)
+def test_rule_constant_claims_hold_on_real_values(name):
+    _, make, source, _ = BY_ID[name]
+    model = Probe(make(), "bn")
+    audit(model, model.example)
 
 
 @pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])

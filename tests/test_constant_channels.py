@@ -1,0 +1,111 @@
+"""Constant channels (BatchNorm γ = 0, β ≠ 0): folded into consumer biases where exact, else kept with a reason."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import strfx
+from strfx.verify import max_rel_error, verification_inputs
+
+SLIMMED = [1, 4, 6]
+
+
+class Slimmed(nn.Module):
+    """Network slimming leaves BatchNorm channels with γ = 0 and β ≠ 0: each outputs the constant β."""
+
+    def __init__(self, kernel: int = 1, padding: int = 0, head: str = "conv") -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.c1, self.bn = nn.Conv2d(3, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8)
+        self.c2 = nn.Conv2d(8, 6, kernel, padding=padding)
+        self.fc = nn.Linear(8, 3)
+        self.head = head
+        with torch.no_grad():
+            self.bn.running_mean.uniform_(-1, 1), self.bn.running_var.uniform_(0.5, 2)
+            self.bn.bias.uniform_(0.2, 1.0)  # β > 0: relu keeps the constant
+            self.bn.weight[SLIMMED] = 0
+
+    def forward(self, x):
+        y = F.relu(self.bn(self.c1(x)))
+        if self.head == "linear":
+            return self.fc(y.mean((2, 3)))
+        return F.relu(self.c2(y)).mean((2, 3))
+
+
+def _check(model: nn.Module, x: torch.Tensor) -> dict:
+    small = strfx.shrink(model, (x,))
+    with torch.no_grad():
+        for s in verification_inputs((x,), seed=4):
+            assert max_rel_error(small(*s.inputs), model(*s.inputs)) <= 1e-5, s.kind
+    return small.strfx_shrink
+
+
+@pytest.mark.parametrize("kernel,head", [(1, "conv"), (3, "conv"), (1, "linear")])
+def test_constant_channels_fold_into_the_consumer_bias(kernel, head):
+    model = Slimmed(kernel, 0, head).eval()
+    x = torch.randn(2, 3, 8, 8)
+    rep = _check(model, x)
+    assert rep["channels_removed"] == 3 and rep["constant_channels_folded"] == 3
+    assert rep["max_error64"] is not None and rep["max_error64"] <= 1e-12
+    assert rep["constant_channels_kept"] == []
+
+
+def test_constant_channels_fold_into_the_eager_model():
+    model = Slimmed(1, 0).eval()
+    small = strfx.shrink(model, (torch.randn(2, 3, 8, 8),))
+    assert small.strfx_shrink["result"] == "eager"
+    assert small.bn.num_features == 5 and small.c2.in_channels == 5
+    assert not torch.equal(small.c2.bias, model.c2.bias)  # the constants now live in the bias
+
+
+def test_zero_padding_keeps_constant_channels_and_says_why():
+    model = Slimmed(3, 1).eval()
+    rep = _check(model, torch.randn(2, 3, 8, 8))
+    assert rep["channels_removed"] == 0
+    assert len(rep["constant_channels_kept"]) == 1
+    assert "3 constant channel(s) kept" in rep["constant_channels_kept"][0] and "zero-pads" in rep["constant_channels_kept"][0]
+
+
+def test_constant_through_a_non_zero_preserving_activation_is_folded():
+    """sigmoid(β) is a constant too: the op is evaluated on the constants."""
+
+    class M(Slimmed):
+        def forward(self, x):
+            return self.c2(torch.sigmoid(self.bn(self.c1(x)))).mean((2, 3))
+
+    rep = _check(M(1, 0).eval(), torch.randn(2, 3, 8, 8))
+    assert rep["constant_channels_folded"] == 3
+
+
+def test_constant_summed_over_channels_is_kept():
+    class M(Slimmed):
+        def forward(self, x):
+            y = F.relu(self.bn(self.c1(x)))
+            return self.c2(y).mean((2, 3)) + y.sum(1).mean((1, 2))[:, None]
+
+    rep = _check(M(1, 0).eval(), torch.randn(2, 3, 8, 8))
+    assert rep["channels_removed"] == 0 and "sum over channels" in rep["constant_channels_kept"][0]
+
+
+def test_conv_without_bias_keeps_constant_channels():
+    class M(Slimmed):
+        def __init__(self) -> None:
+            super().__init__()
+            self.c2 = nn.Conv2d(8, 6, 1, bias=False)
+
+    rep = _check(M().eval(), torch.randn(2, 3, 8, 8))
+    assert rep["channels_removed"] == 0 and "no bias" in rep["constant_channels_kept"][0]
+
+
+def test_sparsify_then_shrink_keeps_the_function_of_a_slimmed_model():
+    model = Slimmed(1, 0).eval()
+    x = torch.randn(2, 3, 8, 8)
+    s = strfx.sparsify(model, "structured", example_inputs=(x,))
+    with torch.no_grad():
+        s.eval()
+        assert max_rel_error(s(x), model(x)) <= 1e-6
+    rep = _check(s, x)
+    assert rep["constant_channels_folded"] == 3
