@@ -109,3 +109,42 @@ def test_sparsify_then_shrink_keeps_the_function_of_a_slimmed_model():
         assert max_rel_error(s(x), model(x)) <= 1e-6
     rep = _check(s, x)
     assert rep["constant_channels_folded"] == 3
+
+
+class StarReLU(nn.Module):
+    """caformer's s·relu(x)² + b: a zeroed channel becomes the constant b, not 0."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.scale, self.bias = nn.Parameter(torch.tensor(0.8)), nn.Parameter(torch.tensor(-0.4))
+
+    def forward(self, x):
+        return self.scale * F.relu(x) ** 2 + self.bias
+
+
+class StarMLP(nn.Module):
+    def __init__(self, fc2_bias: bool) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.fc1, self.act, self.fc2 = nn.Linear(6, 16), StarReLU(), nn.Linear(16, 6, bias=fc2_bias)
+        self.head = nn.Linear(6, 2)
+
+    def forward(self, x):
+        return self.head(x + self.fc2(self.act(self.fc1(x))))
+
+
+@pytest.mark.parametrize("fc2_bias", [True, False])
+def test_kill_channels_counts_only_what_shrink_removes(fc2_bias):
+    from strfx.testing import kill_channels
+
+    x = torch.randn(3, 5, 6)
+    s = strfx.sparsify(StarMLP(fc2_bias).eval(), "structured", example_inputs=(x,))
+    counts = kill_channels(s, 0.5, example_inputs=(x,))
+    assert counts["zeroed"] > 0
+    small = strfx.shrink(s, (x,))
+    rep = small.strfx_shrink
+    assert rep["channels_removed"] == counts["channels"]
+    if fc2_bias:  # the constant b folds into fc2's bias: every zeroed hidden channel goes
+        assert counts["channels"] == counts["zeroed"] and rep["constant_channels_folded"] == counts["zeroed"]
+    else:  # no bias to absorb b: zeroed, not dead, and the report says why
+        assert counts["channels"] == 0 and "no bias" in " ".join(rep["constant_channels_kept"])
