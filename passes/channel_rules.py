@@ -127,6 +127,11 @@ def _nz_along(t: torch.Tensor, dim: int) -> np.ndarray:
     return (t != 0).movedim(dim, 0).reshape(t.shape[dim], -1).any(1).cpu().numpy()
 
 
+def _values(t: torch.Tensor | None, n: int) -> np.ndarray:
+    """A 1-D parameter's values as float64 (zeros where there is none)."""
+    return np.zeros(n) if t is None else t.detach().to(torch.float64).reshape(-1).cpu().numpy()
+
+
 def _is_tensor_node(a: Any) -> bool:
     return isinstance(a, fx.Node) and isinstance(a.meta.get("val"), torch.Tensor)
 
@@ -839,6 +844,11 @@ def _conv(ctx: Ctx, node: fx.Node) -> Any:
     w = ctx.tensor(w_node)
     bias = ctx.tensor(b_node) if isinstance(b_node, fx.Node) else None
     zero = _conv_out_zero(w, bias, isinstance(b_node, fx.Node), transposed, g, cin, cout, in_zero)
+    # a filter that reads nothing live outputs its bias everywhere: a constant channel
+    const = np.full(cout, np.nan)
+    if w is not None and (bias is not None or not isinstance(b_node, fx.Node)):
+        reads_nothing = _conv_out_zero(w, None, False, transposed, g, cin, cout, in_zero)
+        const = np.where(reads_nothing, _values(bias, cout), np.nan)
     # parameters: the weight's out (and in) dims, the bias
     unfollowed = f"{short_name(node)} reads an input strfx does not follow ({node.name})"
     if transposed:  # weight (cin, cout/g, k...)
@@ -882,7 +892,7 @@ def _conv(ctx: Ctx, node: fx.Node) -> Any:
     params = [(w_node.target, out_dim_w)] + ([(b_node.target, 0)] if ctx.param_name(b_node) else [])
     ctx.writers.append(Writer(node, "conv", out_ids, params))
     out = TInfo(shape)
-    out.set(len(shape) - n_sp - 1, out_ids, zero)
+    out.set(len(shape) - n_sp - 1, out_ids, zero, const)
     return out
 
 
@@ -937,6 +947,7 @@ def _dense(ctx: Ctx, node: fx.Node, x_arg: Any, w_node: Any, b_node: Any, out_di
         ctx.pin(w_node, in_dim, f"{short_name(node)} reads an input strfx does not follow ({node.name})")
     if has_bias:
         ctx.tie(b_node, -1, out_ids)
+    const = np.full(n_out, np.nan)
     if w is None or has_bias and bias is None:
         zero = np.zeros(n_out, bool)
     else:
@@ -944,12 +955,14 @@ def _dense(ctx: Ctx, node: fx.Node, x_arg: Any, w_node: Any, b_node: Any, out_di
         if in_zero.any():
             ww = ww[:, torch.from_numpy(~in_zero).to(ww.device)]
         zero = ~ww.any(1).cpu().numpy() & (np.ones(n_out, bool) if not has_bias else ~_nz_along(bias, bias.dim() - 1))
+        if bias is None or bias.dim() == 1:  # a row that reads nothing live outputs its bias: a constant
+            const = np.where(~ww.any(1).cpu().numpy(), _values(bias, n_out), np.nan)
     bias_zero = not has_bias or (bias is not None and not _nz(bias).any())
     out = TInfo(shape)
     for d, ids in x.labels.items():
         if d != last:
             out.set(d, ids, x.zero[d] & bias_zero)
-    out.set(len(shape) - 1, out_ids, zero)
+    out.set(len(shape) - 1, out_ids, zero, const)
     params = [(w_node.target, out_dim)] + ([(b_node.target, 0)] if ctx.param_name(b_node) else [])
     ctx.writers.append(Writer(node, "linear", out_ids, params))
     return out

@@ -148,3 +148,22 @@ def test_kill_channels_counts_only_what_shrink_removes(fc2_bias):
         assert counts["channels"] == counts["zeroed"] and rep["constant_channels_folded"] == counts["zeroed"]
     else:  # no bias to absorb b: zeroed, not dead, and the report says why
         assert counts["channels"] == 0 and "no bias" in " ".join(rep["constant_channels_kept"])
+
+
+def test_all_zero_filter_with_bias_is_a_constant_channel():
+    """A filter that reads nothing outputs its bias everywhere; tanh(bias) is still a constant."""
+
+    class M(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            torch.manual_seed(0)
+            self.c1, self.c2 = nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(8, 4, 1)
+            self.fc = nn.Linear(4, 6)
+            with torch.no_grad():
+                self.c1.weight[[0, 5]] = 0
+
+        def forward(self, x):
+            return self.fc(F.relu(self.c2(torch.tanh(self.c1(x)))).mean((2, 3)))
+
+    rep = _check(M().eval(), torch.randn(2, 3, 8, 8))
+    assert rep["constant_channels_folded"] == 2 and rep["channels_removed"] == 2
