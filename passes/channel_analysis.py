@@ -160,6 +160,7 @@ class Ctx:
         # site, ids, constant values, positions along the consumed dim
         self.folds: list[tuple[FoldSite, np.ndarray, np.ndarray, np.ndarray]] = []
         self.const_kept: list[tuple[np.ndarray, str]] = []  # constant channels a consumer cannot absorb
+        self.pins: list[tuple[TInfo, int, str]] = []  # parameter dims read by values strfx does not follow
         self._consts: dict[fx.Node, Any] = {}
 
     # --- reading the graph -------------------------------------------------------------
@@ -238,12 +239,9 @@ class Ctx:
         so fresh blocked ids are tied there and the union blocks whatever the other call ties.
         """
         info = self.info(arg)
-        if info is None or not info.ndim:
-            return
-        dim = dim % info.ndim
-        ids = self.new(info.shape[dim])
-        self.block_ids(ids, reason)
-        self.tie(arg, dim, ids)
+        if info is not None and info.ndim:
+            self.pins.append((info, dim % info.ndim, reason))  # resolved after the walk: only a dim
+            # another call labels is blocked (no extra group for a stem conv's input channels)
 
     # --- facts --------------------------------------------------------------------------
     def new(self, n: int) -> np.ndarray:
@@ -461,6 +459,9 @@ def analyze_channels(gm: fx.GraphModule, keep_one: bool = True) -> ChannelAnalys
                 rule = unknown_rule
             ctx.values[node] = rule.analyze(ctx, node)
 
+    for info, dim, reason in ctx.pins:
+        if dim in info.labels:
+            ctx.block_ids(info.labels[dim], reason)
     roots = ctx.uf.roots()
     n_ids = len(roots)
     blocked: dict[int, str] = {}  # channel -> the first reason recorded for it
