@@ -700,12 +700,26 @@ def _spatial(n_spatial: Callable[[fx.Node, TInfo], int], zero_preserving: bool |
             if d >= x.ndim - k:
                 ctx.block_ids(ids, f"{op_name(node)} over a channel dim ({node.name})")
             else:
-                out.set(d, ids, x.zero[d] if zp else None)
+                out.set(d, ids, x.zero[d] if zp else None, x.const_of(d) if zp and _keeps_constants(node) else None)
         if isinstance(node.meta.get("val"), (tuple, list)):  # (values, indices): indices follow the values
             return (out, _copy(out, zero=False))
         return out
 
     return analyze
+
+
+_CONSTANT_KEEPING = ("reflection_pad", "replication_pad", "max_pool", "adaptive_max_pool", "adaptive_avg_pool",
+                     "_adaptive_avg_pool", "upsample_nearest", "_upsample_nearest_exact")
+
+
+def _keeps_constants(node: fx.Node) -> bool:
+    """A channel that is one value everywhere stays that value: pads that copy the border, max pooling
+    (its padding is −inf), adaptive pooling (no padding) and nearest upsampling. Zero padding, average
+    pooling with padding and interpolation (rounding of the weights) are not claimed."""
+    name = short_name(node)
+    if node.target is aten.pad.default:  # reflect / replicate / circular copy the channel's own values
+        return arg(node, 2, "mode", "constant") != "constant"
+    return any(name.startswith(p) for p in _CONSTANT_KEEPING)
 
 
 def _all_but_two(node: fx.Node, x: TInfo) -> int:

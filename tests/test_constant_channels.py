@@ -167,3 +167,15 @@ def test_all_zero_filter_with_bias_is_a_constant_channel():
 
     rep = _check(M().eval(), torch.randn(2, 3, 8, 8))
     assert rep["constant_channels_folded"] == 2 and rep["channels_removed"] == 2
+
+
+def test_reflection_padding_keeps_the_constant_so_it_folds():
+    """padding_mode='reflect' pads with the channel's own values: the conv after it can absorb it."""
+
+    class M(Slimmed):
+        def __init__(self) -> None:
+            super().__init__()
+            self.c2 = nn.Conv2d(8, 6, 3, padding=1, padding_mode="reflect")
+
+    rep = _check(M().eval(), torch.randn(2, 3, 8, 8))
+    assert rep["constant_channels_folded"] == 3 and rep["constant_channels_kept"] == []

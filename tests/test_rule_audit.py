@@ -259,7 +259,7 @@ CONSTANT_CASES = ["relu", "gelu", "sigmoid", "hardtanh_0.5_2", "threshold_nonzer
                   "permute_channels_last", "expand", "sum_spatial", "mean_spatial", "amax_spatial", "sum_channels",
                   "conv_grouped", "conv_depthwise", "conv_transposed", "linear_pooled", "matmul_param", "addmm_param",
                   "batch_norm", "instance_norm_running", "group_norm", "layer_norm_spatial", "prelu", "max_pool",
-                  "avg_pool", "adaptive_avg", "upsample_bilinear", "zero_pad", "constant_pad_one", "reflect_pad",
+                  "avg_pool", "adaptive_avg", "adaptive_max", "upsample_nearest", "upsample_bilinear", "zero_pad", "constant_pad_one", "reflect_pad",
                   "pad_channel_dim"]
 BY_ID = {c[0]: c for c in CASES}
 
