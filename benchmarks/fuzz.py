@@ -1,10 +1,15 @@
 """Fuzz strfx.shrink on random DAG CNNs and write docs/fuzz.md.
 
-Each case: build ``strfx.testing.random_cnn(seed)``, sparsify (structured), kill a random fraction
-of every prunable group through the STR parameters, shrink, and compare the shrunk model with the
-masked one on fresh random inputs, independently of shrink's own verification. Outcomes:
+Each case: build ``strfx.testing.random_cnn(seed, extended=True)`` (residual adds, concat, chunk,
+grouped/depthwise conv, shuffle, SE, norms, and the edges: keyword-called hardtanh/threshold/clamp
+with non-zero images of 0, sizes computed from ``x.shape``, in-place ops through views, pad modules on
+the channel dim, InstanceNorm with running stats, BatchNorm γ = 0 constants, non-tensor outputs),
+sparsify (structured), kill a random fraction of every prunable group through the STR parameters,
+shrink, and compare the shrunk model with the masked one on a fresh verification input set (random,
+30·randn, relu(randn)) over the whole output pytree, independently of shrink's own verification;
+shrink's own float64 error must be ≤ 1e-9. Outcomes:
 
-* exact            — shrink succeeded and the outputs match (max relative error ≤ 1e-4);
+* exact            — shrink succeeded and the outputs match (float32 ≤ 1e-4, float64 ≤ 1e-9);
 * refused          — shrink raised a StrfxError (a clear, one-line refusal);
 * not applicable   — structured STR had nothing to gate (every channel blocked);
 * SILENT MISMATCH  — shrink returned a model whose outputs differ (must be 0);
@@ -36,30 +41,38 @@ def run_case(seed: int) -> dict[str, Any]:
 
     import strfx
     from strfx.errors import NothingToSparsifyError, StrfxError
-    from strfx.surgery import random_like
     from strfx.testing import kill_channels, random_cnn
-    from strfx.verify import max_rel_error
+    from strfx.verify import compare_outputs, verification_inputs
 
     torch.set_num_threads(1)
     t0 = time.perf_counter()
     fraction = random.Random(seed ^ 0x5EED).uniform(0.1, 0.9)
     out: dict[str, Any] = {"seed": seed}
     try:
-        model, x = random_cnn(seed)
+        model, x = random_cnn(seed, extended=True)
         try:
-            gm = strfx.sparsify(model, "structured", example_inputs=x)
+            s = strfx.sparsify(model, "structured", example_inputs=x)
         except NothingToSparsifyError:
             return {**out, "outcome": "not applicable", "s": time.perf_counter() - t0}
-        kill_channels(gm, fraction, seed=seed)
-        small = strfx.shrink(gm)
-        with torch.no_grad():
-            gm.eval(), small.eval()
-            y = random_like(x, seed + 1)
-            err = max_rel_error(small(*y), gm(*y))
+        kill_channels(s, fraction, seed=seed)
+        small = strfx.shrink(s)
         rep = small.strfx_shrink
-        outcome = "exact" if err <= 1e-4 else "SILENT MISMATCH"
-        return {**out, "outcome": outcome, "err": err, "before": rep["params_before"], "after": rep["params_after"],
-                "removed": rep["channels_removed"], "s": time.perf_counter() - t0}
+        err, why = 0.0, None
+        with torch.no_grad():
+            s.eval()  # the shrunk model is already in eval mode (an exported graph cannot switch modes)
+            for inp in verification_inputs(x, seed=seed + 1)[1:]:
+                cmp = compare_outputs(small(*[t.clone() for t in inp.inputs]), s(*[t.clone() for t in inp.inputs]))
+                if cmp.reason is not None or cmp.error > 1e-4:
+                    why = f"{inp.kind}: {cmp.reason or f'{cmp.error:.2e}'} at {cmp.leaf}"
+                    break
+                err = max(err, cmp.error)
+        if why is None and (rep["max_error64"] or 0.0) > 1e-9:
+            why = f"float64 error {rep['max_error64']:.2e}"
+        if why is not None:
+            return {**out, "outcome": "SILENT MISMATCH", "why": why, "s": time.perf_counter() - t0}
+        return {**out, "outcome": "exact", "err": err, "err64": rep["max_error64"], "before": rep["params_before"],
+                "after": rep["params_after"], "removed": rep["channels_removed"],
+                "folded": rep.get("constant_channels_folded", 0), "result": rep["result"], "s": time.perf_counter() - t0}
     except StrfxError as err:
         why = str(err).split(":")[0][:120]
         if "the cut is exact" in str(err):
@@ -69,26 +82,37 @@ def run_case(seed: int) -> dict[str, Any]:
         return {**out, "outcome": "CRASH", "why": f"{type(err).__name__}: {str(err)[:160]}", "s": time.perf_counter() - t0}
 
 
-def render(results: list[dict[str, Any]], wall: float, workers: int, requested: int | None = None) -> str:
+def render(results: list[dict[str, Any]], wall: float, workers: int, requested: int | None = None,
+           note: str = "") -> str:
     counts = collections.Counter(r["outcome"] for r in results)
     exact = [r for r in results if r["outcome"] == "exact"]
     shrunk = [r for r in exact if r["after"] < r["before"]]
     ratio = sum(r["after"] / r["before"] for r in exact) / max(len(exact), 1)
     worst = max((r["err"] for r in exact), default=0.0)
+    worst64 = max((r["err64"] or 0.0 for r in exact), default=0.0)
+    folded = sum(r.get("folded", 0) for r in exact)
+    exported = sum(r.get("result") == "exported" for r in exact)
     env = environment()
     lines = [
         "# strfx fuzz: shrink on random DAG CNNs",
         "",
         "Generated by `python benchmarks/fuzz.py` (do not edit by hand). Each case builds a random CNN "
-        "(`strfx.testing.random_cnn`: residual adds, mul, concat, chunk, depthwise/grouped conv, channel shuffle, SE, "
-        "GroupNorm, channels-last LayerNorm+MLP, flatten→linear or pooled head), sparsifies it (structured), kills a "
+        "(`strfx.testing.random_cnn(seed, extended=True)`: residual adds, mul, concat, chunk, depthwise/grouped conv, "
+        "channel shuffle, SE, GroupNorm, InstanceNorm with running stats, channels-last LayerNorm+MLP, keyword-called "
+        "hardtanh/threshold/clamp with non-zero images of 0, `layer_norm(x, x.shape[1:])` and `x / x.shape[1]`, "
+        "in-place ops through views, pad modules on the channel dim, BatchNorm channels with γ = 0 and β ≠ 0, "
+        "tensor / (tensor, int) / dict outputs, flatten→linear or pooled head), sparsifies it (structured), kills a "
         "random 10–90% of every prunable channel group through the STR parameters, shrinks it and compares the shrunk "
-        "model with the masked model on fresh random inputs — independently of shrink's own verification.",
+        "model with the masked model on a fresh random, large-magnitude (30·randn) and non-negative input over the whole "
+        "output pytree (float32, ≤ 1e-4) — independently of shrink's own verification — and requires shrink's own "
+        "float64 error to be ≤ 1e-9.",
         "",
+        *([note, ""] if note else []),
         f"- cases: **{len(results):,}** (seeds {min(r['seed'] for r in results)}–{max(r['seed'] for r in results)})"
         + (f" — stopped by the time budget after {len(results):,} of {requested:,} requested"
            if requested and len(results) < requested else ""),
-        f"- exact: **{counts['exact']:,}** (max relative error over all of them: {worst:.2e})",
+        f"- exact: **{counts['exact']:,}** (max relative error over all of them: {worst:.2e} float32, "
+        f"{worst64:.2e} float64; {exported:,} returned as the exported graph; {folded:,} constant channels folded)",
         f"- clear refusals (StrfxError): **{counts['refused']:,}**",
         f"- not applicable (nothing to gate: every channel blocked): {counts['not applicable']:,}",
         f"- **silent mismatches: {counts['SILENT MISMATCH']}**",
@@ -114,6 +138,7 @@ def main() -> int:
     ap.add_argument("--start", type=int, default=0, help="first seed")
     ap.add_argument("--workers", type=int, default=1)
     ap.add_argument("--out", default=str(Path(__file__).resolve().parent.parent / "docs" / "fuzz.md"))
+    ap.add_argument("--note", default="", help="a paragraph to put under the title (e.g. why a run is short)")
     ap.add_argument("--time-budget", type=float, default=None,
                     help="stop after this many seconds and report the cases done (the report says so)")
     args = ap.parse_args()
@@ -128,7 +153,7 @@ def main() -> int:
         if (i + 1) % 500 == 0:
             print(f"{i + 1}/{args.n} {collections.Counter(x['outcome'] for x in results)}", flush=True)
             atomic_write(args.out, render(sorted(results, key=lambda r: r["seed"]), time.perf_counter() - t0,
-                                          args.workers, args.n))
+                                          args.workers, args.n, args.note))
         return args.time_budget is None or time.perf_counter() - t0 < args.time_budget
 
     if args.workers > 1:
@@ -144,7 +169,7 @@ def main() -> int:
             if not progress(i):
                 break
     results.sort(key=lambda r: r["seed"])
-    text = render(results, time.perf_counter() - t0, args.workers, args.n)
+    text = render(results, time.perf_counter() - t0, args.workers, args.n, args.note)
     atomic_write(args.out, text)
     print(text)
     counts = collections.Counter(r["outcome"] for r in results)

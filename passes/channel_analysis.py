@@ -37,19 +37,53 @@ META_KEY = "strfx_channels"
 
 @dataclass
 class TInfo:
-    """What the analysis knows about one tensor value: channel ids and provably-zero slices per dim."""
+    """What the analysis knows about one tensor value: channel ids, provably-zero and provably-constant
+    slices per dim.
+
+    ``const[dim][i]`` is the value every entry of index ``i`` along ``dim`` provably has, NaN where
+    unknown; a zero slice is the constant 0. Only rules that know the op maps constants to constants
+    pass ``const`` (a BatchNorm with γ = 0 outputs β, ``relu(β)`` is ``max(β, 0)``); everything else
+    gets the zeros only.
+    """
 
     shape: tuple[int, ...]
     labels: dict[int, np.ndarray] = field(default_factory=dict)
     zero: dict[int, np.ndarray] = field(default_factory=dict)
+    const: dict[int, np.ndarray] = field(default_factory=dict)
 
     @property
     def ndim(self) -> int:
         return len(self.shape)
 
-    def set(self, dim: int, ids: np.ndarray, zero: np.ndarray | None = None) -> None:
+    def set(self, dim: int, ids: np.ndarray, zero: np.ndarray | None = None,
+            const: np.ndarray | None = None) -> None:
         self.labels[dim] = ids
         self.zero[dim] = np.zeros(len(ids), dtype=bool) if zero is None else zero
+        c = np.where(self.zero[dim], 0.0, np.nan)
+        if const is not None:
+            c = np.where(self.zero[dim], 0.0, np.asarray(const, dtype=np.float64))
+        self.const[dim] = c
+
+    def const_of(self, dim: int) -> np.ndarray:
+        """Per index of ``dim``: its constant value, NaN where unknown."""
+        c = self.const.get(dim)
+        return c if c is not None else np.where(self.zero[dim], 0.0, np.nan)
+
+
+@dataclass
+class FoldSite:
+    """A consumer that can absorb a constant input channel into its bias exactly.
+
+    ``out = W ⋆ x + b``: a channel of ``x`` that is the constant ``k`` everywhere adds
+    ``k · Σ W[:, c, ...]`` to every output (linear, or a conv that pads nothing), so the channel can
+    go once that sum is added to ``b``.
+    """
+
+    node: str
+    weight: str
+    bias: str
+    in_dim: int
+    out_dim: int
 
 
 class UnionFind:
@@ -123,6 +157,10 @@ class Ctx:
         self.live: list[np.ndarray] = []
         self.unknown_ops: dict[str, str] = {}
         self.writers: list[Writer] = []
+        # site, ids, constant values, positions along the consumed dim
+        self.folds: list[tuple[FoldSite, np.ndarray, np.ndarray, np.ndarray]] = []
+        self.const_kept: list[tuple[np.ndarray, str]] = []  # constant channels a consumer cannot absorb
+        self.pins: list[tuple[TInfo, int, str]] = []  # parameter dims read by values strfx does not follow
         self._consts: dict[fx.Node, Any] = {}
         self.preferred_axis: dict[fx.Node, int] = {}  # reshape → output dim to cut (attention heads)
 
@@ -194,6 +232,18 @@ class Ctx:
         else:
             info.set(dim, ids)
 
+    def pin(self, arg: Any, dim: int, reason: str) -> None:
+        """``dim`` of parameter ``arg`` is read by channels strfx does not follow: never cut it.
+
+        A weight shared by two calls (one conv applied to the raw input and to a feature map) is
+        labelled by the call that follows channels; the other call needs every index of that dim,
+        so fresh blocked ids are tied there and the union blocks whatever the other call ties.
+        """
+        info = self.info(arg)
+        if info is not None and info.ndim:
+            self.pins.append((info, dim % info.ndim, reason))  # resolved after the walk: only a dim
+            # another call labels is blocked (no extra group for a stem conv's input channels)
+
     # --- facts --------------------------------------------------------------------------
     def new(self, n: int) -> np.ndarray:
         return self.uf.new(n)
@@ -208,10 +258,21 @@ class Ctx:
     def block_ids(self, ids: np.ndarray, reason: str) -> None:
         self.blocked.append((ids, reason))
 
-    def sink(self, info: TInfo | None, dim: int) -> None:
-        """``info``'s positions along ``dim`` are mixed into other channels: they must be zero to go."""
-        if info is not None and dim in info.labels:
-            self.live.append(info.labels[dim][~info.zero[dim]])
+    def sink(self, info: TInfo | None, dim: int, fold: FoldSite | None = None, why_not: str = "") -> None:
+        """``info``'s positions along ``dim`` are mixed into other channels: they must be zero to go,
+        or constant where the consumer (``fold``) absorbs a constant into its bias exactly."""
+        if info is None or dim not in info.labels:
+            return
+        ids, zero = info.labels[dim], info.zero[dim]
+        const = info.const_of(dim)
+        constant = ~zero & np.isfinite(const)
+        if fold is not None and constant.any():
+            self.folds.append((fold, ids[constant], const[constant], np.nonzero(constant)[0]))
+            self.live.append(ids[~zero & ~constant])
+            return
+        if constant.any():
+            self.const_kept.append((ids[constant], why_not or "its consumer cannot absorb a constant into a bias"))
+        self.live.append(ids[~zero])
 
     def out_ids(self, arg: Any, dim: int, n: int) -> np.ndarray:
         """Output-channel ids of an op writing through parameter ``arg`` along ``dim``.
@@ -294,6 +355,32 @@ class ChannelAnalysis:
     unknown_ops: dict[str, str]
     params: dict[str, dict[int, np.ndarray]] = field(default_factory=dict)  # qualified name -> dim -> ids
     writers: list[Writer] = field(default_factory=list)
+    folds: list[tuple[FoldSite, np.ndarray, np.ndarray, np.ndarray]] = field(default_factory=list)
+    const_kept: list[tuple[np.ndarray, str]] = field(default_factory=list)
+    bias_deltas: dict[str, Any] = field(default_factory=dict)  # set by the shrink pass: what it added to biases
+
+    def folded(self) -> list[tuple[FoldSite, np.ndarray, np.ndarray]]:
+        """(consumer, positions along its input dim, constants) of the constant channels that are cut."""
+        out = []
+        for site, ids, const, pos in self.folds:
+            gone = self.dead[ids]
+            if gone.any():
+                out.append((site, pos[gone], const[gone]))
+        return out
+
+    def folded_channels(self) -> int:
+        """How many removed channels were constants folded into consumer biases."""
+        roots = {int(r) for _, ids, _, _ in self.folds for r in self.roots[ids[self.dead[ids]]]}
+        return len(roots)
+
+    def constant_channels_kept(self) -> list[str]:
+        """One line per reason a provably constant channel stays (its consumer cannot absorb it)."""
+        counts: dict[str, set[int]] = {}
+        for ids, why in self.const_kept:
+            roots = {int(r) for r in self.roots[ids] if int(r) not in self.blocked and not self.dead[r]}
+            if roots:
+                counts.setdefault(why, set()).update(roots)
+        return [f"{len(r)} constant channel(s) kept: {why}" for why, r in counts.items()]
 
     def group_of(self, ids: np.ndarray) -> int | None:
         """The group of a set of channel ids (the first one's), or None."""
@@ -374,6 +461,9 @@ def analyze_channels(gm: fx.GraphModule, keep_one: bool = True) -> ChannelAnalys
                 rule = unknown_rule
             ctx.values[node] = rule.analyze(ctx, node)
 
+    for info, dim, reason in ctx.pins:
+        if dim in info.labels:
+            ctx.block_ids(info.labels[dim], reason)
     roots = ctx.uf.roots()
     n_ids = len(roots)
     blocked: dict[int, str] = {}  # channel -> the first reason recorded for it
@@ -445,5 +535,5 @@ def analyze_channels(gm: fx.GraphModule, keep_one: bool = True) -> ChannelAnalys
     return ChannelAnalysis(
         values={n.name: v for n, v in ctx.values.items()}, roots=roots, blocked=blocked, dead=dead,
         groups=groups, group_of_root=group_of_root, unknown_ops=ctx.unknown_ops, params=params,
-        writers=ctx.writers,
+        writers=ctx.writers, folds=ctx.folds, const_kept=ctx.const_kept,
     )

@@ -28,7 +28,7 @@ import numpy as np
 import torch
 import torch.fx as fx
 
-from strfx.passes.channel_analysis import Ctx, TInfo, Writer, infos_of
+from strfx.passes.channel_analysis import Ctx, FoldSite, TInfo, Writer, infos_of, module_path
 
 aten = torch.ops.aten
 
@@ -55,10 +55,52 @@ def ndim_dim(d: int, ndim: int) -> int:
     return d % ndim if ndim else 0
 
 
-def _copy(info: TInfo, shape: tuple[int, ...] | None = None, zero: bool = True) -> TInfo:
+def _copy(info: TInfo, shape: tuple[int, ...] | None = None, zero: bool = True, const: bool = False) -> TInfo:
     out = TInfo(shape if shape is not None else info.shape)
     for d, ids in info.labels.items():
-        out.set(d, ids, info.zero[d].copy() if zero else None)
+        out.set(d, ids, info.zero[d].copy() if zero else None, info.const_of(d) if const and zero else None)
+    return out
+
+
+def _per_index(t: torch.Tensor | None, dim: int, n: int) -> np.ndarray:
+    """Per index of ``dim`` (broadcast to ``n``): the one value ``t`` has there, NaN where it varies."""
+    if t is None or not t.is_floating_point() and t.dtype not in (torch.bool, torch.int64, torch.int32):
+        return np.full(n, np.nan)
+    t = t.detach().to(torch.float64).cpu()
+    if t.dim() == 0:
+        return np.full(n, float(t))
+    m = t.movedim(dim, 0).reshape(t.shape[dim], -1)
+    same = (m == m[:, :1]).all(1).numpy()
+    vals = np.where(same, m[:, 0].numpy(), np.nan)
+    return np.broadcast_to(vals, (n,)).copy() if len(vals) in (1, n) else np.full(n, np.nan)
+
+
+def _eval_const(node: fx.Node, values: dict[int, np.ndarray], n: int) -> np.ndarray:
+    """The op evaluated on per-channel constants (``values``: operand index → per-channel value):
+    the output's constant per channel, NaN where an operand is unknown or the result is not finite."""
+    known = np.logical_and.reduce([np.isfinite(v) for v in values.values()]) if values else np.zeros(n, bool)
+    out = np.full(n, np.nan)
+    if not known.any():
+        return out
+    args = []
+    for k, a in enumerate(node.args):
+        if k in values:
+            args.append(torch.as_tensor(values[k][known]).to(a.meta["val"].dtype))
+        elif _is_tensor_node(a):
+            return out
+        else:
+            args.append(a)
+    if any(_is_tensor_node(a) for a in node.kwargs.values()):
+        return out
+    try:
+        with torch.no_grad():
+            res = node.target(*args, **node.kwargs)
+    except Exception:  # noqa: BLE001 - not computable here: unknown
+        return out
+    if not isinstance(res, torch.Tensor) or res.shape != (int(known.sum()),):
+        return out
+    res = res.detach().to(torch.float64).cpu().numpy()
+    out[known] = np.where(np.isfinite(res), res, np.nan)
     return out
 
 
@@ -83,6 +125,11 @@ def _nz_along(t: torch.Tensor, dim: int) -> np.ndarray:
     if t.dim() == 0:
         return np.array([bool(t != 0)])
     return (t != 0).movedim(dim, 0).reshape(t.shape[dim], -1).any(1).cpu().numpy()
+
+
+def _values(t: torch.Tensor | None, n: int) -> np.ndarray:
+    """A 1-D parameter's values as float64 (zeros where there is none)."""
+    return np.zeros(n) if t is None else t.detach().to(torch.float64).reshape(-1).cpu().numpy()
 
 
 def _is_tensor_node(a: Any) -> bool:
@@ -178,7 +225,13 @@ def _pointwise(ctx: Ctx, node: fx.Node) -> Any:
     R = len(shape)
     out = TInfo(shape)
     if not any(ctx.info(a) is not None and ctx.info(a).labels for _, a in operands):
-        # constants combined with constants/inputs: nothing to follow (still unlabelled)
+        # constants combined with constants/inputs: nothing to follow (still unlabelled); a parameter
+        # used here must keep every index, whatever another use of it ties (a shared layer scale)
+        for k, a in operands:
+            if ctx.param_name(a) is not None:
+                for dd in range(ctx.info(a).ndim if ctx.info(a) is not None else 0):
+                    if ctx.info(a).shape[dd] > 1:
+                        ctx.pin(a, dd, f"{short_name(node)} on values strfx does not follow ({node.name})")
         return out
     single_zero = {k: _zero_image(ctx, node, {k}) for k, _ in operands}
     all_zero = _zero_image(ctx, node, {k for k, _ in operands})
@@ -201,6 +254,9 @@ def _pointwise(ctx: Ctx, node: fx.Node) -> Any:
             elif shape[d] != 1:
                 blocked_by = "an operand strfx cannot cut"
         if not labelled:
+            for _, a, dd in params:
+                if ctx.param_name(a) is not None and ctx.info(a).shape[dd] > 1:
+                    ctx.pin(a, dd, f"{short_name(node)} on values strfx does not follow ({node.name})")
             continue
         ids = labelled[0][1].labels[labelled[0][2]]
         if blocked_by is not None:
@@ -222,7 +278,15 @@ def _pointwise(ctx: Ctx, node: fx.Node) -> Any:
                 zero |= z
         if all_zero and len(zeros) == len(operands):
             zero |= np.logical_and.reduce(list(zeros.values()))
-        out.set(d, ids, zero)
+        values = {k: t.const_of(dd) for k, t, dd in labelled}
+        for k, a, dd in params:
+            values[k] = _per_index(ctx.tensor(a), dd, n)
+        for k, a in operands:  # operands broadcast along d: constant only if one value everywhere
+            if k not in values:
+                t = ctx.tensor(a)
+                one = t is not None and t.numel() > 0 and bool((t.reshape(-1) == t.reshape(-1)[0]).all())
+                values[k] = np.full(n, float(t.reshape(-1)[0]) if one else np.nan)
+        out.set(d, ids, zero, _eval_const(node, values, n))
     return out
 
 
@@ -269,7 +333,8 @@ def _identity(ctx: Ctx, node: fx.Node) -> Any:
     if x is None:
         return _unknown(ctx, node)
     shape = ctx.shape(node)
-    return _copy(x, shape) if shape == x.shape else _unknown(ctx, node)
+    same_dtype = getattr(node.meta.get("val"), "dtype", None) == getattr(node.args[0].meta.get("val"), "dtype", 0)
+    return _copy(x, shape, const=same_dtype) if shape == x.shape else _unknown(ctx, node)
 
 
 def _where(ctx: Ctx, node: fx.Node) -> Any:
@@ -298,17 +363,19 @@ def _cat(stack: bool) -> Callable[[Ctx, fx.Node], Any]:
             src = d if not stack or d < dim else d - 1
             if not stack and d == dim:
                 if any(src in i.labels for i in infos):
-                    ids, zeros = [], []
+                    ids, zeros, consts = [], [], []
                     for i in infos:
                         if src in i.labels:
                             ids.append(i.labels[src])
                             zeros.append(i.zero[src])
+                            consts.append(i.const_of(src))
                         else:
                             new = ctx.new(i.shape[src])
                             ctx.block_ids(new, f"cat with a part strfx cannot cut ({node.name})")
                             ids.append(new)
                             zeros.append(np.zeros(i.shape[src], bool))
-                    out.set(d, np.concatenate(ids), np.concatenate(zeros))
+                            consts.append(np.full(i.shape[src], np.nan))
+                    out.set(d, np.concatenate(ids), np.concatenate(zeros), np.concatenate(consts))
                 continue
             labelled = [i for i in infos if src in i.labels]
             if not labelled:
@@ -320,7 +387,9 @@ def _cat(stack: bool) -> Callable[[Ctx, fx.Node], Any]:
             ids = labelled[0].labels[src]
             for i in labelled[1:]:
                 ctx.uf.union_arrays(ids, i.labels[src])
-            out.set(d, ids, np.logical_and.reduce([i.zero[src] for i in labelled]))
+            cs = [i.const_of(src) for i in labelled]
+            same = np.logical_and.reduce([c == cs[0] for c in cs])  # NaN != NaN: unknown stays unknown
+            out.set(d, ids, np.logical_and.reduce([i.zero[src] for i in labelled]), np.where(same, cs[0], np.nan))
         return out
 
     return analyze
@@ -339,9 +408,9 @@ def _split(ctx: Ctx, node: fx.Node) -> Any:
         n = o.shape[dim]
         for d, ids in x.labels.items():
             if d == dim:
-                o.set(d, ids[start:start + n], x.zero[d][start:start + n])
+                o.set(d, ids[start:start + n], x.zero[d][start:start + n], x.const_of(d)[start:start + n])
             else:
-                o.set(d, ids, x.zero[d])
+                o.set(d, ids, x.zero[d], x.const_of(d))
         outs.append(o)
         start += n
     return tuple(outs)
@@ -402,16 +471,16 @@ def _slice(ctx: Ctx, node: fx.Node) -> Any:
     out = TInfo(shape)
     for d, ids in x.labels.items():
         if d != dim:
-            out.set(d, ids, x.zero[d])
+            out.set(d, ids, x.zero[d], x.const_of(d))
             continue
         if shape[d] == x.shape[d] and step == 1:
-            out.set(d, ids, x.zero[d])
+            out.set(d, ids, x.zero[d], x.const_of(d))
             continue
         ctx.block_ids(ids, f"slicing a channel dim ({node.name})")
         if all(isinstance(p, (int, type(None))) for p in (start, end, step)):
             sel = np.arange(x.shape[d])[slice(start, end, step)]
             if len(sel) == shape[d]:
-                out.set(d, ids[sel], x.zero[d][sel])
+                out.set(d, ids[sel], x.zero[d][sel], x.const_of(d)[sel])
     return out
 
 
@@ -426,7 +495,7 @@ def _select(ctx: Ctx, node: fx.Node) -> Any:
         if d == dim:
             ctx.block_ids(ids, f"indexing a channel dim ({node.name})")
         else:
-            out.set(d - (d > dim), ids, x.zero[d])
+            out.set(d - (d > dim), ids, x.zero[d], x.const_of(d))
     return out
 
 
@@ -506,7 +575,7 @@ def _reshape(ctx: Ctx, node: fx.Node) -> Any:
             ctx.block_ids(x.labels[d], f"reshape folding a channel dim away ({node.name})")
             continue
         if len([k for k in ii if x.shape[k] != 1]) == 1 and len(big) == 1:
-            out.set(big[0], x.labels[d], x.zero[d])
+            out.set(big[0], x.labels[d], x.zero[d], x.const_of(d))
             continue
         total = math.prod(x.shape[k] for k in ii)
         if total > MAX_RESHAPE_POSITIONS or not jj:
@@ -517,6 +586,7 @@ def _reshape(ctx: Ctx, node: fx.Node) -> Any:
         out_block = [shape[k] for k in jj]
         T = x.labels[d][pos].reshape(out_block)
         Z = x.zero[d][pos].reshape(out_block)
+        K = x.const_of(d)[pos].reshape(out_block)
         varying = [a for a in range(T.ndim) if T.shape[a] > 1 and np.any(np.diff(T, axis=a) != 0)]
         if not varying:
             ctx.block_ids(x.labels[d], f"reshape folding a channel dim away ({node.name})")
@@ -525,10 +595,11 @@ def _reshape(ctx: Ctx, node: fx.Node) -> Any:
         a = jj.index(want) if want in jj and jj.index(want) in varying else max(varying, key=lambda k: (T.shape[k], k))
         Tm = np.moveaxis(T, a, 0).reshape(T.shape[a], -1)
         Zm = np.moveaxis(Z, a, 0).reshape(T.shape[a], -1)
+        Km = np.moveaxis(K, a, 0).reshape(T.shape[a], -1)
         if len(varying) > 1:
             for row in Tm:
                 ctx.uf.union_all(row)
-        out.set(jj[a], Tm[:, 0].copy(), Zm.all(axis=1))
+        out.set(jj[a], Tm[:, 0].copy(), Zm.all(axis=1), np.where((Km == Km[:, :1]).all(axis=1), Km[:, 0], np.nan))
     return out
 
 
@@ -578,7 +649,7 @@ def _permute(ctx: Ctx, node: fx.Node) -> Any:
     for new, old in enumerate(dims):
         old = ndim_dim(old, x.ndim)
         if old in x.labels:
-            out.set(new, x.labels[old], x.zero[old])
+            out.set(new, x.labels[old], x.zero[old], x.const_of(old))
     return out
 
 
@@ -596,7 +667,7 @@ def _transpose(ctx: Ctx, node: fx.Node) -> Any:
     out = TInfo(shape)
     for new, old in enumerate(perm):
         if old in x.labels:
-            out.set(new, x.labels[old], x.zero[old])
+            out.set(new, x.labels[old], x.zero[old], x.const_of(old))
     return out
 
 
@@ -609,7 +680,7 @@ def _expand(ctx: Ctx, node: fx.Node) -> Any:
     off = len(shape) - x.ndim
     for d, ids in x.labels.items():
         if x.shape[d] == shape[d + off]:
-            out.set(d + off, ids, x.zero[d])
+            out.set(d + off, ids, x.zero[d], x.const_of(d))
         else:
             ctx.block_ids(ids, f"expand of a channel dim ({node.name})")
     return out
@@ -642,12 +713,17 @@ def _reduce(kind: str, dim_at: int = 1) -> Callable[[Ctx, fx.Node], Any]:
         for d, ids in x.labels.items():
             if d in red:
                 if kind == "sum":
-                    ctx.sink(x, d)
+                    ctx.sink(x, d, why_not=f"a sum over channels ({node.name}) would lose it")
                 else:
                     ctx.block_ids(ids, f"{kind} over a channel dim ({node.name})")
                 continue
             nd = d if keepdim else d - sum(1 for r in red if r < d)
-            out.set(nd, ids, x.zero[d] if kind in ("sum", "mean", "max", "var", "std") else None)
+            count = math.prod(x.shape[r] for r in red)
+            if kind in ("var", "std"):  # the spread of a constant channel is zero
+                const = np.where(np.isnan(x.const_of(d)), np.nan, 0.0)
+            else:
+                const = x.const_of(d) * (count if kind == "sum" else 1)
+            out.set(nd, ids, x.zero[d] if kind in ("sum", "mean", "max", "var", "std") else None, const)
         return out
 
     return analyze
@@ -679,12 +755,26 @@ def _spatial(n_spatial: Callable[[fx.Node, TInfo], int], zero_preserving: bool |
             if d >= x.ndim - k:
                 ctx.block_ids(ids, f"{op_name(node)} over a channel dim ({node.name})")
             else:
-                out.set(d, ids, x.zero[d] if zp else None)
+                out.set(d, ids, x.zero[d] if zp else None, x.const_of(d) if zp and _keeps_constants(node) else None)
         if isinstance(node.meta.get("val"), (tuple, list)):  # (values, indices): indices follow the values
             return (out, _copy(out, zero=False))
         return out
 
     return analyze
+
+
+_CONSTANT_KEEPING = ("reflection_pad", "replication_pad", "max_pool", "adaptive_max_pool", "adaptive_avg_pool",
+                     "_adaptive_avg_pool", "upsample_nearest", "_upsample_nearest_exact")
+
+
+def _keeps_constants(node: fx.Node) -> bool:
+    """A channel that is one value everywhere stays that value: pads that copy the border, max pooling
+    (its padding is −inf), adaptive pooling (no padding) and nearest upsampling. Zero padding, average
+    pooling with padding and interpolation (rounding of the weights) are not claimed."""
+    name = short_name(node)
+    if node.target is aten.pad.default:  # reflect / replicate / circular copy the channel's own values
+        return arg(node, 2, "mode", "constant") != "constant"
+    return any(name.startswith(p) for p in _CONSTANT_KEEPING)
 
 
 def _all_but_two(node: fx.Node, x: TInfo) -> int:
@@ -885,6 +975,32 @@ def _conv_out_zero(w: torch.Tensor | None, bias: torch.Tensor | None, has_bias: 
     return no_bias & ~reads_live.reshape(cout)
 
 
+def _padding(node: fx.Node) -> Any:
+    if node.target is aten.convolution.default:
+        return arg(node, 4, "padding", 0)
+    return arg(node, 4, "padding", 0)
+
+
+def _fold_site(ctx: Ctx, node: fx.Node, w_node: Any, b_node: Any, in_dim: int, out_dim: int,
+               transposed: bool) -> tuple[FoldSite | None, str]:
+    """Whether this conv/linear can absorb a constant input channel into its bias exactly, or why not."""
+    where = f"{short_name(node)} {module_path(node) or node.name}"
+    if transposed:
+        return None, f"the transposed convolution {where} adds it a position-dependent number of times"
+    pad = _padding(node) if short_name(node) not in ("linear", "addmm", "mm", "matmul") else 0
+    if isinstance(pad, str):
+        no_pad = pad == "valid"
+    else:
+        no_pad = all(int(p) == 0 for p in (pad if isinstance(pad, (list, tuple)) else [pad]))
+    if not no_pad:
+        return None, f"{where} zero-pads it (a constant channel is not constant at the borders, so no bias can absorb it)"
+    if ctx.param_name(w_node) is None or ctx.param_name(b_node) is None:
+        return None, f"{where} has no bias parameter to absorb it"
+    if len(b_node.users) != 1:
+        return None, f"{where} shares its bias with another op"
+    return FoldSite(node.name, w_node.target, b_node.target, in_dim, out_dim), ""
+
+
 def _needs_param(ctx: Ctx, node: fx.Node, w: Any, ids_to_block: list[np.ndarray]) -> bool:
     """A weight must be a parameter read directly (a ``get_attr``) to be cut with its channels."""
     if ctx.param_name(w) is not None:
@@ -921,21 +1037,32 @@ def _conv(ctx: Ctx, node: fx.Node) -> Any:
     w = ctx.tensor(w_node)
     bias = ctx.tensor(b_node) if isinstance(b_node, fx.Node) else None
     zero = _conv_out_zero(w, bias, isinstance(b_node, fx.Node), transposed, g, cin, cout, in_zero)
+    # a filter that reads nothing live outputs its bias everywhere: a constant channel
+    const = np.full(cout, np.nan)
+    if w is not None and (bias is not None or not isinstance(b_node, fx.Node)):
+        reads_nothing = _conv_out_zero(w, None, False, transposed, g, cin, cout, in_zero)
+        const = np.where(reads_nothing, _values(bias, cout), np.nan)
     # parameters: the weight's out (and in) dims, the bias
+    unfollowed = f"{short_name(node)} reads an input strfx does not follow ({node.name})"
     if transposed:  # weight (cin, cout/g, k...)
         if xin is not None:
             ctx.tie(w_node, 0, xin)
+        else:
+            ctx.pin(w_node, 0, unfollowed)
         if g == 1:
             ctx.tie(w_node, 1, out_ids)
     else:  # weight (cout, cin/g, k...)
         ctx.tie(w_node, 0, out_ids)
         if xin is not None and g == 1:
             ctx.tie(w_node, 1, xin)
+        elif xin is None:
+            ctx.pin(w_node, 1, unfollowed)
     if isinstance(b_node, fx.Node):
         ctx.tie(b_node, 0, out_ids)
     if g == 1:
         if xin is not None:
-            ctx.sink(x, cdim)
+            fold, why = _fold_site(ctx, node, w_node, b_node, 1, 0, transposed)
+            ctx.sink(x, cdim, fold, why)
     elif ig == 1:
         # depthwise-like: each input channel owns its og outputs; cut whole groups
         if xin is None:
@@ -958,7 +1085,7 @@ def _conv(ctx: Ctx, node: fx.Node) -> Any:
     params = [(w_node.target, out_dim_w)] + ([(b_node.target, 0)] if ctx.param_name(b_node) else [])
     ctx.writers.append(Writer(node, "conv", out_ids, params))
     out = TInfo(shape)
-    out.set(len(shape) - n_sp - 1, out_ids, zero)
+    out.set(len(shape) - n_sp - 1, out_ids, zero, const)
     return out
 
 
@@ -1007,9 +1134,13 @@ def _dense(ctx: Ctx, node: fx.Node, x_arg: Any, w_node: Any, b_node: Any, out_di
     ctx.tie(w_node, out_dim, out_ids)
     if xin is not None:
         ctx.tie(w_node, in_dim, xin)
-        ctx.sink(x, last)
+        fold, why = _fold_site(ctx, node, w_node, b_node, in_dim, out_dim, False)
+        ctx.sink(x, last, fold, why)
+    else:
+        ctx.pin(w_node, in_dim, f"{short_name(node)} reads an input strfx does not follow ({node.name})")
     if has_bias:
         ctx.tie(b_node, -1, out_ids)
+    const = np.full(n_out, np.nan)
     if w is None or has_bias and bias is None:
         zero = np.zeros(n_out, bool)
     else:
@@ -1017,12 +1148,14 @@ def _dense(ctx: Ctx, node: fx.Node, x_arg: Any, w_node: Any, b_node: Any, out_di
         if in_zero.any():
             ww = ww[:, torch.from_numpy(~in_zero).to(ww.device)]
         zero = ~ww.any(1).cpu().numpy() & (np.ones(n_out, bool) if not has_bias else ~_nz_along(bias, bias.dim() - 1))
+        if bias is None or bias.dim() == 1:  # a row that reads nothing live outputs its bias: a constant
+            const = np.where(~ww.any(1).cpu().numpy(), _values(bias, n_out), np.nan)
     bias_zero = not has_bias or (bias is not None and not _nz(bias).any())
     out = TInfo(shape)
     for d, ids in x.labels.items():
         if d != last:
             out.set(d, ids, x.zero[d] & bias_zero)
-    out.set(len(shape) - 1, out_ids, zero)
+    out.set(len(shape) - 1, out_ids, zero, const)
     params = [(w_node.target, out_dim)] + ([(b_node.target, 0)] if ctx.param_name(b_node) else [])
     ctx.writers.append(Writer(node, "linear", out_ids, params))
     return out
@@ -1113,7 +1246,11 @@ def _norm(ctx: Ctx, node: fx.Node) -> Any:
         else:
             out.set(d, ids)
     ids = x.labels.get(1)
-    if ids is None:
+    if ids is None:  # a norm (maybe shared) on channels strfx does not follow: its parameters stay whole
+        for i in (spec.weight, spec.bias, spec.mean, spec.var):
+            p = arg(node, i, "") if i is not None else None
+            if isinstance(p, fx.Node):
+                ctx.pin(p, 0, f"{short_name(node)} reads an input strfx does not follow ({node.name})")
         return (out, *ctx.fresh_value(node)[1:]) if multi else out
     n = x.shape[1]
     w_node, b_node = arg(node, spec.weight, "weight"), arg(node, spec.bias, "bias") if spec.bias is not None else None
@@ -1148,7 +1285,11 @@ def _norm(ctx: Ctx, node: fx.Node) -> Any:
         mean = ctx.tensor(m_node)
         if mean is not None:
             zero |= x.zero[1] & ~_nz(mean) & b_zero
-    out.set(1, ids, zero)
+    const = np.full(n, np.nan)  # γ = 0: the channel is β whatever the input (network slimming leaves many)
+    if isinstance(w_node, fx.Node) and w is not None and (b is not None or not isinstance(b_node, fx.Node)):
+        beta = b.detach().to(torch.float64).cpu().numpy() if b is not None else np.zeros(n)
+        const = np.where(~_nz(w), beta, np.nan)
+    out.set(1, ids, zero, const)
     kind = "batch_norm" if "batch_norm" in op_name(node) else "norm"
     ctx.writers.append(Writer(node, kind, ids, params, affine=isinstance(w_node, fx.Node) and isinstance(b_node, fx.Node)))
     return (out, *ctx.fresh_value(node)[1:]) if multi else out
@@ -1202,6 +1343,8 @@ def _prelu(ctx: Ctx, node: fx.Node) -> Any:
     w_shape = ctx.shape(w_node)
     if w_shape and w_shape[0] > 1 and x.ndim >= 2 and 1 in x.labels:
         ctx.tie(w_node, 0, x.labels[1])
+    elif w_shape and w_shape[0] > 1:
+        ctx.pin(w_node, 0, f"prelu on channels strfx does not follow ({node.name})")
     return out
 
 

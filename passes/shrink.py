@@ -94,8 +94,41 @@ def set_tensor(root: nn.Module, name: str, value: torch.Tensor) -> None:
         setattr(owner, leaf, value)
 
 
+def bias_deltas(gm: nn.Module, analysis: ChannelAnalysis) -> dict[str, torch.Tensor]:
+    """What each consumer's bias gains when its constant input channels are cut (qualified name → delta).
+
+    A channel that is the constant ``k`` everywhere contributes ``k · Σ W[:, c, ...]`` to every
+    output of a linear layer or of a conv that pads nothing; the analysis only lets such a channel
+    go where every consumer is one of those (:class:`~strfx.passes.channel_analysis.FoldSite`).
+    """
+    deltas: dict[str, torch.Tensor] = {}
+    for site, pos, const in analysis.folded():
+        w = _fetch(gm, site.weight).detach()
+        idx = torch.as_tensor(pos, device=w.device)
+        shape = [1] * w.dim()
+        shape[site.in_dim] = len(pos)
+        k = torch.as_tensor(const, dtype=torch.float64, device=w.device).reshape(shape)
+        contrib = w.index_select(site.in_dim, idx).to(torch.float64) * k
+        delta = contrib.sum([d for d in range(w.dim()) if d != site.out_dim])
+        deltas[site.bias] = deltas[site.bias] + delta if site.bias in deltas else delta
+    return deltas
+
+
+def apply_bias_deltas(root: nn.Module, deltas: dict[str, torch.Tensor]) -> None:
+    """Add ``deltas`` to the (uncut) biases of ``root`` in place, in each bias' own dtype."""
+    for name, delta in deltas.items():
+        b = _fetch(root, name)
+        set_tensor(root, name, (b.detach().to(torch.float64) + delta.to(b.device)).to(b.dtype))
+
+
 def shrink_graph(gm: fx.GraphModule, analysis: ChannelAnalysis) -> dict[str, dict[int, np.ndarray]]:
-    """Cut the dead channels of ``analysis`` out of ``gm`` (in place); returns the keep masks."""
+    """Cut the dead channels of ``analysis`` out of ``gm`` (in place); returns the keep masks.
+
+    Constant channels that are cut are first folded into their consumers' biases; what was added is
+    left in ``analysis.bias_deltas`` so the same change can be made to the eager model.
+    """
+    analysis.bias_deltas = bias_deltas(gm, analysis)
+    apply_bias_deltas(gm, analysis.bias_deltas)
     cuts = keep_masks(analysis)
     for name, keeps in cuts.items():
         set_tensor(gm, name, cut_tensor(_fetch(gm, name), keeps))

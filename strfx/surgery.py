@@ -37,7 +37,7 @@ from strfx.errors import StrfxError, VerificationError
 from strfx.modules import STR_PARAMETRIZATIONS, STRShift
 from strfx.passes.capture import as_inputs, capture, eval_mode
 from strfx.passes.channel_analysis import META_KEY, ChannelAnalysis, TInfo, analyze_channels
-from strfx.passes.shrink import cut_tensor, set_tensor, shrink_graph
+from strfx.passes.shrink import apply_bias_deltas, cut_tensor, set_tensor, shrink_graph
 from strfx.verify import (NotEquivalentError, _to64, available_memory, check_equivalent, max_rel_error,
                           verification_inputs)
 
@@ -69,6 +69,10 @@ class ShrinkReport(BaseModel):
         "eager", description="'eager': the user's own module class with smaller parameters; 'exported': the "
         "cut ATen graph (the model's forward hard-codes a size no module attribute carries).")
     note: str = Field("", description="Why the result is the exported graph, when it is.")
+    constant_channels_folded: int = Field(0, description="Removed channels that were provably constant (e.g. BatchNorm "
+                                          "γ = 0, β ≠ 0), folded into their consumers' biases first.")
+    constant_channels_kept: list[str] = Field(default_factory=list, description="Provably constant channels kept, "
+                                              "with why no consumer bias can absorb them exactly (e.g. zero padding).")
 
 
 def example_inputs_of(model: nn.Module, example_inputs: Any = None) -> tuple[Any, ...]:
@@ -245,8 +249,19 @@ def _fix_hf_config(model: nn.Module, cuts: dict[str, dict[int, np.ndarray]]) -> 
 
 
 
-def _cut_eager(model: nn.Module, cuts: dict[str, dict[int, np.ndarray]]) -> str | None:
-    """Apply ``cuts`` to the eager ``model`` in place; the reason it cannot, else None."""
+def _cut_eager(model: nn.Module, cuts: dict[str, dict[int, np.ndarray]],
+               deltas: dict[str, torch.Tensor] | None = None) -> str | None:
+    """Apply ``cuts`` (after the constant-channel ``deltas`` to biases) to the eager ``model`` in place;
+    the reason it cannot, else None."""
+    for name in deltas or {}:
+        owner_name, _, leaf = name.rpartition(".")
+        try:
+            owner = model.get_submodule(owner_name) if owner_name else model
+            if not isinstance(getattr(owner, leaf), torch.Tensor):
+                raise AttributeError(name)
+        except AttributeError:
+            return f"{name} is a constant made in forward(), not a module attribute"
+    apply_bias_deltas(model, deltas or {})
     owners: dict[str, nn.Module] = {}
     for name, keeps in cuts.items():
         owner_name, _, leaf = name.rpartition(".")
@@ -297,7 +312,7 @@ def _cut_model(model: nn.Module, inputs: Sequence[Any], round_to: int = 1,
     # inference graph, named after the user's class.
     gm = fx.GraphModule(gm, gm.graph, type(model).__name__)
     gm.train(model.training)
-    return plain, gm, analysis, _cut_eager(plain, cuts)
+    return plain, gm, analysis, _cut_eager(plain, cuts, analysis.bias_deltas)
 
 
 def _float64_reference(model: nn.Module) -> nn.Module | str:
@@ -378,6 +393,7 @@ def shrink(model: nn.Module, example_inputs: Sequence[torch.Tensor] | torch.Tens
         verified_on=eq.inputs, notes=notes + eq.notes,
         analysis_s=t1 - t0, shrink_s=t2 - t1, round_to=round_to,
         result="eager" if result is plain else "exported", note=note or "",
+        constant_channels_folded=analysis.folded_channels(), constant_channels_kept=analysis.constant_channels_kept(),
     )
     result.strfx_shrink = rep.model_dump()
     return result

@@ -149,12 +149,15 @@ class RandomNet(torch.nn.Module):
     LayerNorm+MLP blocks, and a flatten→linear or pooled head.
     """
 
-    def __init__(self, program: list[tuple[str, tuple[Any, ...]]], layers: dict[str, torch.nn.Module]) -> None:
+    def __init__(self, program: list[tuple[str, tuple[Any, ...]]], layers: dict[str, torch.nn.Module],
+                 outputs: str = "tensor") -> None:
         super().__init__()
         self.program = program
         self.layers = torch.nn.ModuleDict(layers)
+        self.outputs = outputs  # "tensor", "shape" (logits, width) or "dict" (with non-tensor leaves)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor) -> Any:
+        F = torch.nn.functional
         vals = [x]
         for op, a in self.program:
             if op == "seq":
@@ -191,11 +194,39 @@ class RandomNet(torch.nn.Module):
                 v = vals[a[0]]
                 v = torch.flatten(v, 1) if a[2] else v.mean((2, 3))
                 vals.append(self.layers[a[1]](v))
-        return vals[-1]
+            # --- extended ops (random_cnn(extended=True)): the edges a new user's model has
+            elif op == "kwact":  # keyword-called, possibly with a non-zero image of 0
+                kind, p, q = a[1], a[2], a[3]
+                v = vals[a[0]]
+                vals.append(F.hardtanh(v, min_val=p, max_val=q) if kind == "hardtanh" else
+                            F.threshold(v, threshold=p, value=q) if kind == "threshold" else
+                            torch.clamp(v, min=p, max=q))
+            elif op == "dimnorm":  # computed dims: sizes read from the tensor at run time
+                v = vals[a[0]]
+                vals.append(F.layer_norm(v, v.shape[1:]) if a[1] else v / v.shape[1])
+            elif op == "inplace":  # in-place ops through views of a copy
+                v = vals[a[0]].clone()
+                if a[1] == "slice":
+                    v[:, : v.shape[1] // 2].mul_(2.0)
+                else:
+                    v.transpose(2, 3).add_(0.5)
+                vals.append(v)
+        out = vals[-1]
+        if self.outputs == "shape":
+            return out, out.shape[1]
+        if self.outputs == "dict":
+            return {"logits": out, "features": vals[-2] if vals[-2].dim() == 2 else None, "width": out.shape[-1]}
+        return out
 
 
-def random_cnn(seed: int, max_steps: int = 8) -> tuple[torch.nn.Module, tuple[torch.Tensor]]:
-    """A small random :class:`RandomNet` and an input for it, fully determined by ``seed``."""
+def random_cnn(seed: int, max_steps: int = 8, extended: bool = False) -> tuple[torch.nn.Module, tuple[torch.Tensor]]:
+    """A small random :class:`RandomNet` and an input for it, fully determined by ``seed``.
+
+    ``extended`` adds the ops a first fuzz of new users' models found wanting: keyword-called
+    hardtanh/threshold/clamp with non-zero images of 0, sizes computed from ``x.shape``, in-place ops
+    through views, pad modules on the channel dim, InstanceNorm with running statistics, BatchNorm
+    channels with γ = 0 and β ≠ 0 (constants), and non-tensor outputs (the default stream is unchanged).
+    """
     import random
 
     from torch import nn
@@ -230,13 +261,33 @@ def random_cnn(seed: int, max_steps: int = 8) -> tuple[torch.nn.Module, tuple[to
         norm = r.random()
         bias = norm >= 0.6 or r.random() < 0.3
         mods: list[nn.Module] = [nn.Conv2d(cin_, cout, k, padding=k // 2, groups=groups, bias=bias)]
-        if norm < 0.45:
+        if extended and norm < 0.1:
+            inorm = nn.InstanceNorm2d(cout, affine=r.random() < 0.5, track_running_stats=True)
+            inorm.running_mean.uniform_(-0.5, 0.5)
+            inorm.running_var.uniform_(0.5, 1.5)
+            mods.append(inorm)
+        elif norm < 0.45:
             mods.append(nn.BatchNorm2d(cout))
         elif norm < 0.6 and cout % 2 == 0:
             mods.append(nn.GroupNorm(2, cout))
         if r.random() < 0.7:
             mods.append(r.choice([nn.ReLU(), nn.Hardswish(), nn.SiLU()]))
         push("seq", (src, add_layer(nn.Sequential(*mods))), cout)
+
+    def extended_op(src: int, c: int) -> None:
+        kind = r.random()
+        if kind < 0.3:
+            act = r.choice(["hardtanh", "threshold", "clamp"])
+            p = r.choice([-1.0, 0.0, 0.5])
+            push("kwact", (src, act, p, r.choice([p + 1.0, 2.0]) if act != "threshold" else r.choice([0.0, 1.5])), c)
+        elif kind < 0.5:
+            push("dimnorm", (src, r.random() < 0.5), c)
+        elif kind < 0.7:
+            push("inplace", (src, r.choice(["slice", "transpose"])), c)
+        else:
+            front, back = r.choice([(1, 0), (0, 2), (1, 1)])
+            pad = add_layer(nn.ConstantPad3d((0, 0, 0, 0, front, back), r.choice([0.0, 0.0, 1.0])))
+            push("seq", (src, pad), c + front + back)
 
     conv_block(0, r.choice([4, 6, 8]))
     for _ in range(r.randint(2, max_steps)):
@@ -263,13 +314,21 @@ def random_cnn(seed: int, max_steps: int = 8) -> tuple[torch.nn.Module, tuple[to
         elif op < 0.9:
             norm = add_layer(nn.LayerNorm(c)) if r.random() < 0.5 else None
             push("cl_mlp", (src, add_layer(nn.Linear(c, 2 * c)), add_layer(nn.Linear(2 * c, c)), norm), c)
-        else:
+        elif not extended or op < 0.95:
             push("act", (src, r.choice(["relu", "silu"])), c)
+        else:
+            extended_op(src, c)
     last = len(chans) - 1
     flat = r.random() < 0.5
     feats = chans[last] * (hw * hw if flat else 1)
     push("head", (last, add_layer(nn.Linear(feats, r.choice([3, 5]))), flat), 0)
-    model = RandomNet(program, layers)
+    outputs = r.choice(["tensor", "tensor", "shape", "dict"]) if extended else "tensor"
+    model = RandomNet(program, layers, outputs)
     randomize_(model, seed)
+    if extended:  # network slimming: some BatchNorm channels are the constant β
+        with torch.no_grad():
+            for mod in model.modules():
+                if isinstance(mod, nn.BatchNorm2d) and r.random() < 0.3:
+                    mod.weight[r.randrange(mod.num_features)] = 0.0
     model.eval()
     return model, (torch.randn(2, cin, hw, hw, generator=torch.Generator().manual_seed(seed)),)
