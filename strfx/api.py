@@ -25,6 +25,17 @@ def _as_tuple(example_inputs: Any) -> tuple[Any, ...] | None:
     return tuple(example_inputs)
 
 
+def deepcopy_model(model: nn.Module) -> nn.Module:
+    """``copy.deepcopy`` that also copies tensors a forward pass left on modules (attention-bias caches
+    computed with gradients on: non-leaf tensors refuse deepcopy), as detached tensors."""
+    memo: dict[int, Any] = {}
+    for mod in model.modules():
+        for value in vars(mod).values():
+            if isinstance(value, torch.Tensor) and value.grad_fn is not None:
+                memo[id(value)] = value.detach().clone()
+    return copy.deepcopy(model, memo)
+
+
 def sparsify(
     model: nn.Module,
     mode: str | None = None,
@@ -53,7 +64,7 @@ def sparsify(
         result = sparsify_lowrank(model, cfg.lowrank, example_inputs=inputs, verify=verify)
         result._strfx = {"config": cfg, "example_inputs": inputs}
         return result
-    result = copy.deepcopy(model)  # the user's model stays untouched (parametrize mutates modules)
+    result = deepcopy_model(model)  # the user's model stays untouched (parametrize mutates modules)
     gm = capture(model, inputs, cfg.capture)
     analysis = analyze_channels(gm) if cfg.mode == "structured" else None
     insert_str(result, gm, cfg, analysis)

@@ -135,7 +135,9 @@ def _remove_parametrizations(model: nn.Module) -> None:
 @torch.no_grad()
 def fold_str(model: nn.Module) -> nn.Module:
     """A deep copy of ``model`` with STR folded into plain parameters (same function, no strfx inside)."""
-    plain = copy.deepcopy(model)
+    from strfx.api import deepcopy_model
+
+    plain = deepcopy_model(model)
     _remove_parametrizations(plain)
     if hasattr(plain, "_strfx"):
         del plain._strfx

@@ -190,3 +190,24 @@ def test_dropout_and_drop_path_still_train(mode):
     assert not torch.allclose(sparse(x), got)  # really random in train mode
     sparse.eval()
     torch.testing.assert_close(sparse(x), sparse(x))
+
+
+class CachesABias(nn.Module):
+    """Caches a tensor computed from a parameter in forward (timm's attention-bias caches do this)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.fc = conv_bn(3, 8), nn.Linear(8, 3)
+        self.bias_table = nn.Parameter(torch.randn(8))
+        self.cache = None
+
+    def forward(self, x):
+        self.cache = self.bias_table * 2  # a non-leaf tensor left on the module
+        return self.fc(self.a(x).mean((2, 3))) + self.cache[:3]
+
+
+def test_models_holding_forward_caches_can_be_sparsified():
+    model = CachesABias()
+    model(torch.randn(2, 3, 4, 4))  # with gradients on: the cache is a non-leaf tensor (deepcopy refuses it)
+    sparse = strfx.sparsify(model, "structured", example_inputs=(torch.randn(2, 3, 4, 4),))
+    assert strfx.shrink(sparse).strfx_shrink["max_error"] <= 1e-4
