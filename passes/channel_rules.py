@@ -846,6 +846,10 @@ def _sdpa(ctx: Ctx, node: fx.Node) -> Any:
             ctx.uf.union_arrays(ids, k.labels[head])
             ctx.uf.union_arrays(ids, v.labels[head])
             out.set(head, ids, v.zero[head].copy())
+    if arg(node, 6, "scale") is None:  # the default scale 1/√d changes with the per-head dim: keep it whole
+        for t in (q, k):
+            if R - 1 in t.labels:
+                ctx.block_ids(t.labels[R - 1], f"attention scale depends on the per-head dim ({node.name})")
     for t in (q, k):
         if R - 1 in t.labels:
             ctx.sink(t, R - 1)

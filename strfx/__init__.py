@@ -57,5 +57,19 @@ class _Package(types.ModuleType):
 
 sys.modules[__name__].__class__ = _Package
 
+class _TorchvisionShim:
+    """``import torchvision`` after ``import strfx`` declares the missing operator schemas first
+    (strfx/_torchvision.py says why), without strfx importing torch before it is needed."""
+
+    def find_spec(self, name: str, path: Any = None, target: Any = None) -> None:
+        if name == "torchvision" and "torchvision" not in sys.modules:
+            if self in sys.meta_path:
+                sys.meta_path.remove(self)
+            importlib.import_module("strfx._tvshim").prepare()
+        return None  # the normal import goes on
+
+
 if "torch" in sys.modules:  # torch is paid for already: make `import torchvision` safe right away
     importlib.import_module("strfx._torchvision")
+elif "torchvision" not in sys.modules:
+    sys.meta_path.insert(0, _TorchvisionShim())

@@ -434,7 +434,7 @@ def test_a_dimension_never_loses_every_channel():
 @pytest.mark.parametrize("act", [nn.Hardswish, nn.Hardsigmoid])
 def test_activations_without_the_pointwise_tag_keep_channels_prunable(act):
     """aten.hardswish carries no torch.Tag.pointwise; it is elementwise and maps 0 to 0, so dead channels pass
-    through it (hardsigmoid maps 0 to 0.5: the channels after it stay)."""
+    through it (hardsigmoid maps 0 to 0.5: a constant channel, folded into the next conv's bias and removed)."""
     m = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8), act(),
                       nn.Conv2d(8, 4, 1), nn.AdaptiveAvgPool2d(1), nn.Flatten()).eval()
     kill_bn(m[1], [1, 5])
@@ -442,7 +442,8 @@ def test_activations_without_the_pointwise_tag_keep_channels_prunable(act):
     _, analysis = analyze(m, (x,))
     assert not analysis.unknown_ops
     small = shrink_checked(m, x)
-    assert small[0].out_channels == (6 if act is nn.Hardswish else 8)
+    assert small[0].out_channels == 6
+    assert small.strfx_shrink["constant_channels_folded"] == (0 if act is nn.Hardswish else 2)
 
 
 @pytest.mark.parametrize("dim,kept", [(-1, 5), (1, 8)])

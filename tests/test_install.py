@@ -35,7 +35,8 @@ def test_wheel_installs_passes_as_a_subpackage(tmp_path: Path) -> None:
                           timeout=300)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip() == "20"  # resnet18 has 20 BatchNorms
-    readme = "import strfx, torchvision; strfx.sparsify(torchvision.models.resnet18())"
+    readme = ("import strfx, torchvision, torch; "  # torchvision after strfx: the schema shim runs first
+              "strfx.sparsify(torchvision.models.resnet18(), example_inputs=torch.randn(1, 3, 64, 64))")
     proc = subprocess.run([sys.executable, "-c", readme], cwd=tmp_path, env=env, capture_output=True, text=True,
                           timeout=300)
     assert proc.returncode == 0, proc.stderr
