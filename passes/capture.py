@@ -72,12 +72,13 @@ def _first_line(err: BaseException) -> str:
 
 
 @contextlib.contextmanager
-def _quiet() -> Iterator[None]:
-    """torch.export logs warnings and prints graphs while it works (and when it fails); a user gets
-    strfx's one line instead."""
+def quiet() -> Iterator[None]:
+    """torch.export and the ONNX exporters log warnings, print progress and dump graphs while they work
+    (and when they fail); a user gets strfx's one line instead."""
     logging.disable(logging.WARNING)
     try:
-        with warnings.catch_warnings(), contextlib.redirect_stderr(io.StringIO()):
+        with warnings.catch_warnings(), contextlib.redirect_stderr(io.StringIO()), \
+                contextlib.redirect_stdout(io.StringIO()):
             warnings.simplefilter("ignore")
             yield
     finally:
@@ -101,7 +102,7 @@ def export(model: nn.Module, example_inputs: Sequence[Any], config: CaptureConfi
         batch = torch.export.Dim("batch", min=1)
         shapes = tuple({0: batch} if isinstance(x, torch.Tensor) and x.dim() > 0 else None for x in inputs)
     try:
-        with eval_mode(model), _quiet():
+        with eval_mode(model), quiet():
             ep = torch.export.export(model, inputs, strict=config.strict, dynamic_shapes=shapes)
             return ep.run_decompositions({})
     except Exception as err:  # noqa: BLE001 - export raises many kinds; all become one clear line
