@@ -649,9 +649,6 @@ def plot_ranks(rep: LowRankReport, path: str | Path, title: str | None = None) -
     saved = 1 - rep.params_after / rep.params_dense if rep.params_dense else 0.0
     ax.set_title(title or f"learned ranks ({saved:.1%} of the low-rank layers' weights removed by factoring)")
     ax.legend(loc="upper left", fontsize=8)
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=120)
-    plt.close(fig)
-    atomic_write(path, buf.getvalue())
-    return Path(path)
+    from strfx.plot import save_figure
+
+    return save_figure(fig, path)

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import io
+from typing import Any
+
 from pathlib import Path
 
 from strfx.report import Report
@@ -32,6 +35,13 @@ def plot_budget(rep: Report, path: str | Path, title: str | None = None) -> Path
     ax.set_xlabel(f"STR layer ({unit} in the layer)")
     ax.spines[["top", "right"]].set_visible(False)
     ax.set_title(title or f"{rep.model}: layer-wise sparsity ({rep.sparsity:.1%} overall)")
+    return save_figure(fig, path)
+
+
+def save_figure(fig: Any, path: str | Path) -> Path:
+    """Write a matplotlib figure as PNG atomically (temporary name, then rename) and close it."""
+    import matplotlib.pyplot as plt
+
     fig.tight_layout()
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=120)
