@@ -140,7 +140,7 @@ class Writer:
     """An op that writes channels with per-channel parameters (where structured STR can act)."""
 
     node: fx.Node
-    kind: str  # "conv", "linear", "embedding", "batch_norm", "norm"
+    kind: str  # "conv", "linear", "embedding", "batch_norm", "norm", "layer_norm", "param" (x + p, cat)
     ids: np.ndarray  # channel ids of its output along the written dim
     params: list[tuple[str, int]]  # (qualified parameter name, dim) written per channel
     affine: bool = True  # a norm with γ/β (else it cannot carry STR)
@@ -358,6 +358,8 @@ class ChannelAnalysis:
     folds: list[tuple[FoldSite, np.ndarray, np.ndarray, np.ndarray]] = field(default_factory=list)
     const_kept: list[tuple[np.ndarray, str]] = field(default_factory=list)
     bias_deltas: dict[str, Any] = field(default_factory=dict)  # set by the shrink pass: what it added to biases
+    # set by the shrink pass: (module path, kind, original width, kept width) of statistics over cut channels
+    width_fixes: list[tuple[str, str, int, int]] = field(default_factory=list)
 
     def folded(self) -> list[tuple[FoldSite, np.ndarray, np.ndarray]]:
         """(consumer, positions along its input dim, constants) of the constant channels that are cut."""

@@ -265,9 +265,12 @@ def _pointwise(ctx: Ctx, node: fx.Node) -> Any:
             continue
         for _, t, dd in labelled[1:]:
             ctx.uf.union_arrays(ids, t.labels[dd])
-        if not all(_tie_const(ctx, a, dd, ids) for _, a, dd in params):
+        tied = [_tie_const(ctx, a, dd, ids) for _, a, dd in params]
+        if not all(tied):
             ctx.block_ids(ids, f"{op_name(node)} with a parameter computed in forward that strfx cannot cut ({node.name})")
             continue
+        if tied and not all(single_zero[k] for k, _, _ in labelled):  # x + bias: the parameter writes the channel
+            ctx.writers.append(Writer(node, "param", ids, [t for t in tied if t is not None]))
         zeros = {k: t.zero[dd] for k, t, dd in labelled}
         for k, a, dd in params:
             zeros[k] = ~_nz_along(ctx.tensor(a), dd) if ctx.tensor(a) is not None else np.zeros(len(ids), bool)
@@ -294,37 +297,44 @@ _SHAPE_ONLY = {aten.view, aten._unsafe_view, aten.reshape, aten.unsqueeze, aten.
                aten._to_copy, aten.alias, aten.detach, aten.contiguous}
 
 
-def _tie_const(ctx: Ctx, a: fx.Node, dim: int, ids: np.ndarray) -> bool:
+def _tie_const(ctx: Ctx, a: fx.Node, dim: int, ids: np.ndarray) -> tuple[str, int] | None:
     """Label ``dim`` of the constant operand ``a`` with ``ids``, and the parameter it comes from.
 
     Only the parameter itself is cut, so a constant computed in ``forward`` can follow a cut only
-    when it is that parameter reshaped (``gamma.view(1, -1, 1, 1)``, ``gamma[:, None, None]``): then
-    every node of the chain is labelled too (their size arguments are rewritten). False otherwise.
+    when it is that parameter reshaped or broadcast (``gamma.view(1, -1, 1, 1)``, ``gamma[:, None,
+    None]``, ``cls_token.expand(B, -1, -1)``): then every node of the chain is labelled too (their
+    size arguments are rewritten). Returns (parameter name, its dim), or None when it cannot.
     """
     chain: list[tuple[fx.Node, int]] = []
     node = a
     while isinstance(node, fx.Node) and node.op == "call_function":
         packet = getattr(node.target, "overloadpacket", None)
         src = node.args[0] if node.args else None
-        if packet not in _SHAPE_ONLY or not isinstance(src, fx.Node) or node.all_input_nodes != [src]:
-            return False
+        if packet not in _SHAPE_ONLY and packet is not aten.expand or not isinstance(src, fx.Node) \
+                or node.all_input_nodes != [src]:
+            return None
         out_shape, in_shape = ctx.shape(node), ctx.shape(src)
         if out_shape is None or in_shape is None:
-            return False
+            return None
         chain.append((node, dim))
-        if in_shape != out_shape:
+        if packet is aten.expand:  # dims align on the right; a broadcast dim is not a channel dim
+            d_in = dim - (len(out_shape) - len(in_shape))
+            if d_in < 0 or in_shape[d_in] != out_shape[dim]:
+                return None
+            dim = d_in
+        elif in_shape != out_shape:
             big_out = [i for i, n in enumerate(out_shape) if n != 1]
             big_in = [i for i, n in enumerate(in_shape) if n != 1]
             if big_out != [dim] or len(big_in) != 1 or in_shape[big_in[0]] != out_shape[dim]:
-                return False
+                return None
             dim = big_in[0]
         node = src
     if not isinstance(node, fx.Node) or node.op != "get_attr":
-        return False
+        return None
     ctx.tie(node, dim, ids)
     for n, d in chain:
         ctx.tie(n, d, ids)
-    return True
+    return node.target, dim
 
 
 def _identity(ctx: Ctx, node: fx.Node) -> Any:
@@ -380,16 +390,25 @@ def _cat(stack: bool) -> Callable[[Ctx, fx.Node], Any]:
             labelled = [i for i in infos if src in i.labels]
             if not labelled:
                 continue
-            if len(labelled) < len(infos):
-                for i in labelled:
-                    ctx.block_ids(i.labels[src], f"cat/stack with a part strfx cannot cut ({node.name})")
-                continue
             ids = labelled[0].labels[src]
+            parts = [a for a, i in zip(seq, infos) if src not in i.labels]
+            if parts:  # a parameter part (a class token) is cut with the channel
+                tied = [_tie_const(ctx, a, src, ids) for a in parts]
+                if not all(tied):
+                    for i in labelled:
+                        ctx.block_ids(i.labels[src], f"cat/stack with a part strfx cannot cut ({node.name})")
+                    continue
+                ctx.writers.append(Writer(node, "param", ids, [t for t in tied if t is not None]))
             for i in labelled[1:]:
                 ctx.uf.union_arrays(ids, i.labels[src])
+            zs = [i.zero[src] for i in labelled]
             cs = [i.const_of(src) for i in labelled]
+            for a in parts:
+                t = ctx.tensor(a)
+                zs.append(~_nz_along(t, src) if t is not None else np.zeros(len(ids), bool))
+                cs.append(_per_index(t, src, len(ids)))
             same = np.logical_and.reduce([c == cs[0] for c in cs])  # NaN != NaN: unknown stays unknown
-            out.set(d, ids, np.logical_and.reduce([i.zero[src] for i in labelled]), np.where(same, cs[0], np.nan))
+            out.set(d, ids, np.logical_and.reduce(zs), np.where(same, cs[0], np.nan))
         return out
 
     return analyze
@@ -712,8 +731,8 @@ def _reduce(kind: str, dim_at: int = 1) -> Callable[[Ctx, fx.Node], Any]:
         out = TInfo(shape)
         for d, ids in x.labels.items():
             if d in red:
-                if kind == "sum":
-                    ctx.sink(x, d, why_not=f"a sum over channels ({node.name}) would lose it")
+                if kind in ("sum", "mean"):  # a mean keeps the original count (see _mean_shrink)
+                    ctx.sink(x, d, why_not=f"a {kind} over channels ({node.name}) would lose it")
                 else:
                     ctx.block_ids(ids, f"{kind} over a channel dim ({node.name})")
                 continue
@@ -846,11 +865,7 @@ def _sdpa(ctx: Ctx, node: fx.Node) -> Any:
             ctx.uf.union_arrays(ids, k.labels[head])
             ctx.uf.union_arrays(ids, v.labels[head])
             out.set(head, ids, v.zero[head].copy())
-    if arg(node, 6, "scale") is None:  # the default scale 1/√d changes with the per-head dim: keep it whole
-        for t in (q, k):
-            if R - 1 in t.labels:
-                ctx.block_ids(t.labels[R - 1], f"attention scale depends on the per-head dim ({node.name})")
-    for t in (q, k):
+    for t in (q, k):  # the default scale 1/√d is written out when d is cut (_sdpa_shrink)
         if R - 1 in t.labels:
             ctx.sink(t, R - 1)
     if R - 1 in q.labels and R - 1 in k.labels and len(q.labels[R - 1]) == len(k.labels[R - 1]):
@@ -862,6 +877,14 @@ def _sdpa(ctx: Ctx, node: fx.Node) -> Any:
     if R - 1 in v.labels:
         out.set(R - 1, v.labels[R - 1], v.zero[R - 1])
     return out
+
+
+def _sdpa_shrink(s: Any, node: fx.Node) -> None:
+    """The default scale 1/√d of the original per-head dim d is written out when d loses dims."""
+    q = s.info(node.args[0])
+    if q is None or arg(node, 6, "scale") is not None or s.keep_of(q, q.ndim - 1) is None:
+        return
+    node.kwargs = {**node.kwargs, "scale": 1.0 / math.sqrt(q.shape[-1])}  # keyword-only in the schema
 
 
 _HEAD_PASS = {"transpose", "t", "permute", "clone", "contiguous", "alias", "_to_copy", "expand", "unsqueeze",
@@ -909,11 +932,14 @@ def _trace_head(n: fx.Node, dim: int, found: dict[fx.Node, int], depth: int) -> 
         big_in = [k for k in ii if xval.shape[k] != 1]
         big_out = [k for k in jj if val.shape[k] != 1]
         if len(big_in) == 1 and len(big_out) > 1:
-            found[n] = dim  # the split that made the heads
+            found[n] = dim  # the split that made the heads (or split a batch × heads dim: look further)
+            _trace_head(x, big_in[0], found, depth + 1)
         elif len(big_in) > 1 and len(big_out) == 1:  # a merge (repeat_kv): the heads are its outer piece
             _trace_head(x, big_in[0], found, depth + 1)
         elif len(big_in) == 1 and len(big_out) == 1:
             _trace_head(x, big_in[0], found, depth + 1)
+        else:  # (batch, channels) → (batch × heads, head dim), as nn.MultiheadAttention does
+            found[n] = dim
         return
     if name in ("transpose", "swapaxes"):
         nd = val.dim()
@@ -1318,7 +1344,14 @@ def _group_norm_shrink(s: Any, node: fx.Node) -> None:
 
 
 def _last_dims_norm(ctx: Ctx, node: fx.Node) -> Any:
-    """layer_norm / rms_norm over the last dims: the statistics mix those channels."""
+    """layer_norm / rms_norm over the last dim(s).
+
+    Over one dim, channels stay channels: output channel c is input channel c normalised, but the
+    statistics read every channel. So a channel can go only where its input is exactly zero (a
+    sink: it adds nothing to the sums) and the cut keeps the original width as the divisor (see
+    :func:`_last_dims_norm_shrink`); the output channel is zero where γ and β are (rms_norm: or the
+    input). Normalised over several dims, the channels are blocked.
+    """
     x = ctx.info(node.args[0])
     val = node.meta.get("val")
     multi = isinstance(val, (tuple, list))
@@ -1326,16 +1359,116 @@ def _last_dims_norm(ctx: Ctx, node: fx.Node) -> Any:
         return _unknown(ctx, node)
     ns = arg(node, 1, "normalized_shape")
     k = len(ns) if isinstance(ns, (list, tuple)) else 1
-    b_node = arg(node, 3, "bias") if node.target is not aten.rms_norm.default else None
+    rms = node.target.overloadpacket is aten.rms_norm
+    w_node = arg(node, 2, "weight")
+    b_node = None if rms else arg(node, 3, "bias")
     b = ctx.tensor(b_node) if isinstance(b_node, fx.Node) else None
     bias_zero = not isinstance(b_node, fx.Node) or (b is not None and not _nz(b).any())
     out = TInfo(x.shape)
     for d, ids in x.labels.items():
-        if d >= x.ndim - k:
-            ctx.block_ids(ids, f"{short_name(node)} normalizes across these channels ({node.name})")
-        else:
+        if d < x.ndim - k:  # a zero row normalises to 0, then β is added
             out.set(d, ids, x.zero[d] & bias_zero)
+            continue
+        params = [p for p in (w_node, b_node) if isinstance(p, fx.Node)]
+        if k != 1 or any(ctx.param_name(p) is None for p in params):
+            ctx.block_ids(ids, f"{short_name(node)} normalizes across these channels ({node.name})")
+            continue
+        ctx.sink(x, d, why_not=f"{short_name(node)} statistics read it ({node.name})")
+        for p in params:
+            ctx.tie(p, 0, ids)
+        n = len(ids)
+        w = ctx.tensor(w_node) if isinstance(w_node, fx.Node) else None
+        w_zero = ~_nz(w) if w is not None else np.zeros(n, bool)
+        b_zero = ~_nz(b) if b is not None else np.full(n, not isinstance(b_node, fx.Node))
+        out.set(d, ids, (w_zero | x.zero[d]) if rms else (w_zero & b_zero))
+        if params:
+            ctx.writers.append(Writer(node, "layer_norm", ids, [(p.target, 0) for p in params]))
     return (out, *ctx.fresh_value(node)[1:]) if multi else out
+
+
+def _reduced_dims(node: fx.Node, ndim: int, dim_at: int = 1) -> list[int] | None:
+    dims = arg(node, dim_at, "dim")
+    if dims is None or dims == []:
+        return list(range(ndim))
+    if isinstance(dims, int):
+        return [ndim_dim(dims, ndim)]
+    if isinstance(dims, (list, tuple)) and all(isinstance(d, int) for d in dims):
+        return [ndim_dim(d, ndim) for d in dims]
+    return None
+
+
+def _full_width(s: Any, node: fx.Node, x: TInfo, dims: list[int]) -> tuple[int, int] | None:
+    """(original, kept) number of elements over ``dims`` of ``x`` when the cut shrinks them, else None."""
+    if not any(s.keep_of(x, d) is not None for d in dims):
+        return None
+    return math.prod(x.shape[d] for d in dims), math.prod(s.keep_count(x, d) for d in dims)
+
+
+def _mean_shrink(s: Any, node: fx.Node) -> None:
+    """A mean over cut channels keeps the original count as its divisor: ``mean · kept / original``
+    (the cut channels were exactly zero, so the sum is unchanged)."""
+    x = s.info(node.args[0])
+    dims = _reduced_dims(node, x.ndim) if x is not None else None
+    widths = _full_width(s, node, x, dims) if dims is not None else None
+    if widths is None:
+        return
+    old, new = widths
+    graph = node.graph
+    with graph.inserting_after(node):
+        scaled = graph.call_function(aten.mul.Tensor, (node, new / old))
+    scaled.meta = dict(node.meta)
+    node.replace_all_uses_with(scaled, delete_user_cb=lambda u: u is not scaled)
+    s.record_width(node, "mean", old, new)
+
+
+def _last_dims_norm_shrink(s: Any, node: fx.Node) -> None:
+    """A layer_norm / rms_norm that lost channels is written out with the original width as divisor.
+
+    The cut channels were exactly zero at the input: they add nothing to Σx or Σx², but they did
+    count in the mean (layer_norm: each also added μ² to the variance). Plain ATen ops, so the result
+    exports to ONNX as it is.
+    """
+    x = s.info(node.args[0])
+    if x is None or s.keep_of(x, x.ndim - 1) is None:
+        return
+    old, new = x.shape[-1], s.keep_count(x, x.ndim - 1)
+    rms = node.target.overloadpacket is aten.rms_norm
+    xn, w = node.args[0], arg(node, 2, "weight")
+    b = None if rms else arg(node, 3, "bias")
+    eps = arg(node, 3 if rms else 4, "eps", None if rms else 1e-5)
+    if eps is None:
+        eps = torch.finfo(node.args[0].meta["val"].dtype).eps
+    g = node.graph
+    call = g.call_function
+    with g.inserting_before(node):
+        if rms:
+            mean = None
+            ms = call(aten.div.Tensor, (call(aten.sum.dim_IntList, (call(aten.mul.Tensor, (xn, xn)), [-1], True)), old))
+            r = call(aten.rsqrt.default, (call(aten.add.Tensor, (ms, eps)),))
+            y = call(aten.mul.Tensor, (xn, r))
+        else:
+            mean = call(aten.div.Tensor, (call(aten.sum.dim_IntList, (xn, [-1], True)), old))
+            d = call(aten.sub.Tensor, (xn, mean))
+            ss = call(aten.sum.dim_IntList, (call(aten.mul.Tensor, (d, d)), [-1], True))
+            extra = call(aten.mul.Tensor, (call(aten.mul.Tensor, (mean, mean)), float(old - new)))
+            var = call(aten.div.Tensor, (call(aten.add.Tensor, (ss, extra)), old))
+            r = call(aten.rsqrt.default, (call(aten.add.Tensor, (var, eps)),))
+            y = call(aten.mul.Tensor, (d, r))
+        if isinstance(w, fx.Node):
+            y = call(aten.mul.Tensor, (y, w))
+        if isinstance(b, fx.Node):
+            y = call(aten.add.Tensor, (y, b))
+    if isinstance(node.meta.get("val"), (tuple, list)):  # native_layer_norm: (out, mean, rstd)
+        parts = (y, mean, r)
+        for user in list(node.users):
+            if user.target is not operator.getitem or parts[user.args[1]] is None:
+                raise ValueError(f"{node.name}: a use of the normalisation statistics strfx cannot rewrite")
+            user.replace_all_uses_with(parts[user.args[1]])
+            g.erase_node(user)
+    else:
+        node.replace_all_uses_with(y)
+    s.record_width(node, "rms_norm" if rms else "layer_norm", old, new)
+    g.erase_node(node)
 
 
 def _prelu(ctx: Ctx, node: fx.Node) -> Any:
@@ -1363,7 +1496,8 @@ R_SPLIT = Rule("split", _split, _split_shrink)
 R_VIEW = Rule("view", _reshape, _sizes_shrink(1, "size"))
 R_RESHAPE = Rule("reshape", _reshape, _sizes_shrink(1, "shape"))
 R_RESHAPE_NOARGS = Rule("reshape", _reshape)
-R_SUM, R_MEAN, R_AMAX = Rule("sum", _reduce("sum")), Rule("mean", _reduce("mean")), Rule("amax", _reduce("max"))
+R_SUM, R_AMAX = Rule("sum", _reduce("sum")), Rule("amax", _reduce("max"))
+R_MEAN = Rule("mean", _reduce("mean"), _mean_shrink)
 R_ATTENTION = Rule("attention", _blocking("attention/matmul internals are not pruned"))
 R_CONV = Rule("conv", _conv, _conv_shrink)
 R_NORM = Rule("norm", _norm)
@@ -1384,8 +1518,9 @@ RULES: dict[Any, Rule] = {
     aten.linear: Rule("linear", _linear),
     aten.embedding: Rule("embedding", _embedding),
     aten.prelu: Rule("prelu", _prelu), aten._prelu_kernel: Rule("prelu", _prelu),
-    aten.layer_norm: Rule("layer_norm", _last_dims_norm), aten.native_layer_norm: Rule("layer_norm", _last_dims_norm),
-    aten.rms_norm: Rule("rms_norm", _last_dims_norm),
+    aten.layer_norm: Rule("layer_norm", _last_dims_norm, _last_dims_norm_shrink),
+    aten.native_layer_norm: Rule("layer_norm", _last_dims_norm, _last_dims_norm_shrink),
+    aten.rms_norm: Rule("rms_norm", _last_dims_norm, _last_dims_norm_shrink),
     aten.cat: R_CAT, aten.concat: R_CAT, aten.stack: R_STACK,
     aten.split: R_SPLIT, aten.split_with_sizes: R_SPLIT, aten.chunk: R_SPLIT, aten.unsafe_split: R_SPLIT,
     aten.unbind: Rule("unbind", _unbind),
@@ -1403,7 +1538,7 @@ RULES: dict[Any, Rule] = {
     aten.to: R_ID, aten.type_as: R_ID,
     aten.matmul: Rule("matmul", _matmul), aten.mm: Rule("matmul", _matmul), aten.addmm: Rule("addmm", _matmul),
     aten.bmm: R_ATTENTION, aten.baddbmm: R_ATTENTION, aten.einsum: R_ATTENTION,
-    aten.scaled_dot_product_attention: Rule("attention", _sdpa),
+    aten.scaled_dot_product_attention: Rule("attention", _sdpa, _sdpa_shrink),
     aten.sym_size: R_NONE, aten.sym_numel: R_NONE, aten.sym_stride: R_NONE,
     aten._assert_tensor_metadata: R_NONE, aten._assert_scalar: R_NONE, aten.sym_constrain_range_for_size: R_NONE,
     aten.upsample_nearest1d: _pool(1), aten.upsample_nearest2d: _pool(2), aten.upsample_nearest3d: _pool(3),

@@ -88,6 +88,25 @@ def _module(model: nn.Module, path: str) -> nn.Module:
     return model.get_submodule(path) if path else model
 
 
+def register(model: nn.Module, name: str, parametrization: nn.Module) -> None:
+    """Parametrize the tensor ``name`` of ``model``, and every other name of the same tensor.
+
+    A tied weight (HF's ``lm_head.weight`` is ``wte.weight``) is read by two modules; STR must act
+    on both reads, so each alias gets the same parametrization over the one shared ``original``.
+    """
+    owner, attr = _owner(name)
+    mod = _module(model, owner)
+    tensor = getattr(mod, attr)
+    aliases = [n for n, t in model.named_parameters(remove_duplicate=False) if t is tensor and n != name]
+    parametrize.register_parametrization(mod, attr, parametrization, unsafe=True)
+    original = mod.parametrizations[attr].original
+    for alias in aliases:
+        a_owner, a_attr = _owner(alias)
+        a_mod = _module(model, a_owner)
+        parametrize.register_parametrization(a_mod, a_attr, parametrization, unsafe=True)
+        a_mod.parametrizations[a_attr].original = original
+
+
 def insert_unstructured(model: nn.Module, gm: fx.GraphModule, config: SparsifyConfig) -> int:
     names = list(dict.fromkeys(name for _, name, _ in weight_sites(gm)))
     dims = {name: dim for _, name, dim in weight_sites(gm)}
@@ -97,11 +116,10 @@ def insert_unstructured(model: nn.Module, gm: fx.GraphModule, config: SparsifyCo
         if i in skip:
             continue
         owner, attr = _owner(name)
-        mod = _module(model, owner)
-        weight = getattr(mod, attr)
+        weight = getattr(_module(model, owner), attr)
         strw = STRWeight(weight, config.s_init, config.threshold_fn, config.per_channel_threshold, dims[name])
         strw.to(device=weight.device, dtype=weight.dtype)
-        parametrize.register_parametrization(mod, attr, strw, unsafe=True)
+        register(model, name, strw)
         count += 1
     return count
 
@@ -158,7 +176,7 @@ def insert_structured(model: nn.Module, analysis: ChannelAnalysis, config: Spars
             tensor = getattr(mod, attr)
             scale = UnitScale(unit, index.to(tensor.device), dim)
             unit.to(device=tensor.device)
-            parametrize.register_parametrization(mod, attr, scale, unsafe=True)
+            register(model, name, scale)
             done.add(name)
         unit.producers.append(owner)
     return count

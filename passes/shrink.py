@@ -7,7 +7,9 @@ and changes it in place:
 * every parameter, buffer or constant tensor whose dims carry channel ids is sliced to the kept
   channels (this is the whole cut of conv, linear, norms, embeddings, layer scales, ...);
 * each op's ``shrink`` rule rewrites the constant arguments that name channel counts (view and
-  expand sizes, split sizes, the ``groups`` of a depthwise conv, a group norm's group count).
+  expand sizes, split sizes, the ``groups`` of a depthwise conv, a group norm's group count), and
+  statistics over cut channels (a mean, layer_norm, rms_norm) keep the original width as divisor;
+  where they are is left in ``analysis.width_fixes`` for the eager model.
 
 It returns what was cut per qualified parameter name, so the same cut can be applied to the
 user's own eager module. Checking the result is the caller's job (:func:`strfx.shrink` always does).
@@ -23,7 +25,7 @@ import torch.fx as fx
 from torch import nn
 
 from strfx.errors import StrfxError
-from strfx.passes.channel_analysis import META_KEY, ChannelAnalysis, TInfo, _fetch
+from strfx.passes.channel_analysis import META_KEY, ChannelAnalysis, TInfo, _fetch, module_path
 from strfx.passes.channel_rules import lookup
 
 
@@ -37,6 +39,11 @@ class ShrinkCtx:
     def __init__(self, gm: fx.GraphModule, analysis: ChannelAnalysis) -> None:
         self.gm = gm
         self.analysis = analysis
+
+    def record_width(self, node: fx.Node, kind: str, old: int, new: int) -> None:
+        """A statistic over cut channels (``kind``: mean, layer_norm, rms_norm) now divides by ``old``
+        while it reads ``new`` channels; the eager model's module at that place needs the same fix."""
+        self.analysis.width_fixes.append((module_path(node), kind, old, new))
 
     def info(self, arg: Any) -> TInfo | None:
         v = arg.meta.get(META_KEY) if isinstance(arg, fx.Node) else None
@@ -128,6 +135,7 @@ def shrink_graph(gm: fx.GraphModule, analysis: ChannelAnalysis) -> dict[str, dic
     left in ``analysis.bias_deltas`` so the same change can be made to the eager model.
     """
     analysis.bias_deltas = bias_deltas(gm, analysis)
+    analysis.width_fixes = []
     apply_bias_deltas(gm, analysis.bias_deltas)
     cuts = keep_masks(analysis)
     for name, keeps in cuts.items():

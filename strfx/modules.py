@@ -222,6 +222,53 @@ class UnitScale(nn.Module):
 STR_PARAMETRIZATIONS = (STRWeight, STRShift, UnitScale)
 
 
+class WideLayerNorm(nn.LayerNorm):
+    """A LayerNorm over the last dim that lost channels which were exactly zero (a pruned hidden size).
+
+    Its statistics still count the ``full_width`` original channels: a removed channel added 0 to
+    Σx and (0 − μ)² = μ² to the squared deviations, so μ = Σx / C and
+    σ² = (Σ(x − μ)² + (C − C′)·μ²) / C give exactly the original output on the kept channels.
+    """
+
+    def __init__(self, normalized_shape: int, full_width: int, eps: float = 1e-5, elementwise_affine: bool = True,
+                 bias: bool = True, device: Any = None, dtype: Any = None) -> None:
+        super().__init__(normalized_shape, eps, elementwise_affine, bias, device, dtype)
+        self.full_width = full_width
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        c = self.full_width
+        mean = x.sum(-1, keepdim=True) / c
+        d = x - mean
+        var = ((d * d).sum(-1, keepdim=True) + (c - x.shape[-1]) * mean * mean) / c
+        y = d * torch.rsqrt(var + self.eps)
+        if self.weight is not None:
+            y = y * self.weight
+        if self.bias is not None:
+            y = y + self.bias
+        return y
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, full_width={self.full_width}"
+
+
+class WideRMSNorm(nn.RMSNorm):
+    """An RMSNorm over the last dim that lost channels which were exactly zero: the mean square still
+    divides by the ``full_width`` original channels (the removed ones added 0 to Σx²)."""
+
+    def __init__(self, normalized_shape: int, full_width: int, eps: float | None = None,
+                 elementwise_affine: bool = True, device: Any = None, dtype: Any = None) -> None:
+        super().__init__(normalized_shape, eps, elementwise_affine, device, dtype)
+        self.full_width = full_width
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        eps = self.eps if self.eps is not None else torch.finfo(x.dtype).eps
+        y = x * torch.rsqrt((x * x).sum(-1, keepdim=True) / self.full_width + eps)
+        return y * self.weight if self.weight is not None else y
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, full_width={self.full_width}"
+
+
 def str_norm_(norm: nn.Module, s_init: float = -15.0, fn: str = "sigmoid", gamma_min: float = 1e-3,
               weight: str = "weight", bias: str = "bias") -> nn.Module:
     """Make ``norm`` an STR-BN in place: γ' = soft threshold of γ, β = γ'·β̂ + β₀; same function."""

@@ -23,6 +23,7 @@ node and the error names the first node whose output (restricted to the kept cha
 from __future__ import annotations
 
 import copy
+import math
 import time
 from typing import Any, Literal, Sequence
 
@@ -117,6 +118,7 @@ def _remove_parametrizations(model: nn.Module) -> None:
     deep copy shares with the original model; so each module gets its own class first. STR-BN's β
     reads γ', so β is folded before γ.
     """
+    folded: set[int] = set()  # originals already folded (a tied weight is parametrized under each name)
     for _, mod in list(model.named_modules()):
         plist = getattr(mod, "parametrizations", None)
         if not isinstance(plist, nn.ModuleDict):
@@ -129,7 +131,11 @@ def _remove_parametrizations(model: nn.Module) -> None:
             mod.__class__ = type(cls.__name__, cls.__bases__, dict(cls.__dict__))
         names.sort(key=lambda n: not any(isinstance(p, STRShift) for p in plist[n]))
         for name in names:
-            parametrize.remove_parametrizations(mod, name, leave_parametrized=True)
+            original = getattr(plist[name], "original", None)
+            again = original is not None and id(original) in folded
+            parametrize.remove_parametrizations(mod, name, leave_parametrized=not again)
+            if original is not None:
+                folded.add(id(original))
 
 
 @torch.no_grad()
@@ -210,25 +216,65 @@ def _fix_hf_conv1d(m: nn.Module) -> None:
     m.nf = m.weight.shape[1]  # HF's Conv1D: weight (in, out), output size ``nf``
 
 
-# Classes of other libraries, by name (strfx does not import them).
-ATTRIBUTE_FIXES_BY_NAME: dict[str, Any] = {"Conv1D": _fix_hf_conv1d}
+def _fix_hf_gpt2_attention(m: nn.Module) -> None:
+    """GPT-2 splits ``c_attn``'s output into q, k, v by ``split_size`` and counts heads from it."""
+    split = m.c_attn.nf // 3
+    m.split_size = m.embed_dim = split
+    m.num_heads = split // m.head_dim
+
+
+# Classes of other libraries, by name (strfx does not import them); fixed after their children.
+ATTRIBUTE_FIXES_BY_NAME: dict[str, Any] = {"Conv1D": _fix_hf_conv1d, "GPT2Attention": _fix_hf_gpt2_attention}
 
 
 _WIDTH_FIELDS = ("intermediate", "inner", "ffn", "d_ff", "mlp_dim")
 
 
-def _fix_hf_config(model: nn.Module, cuts: dict[str, dict[int, np.ndarray]]) -> None:
-    """A HuggingFace config's MLP width follows the cut where every layer kept the same width
-    (so ``save_pretrained`` → ``from_pretrained`` rebuilds the shrunk model); per-layer widths
-    leave it as it was."""
+def _hidden_keep(model: nn.Module, cuts: dict[str, dict[int, np.ndarray]]) -> np.ndarray | None:
+    """The keep mask of a HF model's hidden size: the cut of its input embedding's columns."""
+    get = getattr(model, "get_input_embeddings", None)
+    try:
+        emb = get() if callable(get) else None
+    except Exception:  # noqa: BLE001 - a model without input embeddings
+        return None
+    name = next((n for n, m in model.named_modules() if m is emb), None) if emb is not None else None
+    return cuts.get(f"{name}.weight", {}).get(1) if name is not None else None
+
+
+def _fix_hf_hidden(model: nn.Module, config: Any, fields: dict[str, Any], cuts: dict[str, dict[int, np.ndarray]],
+                   widths: list[tuple[str, str, int, int]]) -> None:
+    """``hidden_size`` follows a cut of the input embedding's columns; ``head_dim`` is then written out
+    (it no longer equals hidden_size // heads) and an RMS norm's ε follows its rescaling."""
+    keep = _hidden_keep(model, cuts)
+    hidden, heads = fields.get("hidden_size"), fields.get("num_attention_heads")
+    if keep is None or not isinstance(hidden, int) or len(keep) != hidden:
+        return
+    if hasattr(config, "head_dim") and heads and not fields.get("head_dim"):
+        config.head_dim = hidden // heads
+    config.hidden_size = int(keep.sum())
+    scaled = {kind for _, kind, old, new in widths if old == hidden}
+    if scaled == {"mean"}:
+        for field in ("rms_norm_eps", "layer_norm_epsilon", "layer_norm_eps"):
+            if isinstance(fields.get(field), float):
+                setattr(config, field, fields[field] * hidden / config.hidden_size)
+
+
+def _fix_hf_config(model: nn.Module, cuts: dict[str, dict[int, np.ndarray]],
+                   widths: list[tuple[str, str, int, int]] = ()) -> None:
+    """A HuggingFace config's MLP width, head counts and hidden size follow the cut where every layer
+    kept the same width (so ``save_pretrained`` → ``from_pretrained`` rebuilds the shrunk model);
+    per-layer widths leave it as it was."""
     config = getattr(model, "config", None)
     if config is None or not hasattr(config, "to_dict"):
         return
     fields = config.to_dict()
-    kept: dict[int, set[int]] = {}  # old size of a cut dim → its new sizes
+    _fix_hf_hidden(model, config, fields, cuts, list(widths))
+    hidden_keep = _hidden_keep(model, cuts)
+    kept: dict[int, set[int]] = {}  # old size of a cut dim → its new sizes (the hidden size aside)
     for keeps in cuts.values():
         for keep in keeps.values():
-            kept.setdefault(len(keep), set()).add(int(keep.sum()))
+            if hidden_keep is None or not np.array_equal(keep, hidden_keep):
+                kept.setdefault(len(keep), set()).add(int(keep.sum()))
     for field, value in fields.items():
         if not isinstance(value, int) or isinstance(value, bool):
             continue
@@ -251,8 +297,61 @@ def _fix_hf_config(model: nn.Module, cuts: dict[str, dict[int, np.ndarray]]) -> 
 
 
 
+def _widen(parent: nn.Module, leaf: str, norm: nn.Module, full: int) -> None:
+    """Swap ``norm`` (a plain nn.LayerNorm / nn.RMSNorm that lost channels) for its Wide* form."""
+    from strfx.modules import WideLayerNorm, WideRMSNorm
+
+    (n,) = norm.normalized_shape
+    like = next(iter(norm.parameters()), torch.zeros(0))
+    kw = {"device": like.device, "dtype": like.dtype}
+    if type(norm) is nn.LayerNorm:
+        wide: nn.Module = WideLayerNorm(n, full, norm.eps, norm.elementwise_affine, norm.bias is not None, **kw)
+    else:
+        wide = WideRMSNorm(n, full, norm.eps, norm.elementwise_affine, **kw)
+    wide.load_state_dict(norm.state_dict())
+    wide.train(norm.training)
+    setattr(parent, leaf, wide)
+
+
+def _fix_widths(model: nn.Module, fixes: list[tuple[str, str, int, int]]) -> str | None:
+    """Statistics over a cut hidden size keep the original width as divisor, in the eager model.
+
+    ``nn.LayerNorm``/``nn.RMSNorm`` become :class:`~strfx.modules.WideLayerNorm`/``WideRMSNorm``; a
+    hand-written RMS norm (``x · rsqrt(mean(x²) + ε) · γ``, HF's LlamaRMSNorm) is made exact in its own
+    class: with C′ of C channels, ``γ·√(C/C′)`` and ``ε·C/C′`` give the same output. Anything else
+    is reported (then the cut graph is the result); verification judges every fix.
+    """
+    for path, kind, old, new in dict.fromkeys(fixes):
+        try:
+            mod = model.get_submodule(path) if path else model
+        except AttributeError:
+            return f"a {kind} over the cut channels at {path or 'the root'} is not a module strfx can fix"
+        if kind in ("layer_norm", "rms_norm") and type(mod) in (nn.LayerNorm, nn.RMSNorm) \
+                and len(mod.normalized_shape) == 1:
+            parent_name, _, leaf = path.rpartition(".")
+            if not leaf:
+                return f"the root module is a {type(mod).__name__} over the cut channels"
+            _widen(model.get_submodule(parent_name) if parent_name else model, leaf, mod, old)
+            continue
+        eps_attr = next((a for a in ("variance_epsilon", "eps") if isinstance(getattr(mod, a, None), float)), None)
+        weight = getattr(mod, "weight", None)
+        if kind == "mean" and eps_attr and isinstance(weight, torch.Tensor) and weight.dim() == 1:
+            set_tensor(mod, "weight", weight.detach() * math.sqrt(old / new))
+            setattr(mod, eps_attr, getattr(mod, eps_attr) * old / new)
+            continue
+        return (f"{type(mod).__name__} at {path or 'the root'} computes a {kind} over the cut channels "
+                "in its own forward")
+    return None
+
+
+def _fetch_attr(model: nn.Module, name: str) -> Any:
+    owner, _, leaf = name.rpartition(".")
+    return getattr(model.get_submodule(owner) if owner else model, leaf)
+
+
 def _cut_eager(model: nn.Module, cuts: dict[str, dict[int, np.ndarray]],
-               deltas: dict[str, torch.Tensor] | None = None) -> str | None:
+               deltas: dict[str, torch.Tensor] | None = None,
+               widths: list[tuple[str, str, int, int]] | None = None) -> str | None:
     """Apply ``cuts`` (after the constant-channel ``deltas`` to biases) to the eager ``model`` in place;
     the reason it cannot, else None."""
     for name in deltas or {}:
@@ -265,6 +364,9 @@ def _cut_eager(model: nn.Module, cuts: dict[str, dict[int, np.ndarray]],
             return f"{name} is a constant made in forward(), not a module attribute"
     apply_bias_deltas(model, deltas or {})
     owners: dict[str, nn.Module] = {}
+    aliases: dict[int, list[str]] = {}  # a tied tensor's names: all get the one cut tensor
+    for n, t in model.named_parameters(remove_duplicate=False):
+        aliases.setdefault(id(t), []).append(n)
     for name, keeps in cuts.items():
         owner_name, _, leaf = name.rpartition(".")
         try:
@@ -276,14 +378,22 @@ def _cut_eager(model: nn.Module, cuts: dict[str, dict[int, np.ndarray]],
             return f"{name} is not a tensor attribute"
         set_tensor(model, name, cut_tensor(tensor, keeps))
         owners[owner_name] = owner
-    _fix_hf_config(model, cuts)
-    for owner in owners.values():
-        fix = next((f for kind, f in ATTRIBUTE_FIXES if isinstance(owner, kind)), None)
+        for alias in aliases.get(id(tensor), []):
+            if alias != name:
+                a_owner, _, a_leaf = alias.rpartition(".")
+                setattr(model.get_submodule(a_owner) if a_owner else model, a_leaf, _fetch_attr(model, name))
+                owners[a_owner] = model.get_submodule(a_owner) if a_owner else model
+    _fix_hf_config(model, cuts, widths or [])
+    # owners and the modules holding them, innermost first (a module's fix may read its children's)
+    touched = {p for o in owners for p in [".".join(o.split(".")[:k]) for k in range(len(o.split(".")) + 1)]}
+    for path in sorted(touched, key=lambda p: -len(p.split("."))):
+        owner = model.get_submodule(path) if path else model
+        fix = next((f for kind, f in ATTRIBUTE_FIXES if isinstance(owner, kind)), None) if path in owners else None
         fix = fix or next((ATTRIBUTE_FIXES_BY_NAME[c.__name__] for c in type(owner).__mro__
                            if c.__name__ in ATTRIBUTE_FIXES_BY_NAME), None)
         if fix is not None:
             fix(owner)
-    return None
+    return _fix_widths(model, widths or [])
 
 
 def _first_line(err: BaseException) -> str:
@@ -312,9 +422,9 @@ def _cut_model(model: nn.Module, inputs: Sequence[Any], round_to: int = 1,
         node.meta.pop(META_KEY, None)
     # A plain GraphModule (the exported program's module refuses .train()/.eval()); the graph is the
     # inference graph, named after the user's class.
-    gm = fx.GraphModule(gm, gm.graph, type(model).__name__)
+    gm = fx.GraphModule(gm, gm.graph, type(plain).__name__)
     gm.train(model.training)
-    return plain, gm, analysis, _cut_eager(plain, cuts, analysis.bias_deltas)
+    return plain, gm, analysis, _cut_eager(plain, cuts, analysis.bias_deltas, analysis.width_fixes)
 
 
 def _float64_reference(model: nn.Module) -> nn.Module | str:
@@ -339,7 +449,9 @@ def shrink(model: nn.Module, example_inputs: Sequence[torch.Tensor] | torch.Tens
     from the parameters. With ``round_to`` > 1 a few dead channels are kept (as zeros, so the
     function is the same) to leave every channel group a multiple of ``round_to`` wide, which
     CPU/GPU kernels prefer. The result is the model's own class with smaller parameters where the
-    model allows it, else the cut ATen graph; it holds no STR and needs nothing from strfx to run.
+    model allows it, else the cut ATen graph; it holds no STR and needs nothing from strfx to run, but
+    for a cut hidden size's LayerNorm/RMSNorm (:class:`~strfx.modules.WideLayerNorm`, which keeps the
+    original width as divisor).
 
     It is verified against ``model`` (eval mode) on the example, a fresh random, a large-magnitude
     and a non-negative input with exact zeros, in float32 (≤ 1e-4) and in float64 (≤ 1e-9, the same

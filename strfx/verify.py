@@ -25,6 +25,7 @@ from typing import Any, Iterator, NamedTuple, Sequence
 import torch
 from pydantic import BaseModel, Field
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import keystr, tree_flatten_with_path, tree_map
 
 from strfx.errors import VerificationError
@@ -309,8 +310,30 @@ class _Run:
     failure: str | None = None  # the candidate raised
 
 
+_LOW_FLOATS = (torch.float32, torch.float16, torch.bfloat16)
+
+
+class Float64Everywhere(TorchDispatchMode):
+    """Keep a float64 run in float64: a cast or a factory asking for float32/16 gets float64 instead.
+
+    Model code often computes a norm in float32 whatever the model's dtype (HF's RMSNorm casts to
+    float32 and back); cast to float64, such a model still rounds there to float32, and a float64
+    comparison would see float32 noise. Under this mode every op that names a lower float dtype
+    works in float64, so a float64 check compares what the cut changed and nothing else.
+    """
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: tuple[Any, ...] = (), kwargs: dict | None = None) -> Any:
+        kwargs = kwargs or {}
+        if kwargs.get("dtype") in _LOW_FLOATS:
+            kwargs = {**kwargs, "dtype": torch.float64}
+        return func(*args, **kwargs)
+
+
 @torch.no_grad()
-def _run_pair(candidate: nn.Module, reference: nn.Module, inputs: tuple[Any, ...]) -> _Run:
+def _run_pair(candidate: nn.Module, reference: nn.Module, inputs: tuple[Any, ...], float64: bool = False) -> _Run:
+    if float64:
+        with Float64Everywhere():
+            return _run_pair(candidate, reference, inputs)
     try:
         expected = reference(*clone_inputs(inputs))
     except Exception:  # noqa: BLE001 - the caller decides (an example input the reference rejects is an error)
@@ -376,7 +399,7 @@ def check_equivalent(
             run64 = None
             if models64 is not None and run32.failure is None:
                 with eval_mode(*models64):
-                    run64 = _run_pair(*models64, _to64(s.inputs))
+                    run64 = _run_pair(*models64, _to64(s.inputs), float64=True)
                 if run64.comparison is None:  # the reference does not run in float64 (dtype baked in)
                     notes.append(f"float64 check skipped on the {s.kind}: {against} does not run in float64")
                     run64 = None

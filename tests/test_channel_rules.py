@@ -178,14 +178,23 @@ class ChannelsLast(nn.Module):
         return self.head((y + z).mean((2, 3)))
 
 
-def test_layernorm_over_channels_blocks_the_group():
+def test_layernorm_over_channels_needs_zero_input_and_zero_affine():
+    """LayerNorm's statistics read every channel: a channel goes only where its input is zero *and*
+    γ, β are zero there (else it outputs -γμ/σ + β); the cut keeps the original width as divisor."""
     x = torch.randn(2, 3, 8, 8)
     m = ChannelsLast(norm=True).eval()
     kill_bn(m.a[1], [1])
     _, analysis = analyze(m, (x,))
     stream = [g for g in analysis.groups if any(s.startswith("a.0") for s in g.members)][0]
-    assert any("layer_norm normalizes across" in r for r in stream.blocked_by), stream.blocked_by
+    assert stream.prunable and stream.dead == 0  # the LayerNorm still writes there
     assert sub(shrink_checked(m, x), "a.0").out_channels == 8
+    with torch.no_grad():
+        m.norm.weight[1] = m.norm.bias[1] = 0.0
+        m.fc2.weight[1] = m.fc2.bias[1] = 0.0  # the other writer into the stream
+    small = shrink_checked(m, x)
+    assert sub(small, "a.0").out_channels == 7 and small.strfx_shrink["result"] == "eager"
+    assert type(small.norm) is strfx.modules.WideLayerNorm and small.norm.full_width == 8
+    assert small.strfx_shrink["max_error64"] <= 1e-9
 
 
 def test_channels_last_mlp_hidden_is_prunable():
@@ -197,8 +206,9 @@ def test_channels_last_mlp_hidden_is_prunable():
     small = strfx.shrink(gm)
     assert sub(small, "fc1").out_features == 13 and sub(small, "fc2").in_features == 13
     assert not any(type(m).__module__.startswith("strfx") for m in small.modules())
-    # the residual stream is blocked by LayerNorm, so it got no importance vector
-    assert set(carriers) == {"fc1"}
+    # the residual stream (through the LayerNorm) is a unit too: STR-BN on its BatchNorm, and the
+    # LayerNorm's γ/β gated (a stream channel goes when both are zero)
+    assert set(carriers) == {"fc1", "a.1", "norm"}
 
 
 class Cat(nn.Module):
@@ -293,15 +303,20 @@ class Odd(nn.Module):
         return self.c(y).mean((2, 3))
 
 
-@pytest.mark.parametrize("op,reason", [("cumsum", "unsupported op aten.cumsum.default"), ("mean", "mean over a channel dim"),
+@pytest.mark.parametrize("op,reason", [("cumsum", "unsupported op aten.cumsum.default"), ("mean", None),
                                        ("softmax", "softmax over a channel dim")])
 def test_ops_mixing_channels_block_the_group(op, reason):
+    """A zero channel stays: cumsum/softmax block it; ``y - mean(y)`` is not zero there (-mean), so
+    the channel is live although a mean over channels itself is no obstacle."""
     x = torch.randn(2, 3, 8, 8)
     m = Odd(op).eval()
     kill_bn(m.a[1], [2])
     _, analysis = analyze(m, (x,))
     group = [g for g in analysis.groups if any(s.startswith("a.0") for s in g.members)][0]
-    assert any(reason in r for r in group.blocked_by), group.blocked_by
+    if reason is None:
+        assert group.prunable and group.dead == 0
+    else:
+        assert any(reason in r for r in group.blocked_by), group.blocked_by
     assert sub(shrink_checked(m, x), "a.0").out_channels == 8
     if op == "cumsum":
         assert "aten.cumsum.default" in analysis.unknown_ops

@@ -70,7 +70,7 @@ def test_hf_models_sparsify_train_and_shrink_mlp_neurons_exactly(build):
         torch.testing.assert_close(_logits(small(ids)), _logits(sparse(ids)), rtol=1e-4, atol=1e-5)
 
 
-def test_hf_llama_loses_heads_and_neurons_and_still_generates(tmp_path):
+def test_hf_llama_loses_heads_neurons_and_hidden_size_and_still_generates(tmp_path):
     model, cfg = _llama()
     x = hf_example_inputs(cfg)
     sparse = strfx.sparsify(model, "structured", example_inputs=x)
@@ -79,21 +79,26 @@ def test_hf_llama_loses_heads_and_neurons_and_still_generates(tmp_path):
     expected = model.generate(prompt, **kwargs)
     assert torch.equal(sparse.generate(prompt, **kwargs), expected)  # insertion is exact
     carriers = strfx.modules.channel_carriers(sparse)
-    # heads are units too: one per key/value head, which goes with the query heads sharing it (GQA)
-    assert sorted(c.raw.numel() for c in carriers.values()) == [2, 2, 48, 48]
+    # heads are units (one per key/value head, which goes with the query heads sharing it: GQA), MLP
+    # neurons, and the hidden size: one importance vector for the whole residual stream
+    assert sorted(c.raw.numel() for c in carriers.values()) == [2, 2, 32, 48, 48]
     with torch.no_grad():  # the same 20 MLP neurons and 1 kv head of every layer: uniform, as HF configs need
         for carrier in carriers.values():
-            n = 20 if carrier.raw.numel() == 48 else 1
+            n = {48: 20, 32: 8, 2: 1}[carrier.raw.numel()]
             carrier.raw[torch.randperm(carrier.raw.numel(), generator=torch.Generator().manual_seed(0))[:n]] = 0.0
     small = strfx.shrink(sparse, x)
     attn = small.model.layers[0].self_attn
     assert (attn.q_proj.out_features, attn.k_proj.out_features, attn.o_proj.in_features) == (16, 8, 16)
-    assert small.strfx_shrink["result"] == "eager" and type(small) is type(model)
+    assert attn.q_proj.in_features == attn.o_proj.out_features == small.model.embed_tokens.embedding_dim == 24
+    rep = small.strfx_shrink
+    assert rep["result"] == "eager" and type(small) is type(model) and rep["max_error64"] <= 1e-9
     assert torch.equal(small.generate(prompt, **kwargs), sparse.generate(prompt, **kwargs))
-    # the shrunk model is still a HF model: it saves and reloads locally
+    # the shrunk model is still a HF model: it saves and reloads locally (RMSNorm ε rescaled in the config)
     small.save_pretrained(tmp_path / "small")
     loaded = load_model(f"hf:{tmp_path / 'small'}")
     assert small.config.intermediate_size == 28 == loaded.model.model.layers[1].mlp.up_proj.out_features
     assert (small.config.num_attention_heads, small.config.num_key_value_heads) == (2, 1)
+    assert (small.config.hidden_size, small.config.head_dim) == (24, 8)
     with torch.no_grad():
-        torch.testing.assert_close(loaded.model(prompt).logits, small(prompt).logits)
+        torch.testing.assert_close(loaded.model(prompt).logits, small(prompt).logits, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(small(prompt).logits, sparse(prompt).logits, rtol=1e-4, atol=1e-5)

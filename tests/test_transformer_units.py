@@ -82,3 +82,106 @@ def test_multihead_attention_heads_are_units():
     assert counts["channels"] > 0 and small.strfx_shrink["result"] == "exported"
     assert small.get_parameter("self_attn.in_proj_weight").shape[0] < 48
     assert small.strfx_shrink["max_error64"] <= 1e-9
+
+
+# --- hidden size: the residual stream is a unit --------------------------------------------------
+def _groups(model: nn.Module, x: torch.Tensor) -> list:
+    _, analysis = analyze(model, (x,))
+    return analysis.groups
+
+
+def test_vision_transformer_has_no_group_blocked_but_the_output():
+    """torchvision's ViT: heads (nn.MultiheadAttention), MLP neurons and the hidden size (patch
+    embedding, class token, position embedding, every writer into the stream, LayerNorm γ/β) are all
+    units; killed together they are cut exactly (the cut graph: MHA ties its width to embed_dim)."""
+    from torchvision.models import VisionTransformer
+
+    torch.manual_seed(0)
+    model = VisionTransformer(image_size=32, patch_size=8, num_layers=2, num_heads=4, hidden_dim=32, mlp_dim=48,
+                              num_classes=10).eval()
+    nn.init.normal_(model.heads.head.weight)  # torchvision zero-initialises the head
+    x = torch.randn(2, 3, 32, 32)
+    blocked = [g for g in _groups(model, x) if not g.prunable]
+    assert [g.blocked_by for g in blocked] == [["model output"]]
+    sparse = strfx.sparsify(model, "structured", example_inputs=(x,))
+    sizes = sorted(c.raw.numel() for c in strfx.modules.channel_carriers(sparse).values())
+    assert sizes == [4, 4, 32, 48, 48]
+    counts = kill_channels(sparse, 0.25, example_inputs=(x,))
+    small = strfx.shrink(sparse, (x,))
+    rep = small.strfx_shrink
+    assert rep["channels_removed"] == counts["channels"] == 1 + 1 + 8 + 12 + 12
+    assert small.get_parameter("class_token").shape[-1] == 24 == small.get_parameter("encoder.pos_embedding").shape[-1]
+    assert rep["max_error64"] <= 1e-9 and rep["params_after"] < 0.75 * rep["params_before"]
+
+
+def test_bert_hidden_size_with_layernorm_stays_in_the_users_class():
+    """HF BERT (post-norm, nn.LayerNorm): hidden channels go where every writer and every LayerNorm's
+    γ, β are zero; the LayerNorms become WideLayerNorm (original width as divisor), in BERT's own class."""
+    transformers = pytest.importorskip("transformers")
+    cfg = transformers.BertConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                                  num_attention_heads=4, max_position_embeddings=64, num_labels=3)
+    torch.manual_seed(0)
+    model = transformers.BertForSequenceClassification(cfg).eval()
+    x = torch.randint(0, 64, (2, 7))
+    sparse = strfx.sparsify(model, "structured", example_inputs=(x,))
+    kill_channels(sparse, 0.4, example_inputs=(x,))
+    small = strfx.shrink(sparse, (x,))
+    rep = small.strfx_shrink
+    assert rep["result"] == "eager" and type(small) is type(model) and rep["max_error64"] <= 1e-9
+    ln = small.bert.embeddings.LayerNorm
+    assert type(ln) is strfx.modules.WideLayerNorm and ln.full_width == 32 and ln.weight.numel() < 32
+    y = torch.randint(0, 64, (3, 11))  # another batch and length: the eager model is general
+    with torch.no_grad():
+        torch.testing.assert_close(small(y).logits, sparse(y).logits, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("kind", ["layer", "rms"])
+def test_wide_norms_are_exact_in_float64_and_in_onnxruntime(kind, tmp_path):
+    """A norm that lost zero channels, written with the original width as divisor, gives the original
+    output on the kept channels — in float64 to rounding, and exported to ONNX."""
+    torch.manual_seed(0)
+    full = nn.LayerNorm(12) if kind == "layer" else nn.RMSNorm(12, eps=1e-6)
+    with torch.no_grad():
+        full.weight.uniform_(0.5, 1.5)
+        if kind == "layer":
+            full.bias.uniform_(-1, 1)
+    keep = torch.tensor([0, 1, 3, 4, 6, 7, 8, 11])
+    x = torch.randn(5, 12, dtype=torch.float64)
+    x[:, [2, 5, 9, 10]] = 0.0
+    wide_cls = strfx.modules.WideLayerNorm if kind == "layer" else strfx.modules.WideRMSNorm
+    wide = wide_cls(8, 12, full.eps).double()
+    with torch.no_grad():
+        wide.weight.copy_(full.weight[keep])
+        if kind == "layer":
+            wide.bias.copy_(full.bias[keep])
+    expected = full.double()(x)[:, keep]
+    torch.testing.assert_close(wide(x[:, keep]), expected, rtol=1e-12, atol=1e-12)
+    ort = pytest.importorskip("onnxruntime")
+    path = tmp_path / "wide.onnx"
+    wide32 = wide.float().eval()
+    report = strfx.export(wide32, path, (x[:, keep].float(),))  # verified against onnxruntime itself
+    assert report.exporter == "dynamo"
+    session = ort.InferenceSession(str(path))
+    for seed in (0, 1):
+        z = torch.randn(3, 8, generator=torch.Generator().manual_seed(seed))
+        (got,) = session.run(None, {session.get_inputs()[0].name: z.numpy()})
+        torch.testing.assert_close(torch.from_numpy(got), wide32(z), rtol=1e-5, atol=1e-6)
+
+
+def test_tied_embedding_and_head_are_gated_and_cut_together():
+    """GPT-2 ties lm_head.weight to wte.weight: STR acts on both reads of the one tensor, and the cut
+    of the hidden size keeps them one tensor."""
+    transformers = pytest.importorskip("transformers")
+    cfg = transformers.GPT2Config(vocab_size=64, n_embd=32, n_layer=1, n_head=4, n_positions=64)
+    torch.manual_seed(0)
+    model = transformers.GPT2LMHeadModel(cfg).eval()
+    model.config.use_cache = False
+    x = torch.randint(0, 64, (1, 9))
+    sparse = strfx.sparsify(model, "structured", example_inputs=(x,))
+    emb, head = sparse.transformer.wte, sparse.lm_head
+    assert emb.parametrizations.weight.original is head.parametrizations.weight.original
+    kill_channels(sparse, 0.3, example_inputs=(x,))
+    assert torch.equal(emb.weight, head.weight)  # both reads see the gated tensor
+    small = strfx.shrink(sparse, (x,))
+    assert small.strfx_shrink["result"] == "eager" and small.strfx_shrink["max_error64"] <= 1e-9
+    assert small.lm_head.weight is small.transformer.wte.weight and small.lm_head.weight.shape[1] < 32
