@@ -360,6 +360,7 @@ class ChannelAnalysis:
     bias_deltas: dict[str, Any] = field(default_factory=dict)  # set by the shrink pass: what it added to biases
     # set by the shrink pass: (module path, kind, original width, kept width) of statistics over cut channels
     width_fixes: list[tuple[str, str, int, int]] = field(default_factory=list)
+    removed: set[str] = field(default_factory=set)  # set by the shrink pass: tensors of removed branches
 
     def folded(self) -> list[tuple[FoldSite, np.ndarray, np.ndarray]]:
         """(consumer, positions along its input dim, constants) of the constant channels that are cut."""

@@ -182,6 +182,102 @@ def insert_structured(model: nn.Module, analysis: ChannelAnalysis, config: Spars
     return count
 
 
+_PASS_THROUGH = {aten.clone, aten.alias, aten._to_copy, aten.contiguous, aten.dropout, aten.view, aten._unsafe_view,
+                 aten.reshape, aten.permute, aten.transpose, aten.t, aten.mul, aten.div, aten.squeeze, aten.unsqueeze,
+                 aten.flatten, aten.expand}
+
+
+def _last_writer(node: fx.Node, writers: dict[fx.Node, Writer]) -> Writer | None:
+    """The conv/linear whose output ``node`` is, through reshapes, casts, dropout and scaling by
+    constants (layer scale): zero there makes ``node`` zero."""
+    for _ in range(32):
+        if node in writers:
+            w = writers[node]
+            return w if w.kind in ("conv", "linear") else None
+        if node.op != "call_function" or getattr(node.target, "overloadpacket", None) not in _PASS_THROUGH:
+            return None
+        flowing = [a for a in node.all_input_nodes if a.op != "get_attr" and not _constant(a)]
+        if len(flowing) != 1:
+            return None
+        node = flowing[0]
+    return None
+
+
+def _constant(node: fx.Node) -> bool:
+    """Whether ``node`` depends on parameters and constants only (no input)."""
+    seen, todo = set(), [node]
+    while todo:
+        n = todo.pop()
+        if n.op == "placeholder":
+            return False
+        if n not in seen:
+            seen.add(n)
+            todo.extend(n.all_input_nodes)
+    return True
+
+
+def _branch(skip: fx.Node, end: fx.Node, limit: int = 20_000) -> set[fx.Node] | None:
+    """The nodes between ``skip`` and ``end`` (``end`` computed from ``skip``), or None if it is not."""
+    seen: set[fx.Node] = set()
+    todo, found = [end], False
+    while todo:
+        n = todo.pop()
+        if n is skip:
+            found = True
+            continue
+        if n in seen or n.op in ("placeholder", "get_attr"):
+            continue
+        seen.add(n)
+        if len(seen) > limit:
+            return None
+        todo.extend(n.all_input_nodes)
+    return seen if found else None
+
+
+def residual_branches(gm: fx.GraphModule, analysis: ChannelAnalysis) -> list[tuple[fx.Node, Writer, list[Writer]]]:
+    """(residual add, the branch's last conv/linear, every conv/linear of the branch) for each
+    ``x + f(x)`` whose ``f`` ends in a conv/linear layer."""
+    writers = {w.node: w for w in analysis.writers}
+    out = []
+    for node in gm.graph.nodes:
+        if node.op != "call_function" or node.target is not aten.add.Tensor or len(node.args) != 2:
+            continue
+        shapes = [getattr(a.meta.get("val"), "shape", None) if isinstance(a, fx.Node) else None for a in node.args]
+        if shapes[0] is None or shapes[0] != shapes[1] or node.kwargs.get("alpha", 1) != 1:
+            continue
+        for skip, branch in (node.args, node.args[::-1]):
+            last = _last_writer(branch, writers)
+            inside = _branch(skip, last.node) if last is not None else None
+            if last is not None and inside is not None:
+                out.append((node, last, [writers[n] for n in inside if n in writers
+                                         and writers[n].kind in ("conv", "linear")]))
+                break
+    return out
+
+
+def insert_depth(model: nn.Module, gm: fx.GraphModule, analysis: ChannelAnalysis, config: SparsifyConfig) -> int:
+    """A scalar STR gate on each residual branch's last conv/linear (its weight and bias): the branch
+    is the identity's partner ``x + g'·f(x)``; at g' = 0 it is exactly zero and shrink removes it."""
+    count = 0
+    for _, last, inside in residual_branches(gm, analysis):
+        owners = [_owner(w.params[0][0])[0] for w in inside if w.params]
+        if not last.params or any(_excluded(o, config.exclude) for o in owners):
+            continue
+        unit = STRUnit(1, config.s_init, config.threshold_fn)
+        unit.kind, unit.producers = "depth", owners
+        parts = [o.split(".") for o in owners]
+        common = [p[0] for p in zip(*parts) if len(set(p)) == 1]
+        unit.label = ".".join(common + ["depth"]) if common else f"{_owner(last.params[0][0])[0]}.depth"
+        for name, dim in last.params:
+            owner, attr = _owner(name)
+            tensor = getattr(_module(model, owner), attr)
+            unit.to(device=tensor.device)
+            register(model, name, UnitScale(unit, torch.zeros(tensor.shape[dim], dtype=torch.long,
+                                                             device=tensor.device), dim))
+        count += 1
+    return count
+
+
 def insert_str(model: nn.Module, gm: fx.GraphModule, config: SparsifyConfig,
                analysis: ChannelAnalysis | None = None) -> nn.Module:
     """Attach STR to ``model`` in place (the caller owns it: :func:`strfx.sparsify` passes a deep copy)."""
@@ -193,7 +289,10 @@ def insert_str(model: nn.Module, gm: fx.GraphModule, config: SparsifyConfig,
             )
     else:
         assert analysis is not None
-        if insert_structured(model, analysis, config) == 0:
+        count = insert_structured(model, analysis, config)
+        if config.depth and config.gates:
+            count += insert_depth(model, gm, analysis, config)
+        if count == 0:
             raise NothingToSparsifyError(
                 f"structured mode found nothing to gate in {type(model).__name__}: no channel group that "
                 "could ever be removed (see `strfx inspect MODEL --groups` for what blocks them); "

@@ -128,6 +128,53 @@ def apply_bias_deltas(root: nn.Module, deltas: dict[str, torch.Tensor]) -> None:
         set_tensor(root, name, (b.detach().to(torch.float64) + delta.to(b.device)).to(b.dtype))
 
 
+def _all_zero(arg: Any) -> bool:
+    info = arg.meta.get(META_KEY) if isinstance(arg, fx.Node) else None
+    return isinstance(info, TInfo) and any(bool(z.all()) and len(z) > 0 for z in info.zero.values())
+
+
+def _same_type(a: fx.Node, b: fx.Node) -> bool:
+    va, vb = a.meta.get("val"), b.meta.get("val")
+    return isinstance(va, torch.Tensor) and isinstance(vb, torch.Tensor) and va.shape == vb.shape and va.dtype == vb.dtype
+
+
+def _impure(node: fx.Node) -> bool:
+    """Dead code elimination keeps only what has an effect: a metadata assert on a dead value, or an op
+    that is random only through an argument (attention's dropout_p), goes with the value."""
+    t = node.target
+    if node.op == "call_function" and isinstance(t, torch._ops.OpOverload):
+        if t is torch.ops.aten._assert_tensor_metadata.default:
+            return False
+        if torch.Tag.nondeterministic_seeded in t.tags and not t._schema.is_mutable:
+            return False
+    return node.is_impure()
+
+
+def drop_zero_terms(gm: fx.GraphModule) -> set[str]:
+    """``x + 0 → x`` where the analysis proved a whole operand zero (a residual branch whose depth gate
+    or every channel died); what computed it is then dead code and goes, parameters included.
+    Returns the qualified names of the parameters and buffers no longer used."""
+    aten = torch.ops.aten
+    for node in list(gm.graph.nodes):
+        if node.op != "call_function" or node.target not in (aten.add.Tensor, aten.sub.Tensor) \
+                or node.kwargs.get("alpha", 1) != 1 or len(node.args) != 2:
+            continue
+        a, b = node.args
+        for zero, other in [(b, a)] + ([(a, b)] if node.target is aten.add.Tensor else []):
+            if isinstance(other, fx.Node) and _all_zero(zero) and _same_type(other, node):
+                node.replace_all_uses_with(other)
+                gm.graph.erase_node(node)
+                break
+    gm.graph.eliminate_dead_code(is_impure_node=_impure)
+    used = {n.target for n in gm.graph.nodes if n.op == "get_attr"}
+    unused = {name for name, _ in [*gm.named_parameters(remove_duplicate=False), *gm.named_buffers(remove_duplicate=False)]
+              if name not in used}
+    for name in unused:
+        owner, _, leaf = name.rpartition(".")
+        delattr(gm.get_submodule(owner) if owner else gm, leaf)
+    return unused
+
+
 def shrink_graph(gm: fx.GraphModule, analysis: ChannelAnalysis) -> dict[str, dict[int, np.ndarray]]:
     """Cut the dead channels of ``analysis`` out of ``gm`` (in place); returns the keep masks.
 
@@ -147,6 +194,7 @@ def shrink_graph(gm: fx.GraphModule, analysis: ChannelAnalysis) -> dict[str, dic
         rule = lookup(node)
         if rule is not None and rule.shrink is not None:
             rule.shrink(ctx, node)
+    analysis.removed = drop_zero_terms(gm)
     gm.graph.lint()
     gm.recompile()
     return cuts

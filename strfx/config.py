@@ -102,6 +102,10 @@ class SparsifyConfig(_Strict):
         True, description="Structured: give channel groups without a BatchNorm an STR importance vector "
         "(applied to the parameters that write the group's channels)."
     )
+    depth: bool = Field(
+        True, description="Structured: a scalar STR gate on every residual branch that ends in a linear or "
+        "conv layer (x + g'·f(x), as in transformers); a branch whose gate reaches zero is removed by shrink."
+    )
     bn_gamma_min: float = Field(
         1e-3,
         ge=0,

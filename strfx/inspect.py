@@ -27,11 +27,16 @@ def _structured_cover(model: nn.Module) -> dict[str, str]:
 
     cover: dict[str, str] = {}
     carriers = channel_carriers(model)
-    for name, producers in carrier_producers(model).items():
+    producers_of = carrier_producers(model)
+    for name, producers in sorted(producers_of.items(), key=lambda kv: getattr(carriers.get(kv[0]), "kind", "") == "depth"):
         carrier = carriers.get(name)
         if carrier is None:
             continue
         n = carrier.value().numel()
+        if carrier.kind == "depth":  # a branch's gate comes on top of its units
+            for prod in producers:
+                cover[prod] = f"{cover[prod]} + depth gate" if prod in cover else "depth gate"
+            continue
         label = f"STR-BN {name} ({n} ch)" if carrier.kind == "bn" else f"importance vector ({n} units)"
         for prod in producers:
             cover[prod] = label

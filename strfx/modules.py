@@ -26,7 +26,7 @@ How each mode carries it, and why:
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
@@ -222,6 +222,28 @@ class UnitScale(nn.Module):
 STR_PARAMETRIZATIONS = (STRWeight, STRShift, UnitScale)
 
 
+class RemovedBranch(nn.Module):
+    """What a removed residual branch leaves in the eager model: its output rebuilt from its input.
+
+    ``kinds`` lists, per leaf of the module's output (``spec``, a pytree spec), "zero" (a branch that
+    added nothing: zeros shaped like the input), "input" (a block that became the identity) or "none".
+    """
+
+    def __init__(self, spec: Any, kinds: list[str], name: str = "") -> None:
+        super().__init__()
+        self.spec, self.kinds, self.name = spec, list(kinds), name
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        from torch.utils._pytree import tree_unflatten
+
+        x = next(t for t in (*args, *kwargs.values()) if isinstance(t, torch.Tensor))
+        leaves = [torch.zeros_like(x) if k == "zero" else x if k == "input" else None for k in self.kinds]
+        return tree_unflatten(leaves, self.spec)
+
+    def extra_repr(self) -> str:
+        return f"{self.name}: {', '.join(self.kinds)}"
+
+
 class WideLayerNorm(nn.LayerNorm):
     """A LayerNorm over the last dim that lost channels which were exactly zero (a pruned hidden size).
 
@@ -317,7 +339,8 @@ def str_units(model: nn.Module) -> dict[str, STRUnit]:
     for owner, tensor, chain in _parametrized(model):
         for p in chain:
             if isinstance(p, UnitScale) and id(p.unit) not in found:
-                found[id(p.unit)] = (_qual(owner, tensor).rpartition(".")[0] or _qual(owner, tensor), p.unit)
+                label = getattr(p.unit, "label", None)  # a depth gate names its branch
+                found[id(p.unit)] = (label or _qual(owner, tensor).rpartition(".")[0] or _qual(owner, tensor), p.unit)
     return {name: unit for name, unit in found.values()}
 
 
@@ -337,7 +360,8 @@ def channel_carriers(model: nn.Module) -> dict[str, Carrier]:
             if isinstance(p, STRWeight) and p.role == "norm":
                 out[owner] = Carrier(owner, "bn", chain, p.threshold, chain.original)
     for name, unit in str_units(model).items():
-        out[name if name not in out else f"{name}.unit"] = Carrier(name, "gate", unit.effective_weight,
+        kind = "depth" if getattr(unit, "kind", "") == "depth" else "gate"
+        out[name if name not in out else f"{name}.unit"] = Carrier(name, kind, unit.effective_weight,
                                                                     unit.threshold, unit.weight)
     return out
 

@@ -24,7 +24,7 @@ class LayerReport(BaseModel):
     """One STR-carrying tensor."""
 
     name: str = Field(description="Qualified name of the weight, the STR-BN norm or the first layer an importance vector scales.")
-    kind: Literal["weight", "bn", "gate", "rank"]
+    kind: Literal["weight", "bn", "gate", "depth", "rank"]
     elements: int = Field(description="Weights (unstructured), channels (structured) or the full rank (low-rank).")
     zeros: int = Field(description="Elements that are exactly zero after thresholding.")
     sparsity: float
@@ -98,7 +98,7 @@ def carrier_producers(model: nn.Module) -> dict[str, list[str]]:
             if getattr(p, "role", None) == "norm":
                 out[owner] = list(getattr(p, "producers", [])) or [owner]
     for name, carrier in channel_carriers(model).items():
-        if carrier.kind == "gate":
+        if carrier.kind in ("gate", "depth"):
             unit = carrier.raw
             for mod in model.modules():
                 if isinstance(mod, STRUnit) and mod.weight is unit:

@@ -349,9 +349,37 @@ def _fetch_attr(model: nn.Module, name: str) -> Any:
     return getattr(model.get_submodule(owner) if owner else model, leaf)
 
 
+def _drop_blocks(model: nn.Module, path: str, indices: list[int]) -> None:
+    """Remove blocks that became the identity from the list that holds them; blocks that number
+    themselves (HF's ``layer_idx``, for the KV cache) are renumbered, and a HF config's layer count and
+    per-layer lists follow when the list is the model's stack of layers."""
+    holder = model.get_submodule(path) if path else model
+    before = len(holder)
+    keep = [k for k in range(before) if k not in set(indices)]
+    blocks = [holder[k] for k in keep]
+    if isinstance(holder, nn.ModuleList):
+        holder._modules.clear()
+        holder.extend(blocks)
+    else:
+        names = list(holder._modules)
+        holder._modules = type(holder._modules)((names[k], holder._modules[names[k]]) for k in keep)
+    for new, block in enumerate(blocks):
+        for mod in block.modules():
+            if isinstance(getattr(mod, "layer_idx", None), int) and not isinstance(mod.layer_idx, bool):
+                mod.layer_idx = new
+    config = getattr(model, "config", None)
+    if config is not None and getattr(config, "num_hidden_layers", None) == before:
+        config.num_hidden_layers = len(blocks)
+        for field in ("layer_types",):
+            value = getattr(config, field, None)
+            if isinstance(value, list) and len(value) == before:
+                setattr(config, field, [value[k] for k in keep])
+
+
 def _cut_eager(model: nn.Module, cuts: dict[str, dict[int, np.ndarray]],
                deltas: dict[str, torch.Tensor] | None = None,
-               widths: list[tuple[str, str, int, int]] | None = None) -> str | None:
+               widths: list[tuple[str, str, int, int]] | None = None,
+               stubs: dict[str, nn.Module] | None = None) -> str | None:
     """Apply ``cuts`` (after the constant-channel ``deltas`` to biases) to the eager ``model`` in place;
     the reason it cannot, else None."""
     for name in deltas or {}:
@@ -393,7 +421,19 @@ def _cut_eager(model: nn.Module, cuts: dict[str, dict[int, np.ndarray]],
                            if c.__name__ in ATTRIBUTE_FIXES_BY_NAME), None)
         if fix is not None:
             fix(owner)
-    return _fix_widths(model, widths or [])
+    dropped: dict[str, list[int]] = {}  # a block list → the indices of blocks that became the identity
+    for path, stub in (stubs or {}).items():  # dead residual branches and blocks
+        parent, _, leaf = path.rpartition(".")
+        holder = model.get_submodule(parent) if parent else model
+        if isinstance(holder, (nn.ModuleList, nn.Sequential)) and set(stub.kinds) <= {"input", "none"} \
+                and stub.kinds[:1] == ["input"] and leaf in holder._modules:
+            dropped.setdefault(parent, []).append(list(holder._modules).index(leaf))
+        else:
+            setattr(holder, leaf, stub)
+    for parent, indices in dropped.items():
+        _drop_blocks(model, parent, indices)
+    live = [w for w in widths or [] if not any(w[0] == p or w[0].startswith(p + ".") for p in stubs or {})]
+    return _fix_widths(model, live)
 
 
 def _first_line(err: BaseException) -> str:
@@ -424,7 +464,65 @@ def _cut_model(model: nn.Module, inputs: Sequence[Any], round_to: int = 1,
     # inference graph, named after the user's class.
     gm = fx.GraphModule(gm, gm.graph, type(plain).__name__)
     gm.train(model.training)
-    return plain, gm, analysis, _cut_eager(plain, cuts, analysis.bias_deltas, analysis.width_fixes)
+    stubs = _removed_branches(plain, inputs, analysis.removed)
+    if isinstance(stubs, str):
+        return plain, gm, analysis, stubs
+    return plain, gm, analysis, _cut_eager(plain, cuts, analysis.bias_deltas, analysis.width_fixes, stubs)
+
+
+def _removed_branches(model: nn.Module, inputs: Sequence[Any], removed: set[str]) -> dict[str, nn.Module] | str:
+    """Module path → the :class:`~strfx.modules.RemovedBranch` standing in for each outermost module
+    whose every tensor the cut graph no longer uses (a dead residual branch or a whole block), or why
+    the eager model cannot lose them. What each returns is read off one run of the uncut ``model``:
+    zeros shaped like its input (a branch that adds nothing) or its input (a block now the identity)."""
+    from torch.utils._pytree import tree_flatten
+
+    from strfx.modules import RemovedBranch
+
+    if not removed:
+        return {}
+    names_of: dict[int, list[str]] = {}  # a tied tensor is gone only when none of its names is used
+    for n, t in [*model.named_parameters(remove_duplicate=False), *model.named_buffers(remove_duplicate=False)]:
+        names_of.setdefault(id(t), []).append(n)
+    dead: list[str] = []
+    for path, mod in model.named_modules():
+        tensors = [*mod.parameters(), *mod.buffers()]
+        gone = all(all(n in removed for n in names_of.get(id(t), [])) for t in tensors)
+        if path and tensors and gone and not any(path.startswith(d + ".") for d in dead):
+            dead.append(path)
+    seen: dict[str, tuple[Any, Any]] = {}
+
+    def hook(path: str) -> Any:
+        def record(_mod: nn.Module, args: tuple, kwargs: dict, out: Any) -> None:
+            x = next((t for t in (*args, *kwargs.values()) if isinstance(t, torch.Tensor)), None)
+            seen.setdefault(path, (x, out))
+        return record
+
+    handles = [model.get_submodule(p).register_forward_hook(hook(p), with_kwargs=True) for p in dead]
+    try:
+        with torch.no_grad(), eval_mode(model):
+            model(*as_inputs(inputs))
+    finally:
+        for h in handles:
+            h.remove()
+    stubs: dict[str, nn.Module] = {}
+    for path in dead:
+        if path not in seen:
+            continue  # never called: nothing stands in for it
+        x, out = seen[path]
+        leaves, spec = tree_flatten(out)
+        kinds = []
+        for leaf in leaves:
+            if leaf is None:
+                kinds.append("none")
+            elif isinstance(leaf, torch.Tensor) and x is not None and torch.equal(leaf, x):
+                kinds.append("input")
+            elif isinstance(leaf, torch.Tensor) and x is not None and leaf.shape == x.shape:
+                kinds.append("zero")  # zero, or a value only dead code read (verification judges)
+            else:
+                return f"{path} is removed from the graph but its output is not shaped like its input"
+        stubs[path] = RemovedBranch(spec, kinds, type(model.get_submodule(path)).__name__)
+    return stubs
 
 
 def _float64_reference(model: nn.Module) -> nn.Module | str:

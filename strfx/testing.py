@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from strfx.modules import STRShift, STRWeight, UnitScale
+from strfx.modules import STRShift, STRWeight, UnitScale, channel_carriers
 
 
 def _carrier_entries(model: nn.Module) -> dict[str, tuple[str, Any]]:
@@ -33,8 +33,8 @@ def _carrier_entries(model: nn.Module) -> dict[str, tuple[str, Any]]:
                 if isinstance(p, STRWeight) and p.role == "norm":
                     shift = next((q for c in plist.values() for q in c if isinstance(q, STRShift)), None)
                     out[name] = ("bn", (chain, shift))
-                elif isinstance(p, UnitScale):
-                    out[name] = ("unit", p)
+                elif isinstance(p, UnitScale) and getattr(p.unit, "kind", "") != "depth":
+                    out[name] = ("unit", p)  # a depth gate scales every channel: not a channel's carrier
     return out
 
 
@@ -45,12 +45,14 @@ def kill_channels(
     seed: int = 0,
     example_inputs: Sequence[Any] | None = None,
     round_to: int = 1,
+    depth: float = 0.0,
 ) -> dict[str, int]:
     """Zero the STR vectors of a random ``fraction`` of each prunable group's channels, in place.
 
     ``model`` is a structured model from :func:`strfx.sparsify`. ``fraction`` is a number or a
     ``(low, high)`` range drawn per group. At least one channel of each group is left alive; with
     ``round_to`` > 1 each group keeps a multiple of it (rounded up), as hardware-friendly widths.
+    ``depth``: the fraction of residual-branch depth gates to zero too (whole branches go).
     Returns counts: ``groups`` touched, ``zeroed`` channels whose STR entries were set to zero,
     ``channels`` of those the analysis proves dead (what shrink removes), ``carriers`` entries set.
     """
@@ -99,6 +101,10 @@ def kill_channels(
                 else:
                     carrier.unit.weight[carrier.index[idx]] = 0.0
                 entries += 1
+    gates = [c for c in channel_carriers(model).values() if c.kind == "depth"]
+    n_depth = int(round(depth * len(gates)))
+    for k in rng.choice(len(gates), size=n_depth, replace=False).tolist() if n_depth else []:
+        gates[k].raw.zero_()
     _, after = analyze(model, example_inputs)
     return {"groups": touched, "zeroed": zeroed, "channels": after.dead_channels(), "carriers": entries}
 

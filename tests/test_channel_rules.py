@@ -208,7 +208,7 @@ def test_channels_last_mlp_hidden_is_prunable():
     assert not any(type(m).__module__.startswith("strfx") for m in small.modules())
     # the residual stream (through the LayerNorm) is a unit too: STR-BN on its BatchNorm, and the
     # LayerNorm's γ/β gated (a stream channel goes when both are zero)
-    assert set(carriers) == {"fc1", "a.1", "norm"}
+    assert set(carriers) == {"fc1", "a.1", "norm", "fc2.depth"}  # and the MLP branch's depth gate
 
 
 class Cat(nn.Module):

@@ -104,8 +104,9 @@ def test_vision_transformer_has_no_group_blocked_but_the_output():
     blocked = [g for g in _groups(model, x) if not g.prunable]
     assert [g.blocked_by for g in blocked] == [["model output"]]
     sparse = strfx.sparsify(model, "structured", example_inputs=(x,))
-    sizes = sorted(c.raw.numel() for c in strfx.modules.channel_carriers(sparse).values())
-    assert sizes == [4, 4, 32, 48, 48]
+    carriers = strfx.modules.channel_carriers(sparse).values()
+    assert sorted(c.raw.numel() for c in carriers if c.kind == "gate") == [4, 4, 32, 48, 48]
+    assert sum(c.kind == "depth" for c in carriers) == 4  # one gate per residual branch
     counts = kill_channels(sparse, 0.25, example_inputs=(x,))
     small = strfx.shrink(sparse, (x,))
     rep = small.strfx_shrink
@@ -185,3 +186,80 @@ def test_tied_embedding_and_head_are_gated_and_cut_together():
     small = strfx.shrink(sparse, (x,))
     assert small.strfx_shrink["result"] == "eager" and small.strfx_shrink["max_error64"] <= 1e-9
     assert small.lm_head.weight is small.transformer.wte.weight and small.lm_head.weight.shape[1] < 32
+
+
+# --- depth: a residual branch is a unit ---------------------------------------------------------
+class ResidualMLP(nn.Module):
+    """Plain residual MLP blocks in a ModuleList, the way most model code writes them."""
+
+    def __init__(self, dim: int = 16, depth: int = 3) -> None:
+        super().__init__()
+        self.blocks = nn.ModuleList(nn.Sequential(nn.LayerNorm(dim), nn.Linear(dim, 32), nn.GELU(), nn.Linear(32, dim))
+                                    for _ in range(depth))
+        self.head = nn.Linear(dim, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for block in self.blocks:
+            x = x + block(x)
+        return self.head(x)
+
+
+def test_dead_residual_branch_is_removed_from_graph_and_model():
+    """``x + block(x)`` with a dead gate: the branch leaves the graph, and the eager block becomes a
+    stand-in returning zeros (the loop still calls it; a block that *is* the identity would leave the
+    list, see the Llama test)."""
+    torch.manual_seed(0)
+    model, x = ResidualMLP().eval(), torch.randn(4, 16)
+    sparse = strfx.sparsify(model, "structured", example_inputs=(x,))
+    gates = {n: c for n, c in strfx.modules.channel_carriers(sparse).items() if c.kind == "depth"}
+    assert sorted(gates) == ["blocks.0.depth", "blocks.1.depth", "blocks.2.depth"]
+    with torch.no_grad():
+        gates["blocks.1.depth"].raw.zero_()
+    small = strfx.shrink(sparse, (x,))
+    rep = small.strfx_shrink
+    assert rep["result"] == "eager" and rep["max_error64"] <= 1e-9
+    assert type(small.blocks[1]) is strfx.modules.RemovedBranch
+    assert rep["params_after"] == rep["params_before"] - sum(p.numel() for p in model.blocks[1].parameters())
+    with torch.no_grad():
+        y = torch.randn(7, 16)
+        torch.testing.assert_close(small(y), sparse(y), rtol=1e-5, atol=1e-6)
+
+
+def test_hf_llama_loses_a_layer_and_an_attention_branch():
+    """Depth on a HF Llama: a dead attention branch leaves a stand-in that returns zeros; a layer whose
+    two branches are dead leaves the layer list (config and KV-cache indices follow), and the shrunk
+    model generates with its cache and round-trips through save_pretrained/from_pretrained."""
+    transformers = pytest.importorskip("transformers")
+    from strfx.loader import load_model
+
+    cfg = transformers.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=3,
+                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                                   use_cache=False)
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(cfg).eval()
+    x = (torch.randint(0, 64, (1, 8)),)
+    sparse = strfx.sparsify(model, "structured", example_inputs=x)
+    gates = {n: c for n, c in strfx.modules.channel_carriers(sparse).items() if c.kind == "depth"}
+    assert len(gates) == 6
+    with torch.no_grad():
+        for name in ("model.layers.0.self_attn.depth", "model.layers.1.self_attn.depth", "model.layers.1.mlp.depth"):
+            gates[name].raw.zero_()
+    small = strfx.shrink(sparse, x)
+    rep = small.strfx_shrink
+    assert rep["result"] == "eager" and rep["max_error64"] <= 1e-9
+    assert len(small.model.layers) == small.config.num_hidden_layers == 2
+    assert type(small.model.layers[0].self_attn) is strfx.modules.RemovedBranch
+    assert small.model.layers[1].self_attn.layer_idx == 1  # renumbered for the KV cache
+    prompt = torch.tensor([[1, 5, 9, 13]])
+    kwargs = dict(max_new_tokens=5, do_sample=False, pad_token_id=0, use_cache=True)
+    assert torch.equal(small.generate(prompt, **kwargs), sparse.generate(prompt, **kwargs))
+    with torch.no_grad():  # a whole layer gone is what a HF config can describe
+        gates["model.layers.0.self_attn.depth"].raw.fill_(1.0)
+    smaller = strfx.shrink(sparse, x)
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as d:
+        smaller.save_pretrained(d)
+        loaded = load_model(f"hf:{d}").model
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(prompt).logits, smaller(prompt).logits, rtol=1e-5, atol=1e-6)
