@@ -63,7 +63,9 @@ def main(argv: list[str] | None = None) -> None:
     ex = cb.export_summary
     what = "weights zero" if args.mode == "unstructured" else "FLOPs removed"
     print(f"val top-1 {top1:.2%} · {cb.session.meter():.2%} {what} (target {args.target_sparsity:.0%}) · "
-          f"exported params {ex['params_after']:,} (of {ex['params_before']:,}) · wrote {ex['onnx']}, {ex['pt2']}")
+          f"exported params {ex['params_after']:,} (of {ex['params_before']:,}"
+          f"{'; unstructured zeros stay in dense tensors' if args.mode == 'unstructured' else ''}) · "
+          f"wrote {ex['onnx']}, {ex['pt2']}")
 
 
 if __name__ == "__main__":

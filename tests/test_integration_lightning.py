@@ -15,6 +15,7 @@ from strfx.modules import norm_parameters, threshold_parameters
 from strfx.testing import kill_channels
 
 L = pytest.importorskip("lightning", reason="the lightning extra is not installed (pip install 'strfx[lightning]')")
+from strfx.integrations import STRSession  # noqa: E402
 from strfx.integrations.lightning import STRCallback, str_optimizer  # noqa: E402
 
 X = torch.randn(2, 1, 8, 8, generator=torch.Generator().manual_seed(1))
@@ -95,3 +96,26 @@ def test_optimizer_without_str_groups_is_one_clear_error() -> None:
         _trainer(STRCallback(target_sparsity=0.5), max_steps=1).fit(Net(model, "plain"), _loader(64))
     with pytest.raises(StrfxError, match="no model made by strfx.sparsify"):
         _trainer(STRCallback(), max_steps=1).fit(Net(_mlp()), _loader(64))
+
+
+def test_lightning_checkpoint_carries_the_controller_state(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    model = strfx.sparsify(_mlp(), "unstructured", example_inputs=(X,))
+    cb = STRCallback(target_sparsity=0.3)
+    trainer = _trainer(cb, max_steps=40)
+    trainer.fit(Net(model), _loader())
+    trainer.save_checkpoint(tmp_path / "c.ckpt")
+    saved = cb.session.controller.state_dict()
+    assert saved["last_step"] == 40 and saved["decay"] > 0
+    restored: list[dict] = []
+    start = STRSession.start
+
+    def spy(self: STRSession, *args: object) -> None:
+        start(self, *args)
+        restored.append(self.controller.state_dict())
+
+    monkeypatch.setattr(STRSession, "start", spy)
+    cb2 = STRCallback(target_sparsity=0.3)
+    _trainer(cb2, max_steps=48).fit(Net(strfx.sparsify(_mlp(), "unstructured", example_inputs=(X,))), _loader(),
+                                    ckpt_path=tmp_path / "c.ckpt", weights_only=True)
+    assert restored == [saved]  # the resumed run's controller starts where the first one stopped
+    assert cb2.session.controller.last_step == 48

@@ -100,6 +100,7 @@ class STRSession:
         self.last_step = -1
         self.shrunk: nn.Module | None = None
         self.export_summary: dict[str, Any] | None = None
+        self._pending: dict[str, Any] | None = None  # a checkpoint's state, applied at start()
 
     def attach(self, model: nn.Module) -> nn.Module:
         """Find the sparsified model under ``model``; returns it."""
@@ -135,6 +136,21 @@ class STRSession:
                 cfg = cfg.model_copy(update={"max_decay": DECOUPLED_MAX_DECAY})
             self.controller = ThresholdDecayController(self.target, int(total_steps), cfg, thresholds["weight_decay"],
                                                        momentum)
+        if self._pending:  # resumed from a checkpoint of the loop (Lightning saves callback state)
+            if self.controller is not None and self._pending.get("controller"):
+                self.controller.load_state_dict(self._pending["controller"])
+            if self._pending.get("meter"):
+                self.meter.load_state_dict(self._pending["meter"])
+            self.last_step = int(self._pending.get("last_step", -1))
+            self._pending = None
+
+    def state_dict(self) -> dict[str, Any]:
+        """Controller and meter state, for the loop's checkpoints (a resumed run continues the same schedule)."""
+        return {"controller": self.controller.state_dict() if self.controller else {},
+                "meter": self.meter.state_dict() if self.meter else {}, "last_step": self.last_step}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self._pending = dict(state)
 
     def after_step(self, optimizer: Any, step: int) -> dict[str, float] | None:
         """After optimizer step ``step`` (counted from 1): the controller's update when due; what to log."""

@@ -46,8 +46,11 @@ def str_optimizer(model: nn.Module, args: TrainingArguments, *, threshold_decay:
     ``args.weight_decay``; it is what makes plain STR sparse, so 0 — the ``Trainer``'s default —
     leaves the thresholds to the loss alone). ``optimizer="sgd"`` is STR's own recipe (momentum 0.875).
     """
-    decay_names = set(Trainer.get_decay_parameter_names(None, model))  # the Trainer's own rule (it ignores self)
-    no_decay = [n for n, _ in model.named_parameters() if n not in decay_names]
+    try:
+        decay_names = set(Trainer.get_decay_parameter_names(None, model))  # the Trainer's own rule (it ignores self)
+        no_decay = [n for n, _ in model.named_parameters() if n not in decay_names]
+    except (AttributeError, TypeError):  # a transformers without it: decay on every weight, as strfx's own recipe
+        no_decay = []
     common: dict[str, Any] = {"weight_decay": args.weight_decay, "threshold_decay": threshold_decay,
                               "norm_decay": norm_decay, "no_decay": no_decay}
     if optimizer == "sgd":

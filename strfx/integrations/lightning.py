@@ -91,6 +91,13 @@ class STRCallback(L.Callback):
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         pl_module.log_dict(self.session.measure(), on_step=False, on_epoch=True, prog_bar=True)
 
+    def state_dict(self) -> dict[str, Any]:
+        """Saved in Lightning's checkpoints: ``fit(ckpt_path=...)`` continues the controller where it was."""
+        return self.session.state_dict()
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.session.load_state_dict(state_dict)
+
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if trainer.is_global_zero:
             self.session.finish()
