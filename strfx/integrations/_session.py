@@ -131,8 +131,9 @@ class STRSession:
             momentum = _decay_momentum(optimizer, thresholds)
             cfg = self.controller_config
             if momentum == 0.0 and "max_decay" not in cfg.model_fields_set:
-                # decoupled decay (AdamW) moves s by exactly lr·λ·|s| and keeps no momentum of it, so λ needs no
-                # clamp against a vanishing lr; with the usual small AdamW lr the default clamp (1) would stall it
+                # decoupled decay (AdamW; also SGD without momentum) moves s by exactly lr·λ·|s| and no momentum
+                # buffer carries λ·s into later steps, so λ needs no clamp against a vanishing lr; with AdamW's
+                # usual small lr the default clamp (1) would stall the controller
                 cfg = cfg.model_copy(update={"max_decay": DECOUPLED_MAX_DECAY})
             self.controller = ThresholdDecayController(self.target, int(total_steps), cfg, thresholds["weight_decay"],
                                                        momentum)
