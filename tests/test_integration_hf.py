@@ -18,8 +18,9 @@ from strfx.integrations.hf import STRTrainerCallback, str_optimizer  # noqa: E40
 
 
 def _args(tmp_path: Path, **kw: object) -> transformers.TrainingArguments:
-    return transformers.TrainingArguments(str(tmp_path / "hf"), report_to=[], save_strategy="no", use_cpu=True,
-                                          disable_tqdm=True, per_device_train_batch_size=8, **kw)
+    kw = {"save_strategy": "no", **kw}
+    return transformers.TrainingArguments(str(tmp_path / "hf"), report_to=[], use_cpu=True, disable_tqdm=True,
+                                          per_device_train_batch_size=8, **kw)
 
 
 def test_trainer_callback_lands_the_target_with_str_groups(tmp_path: Path) -> None:
@@ -79,3 +80,30 @@ def test_trainer_callback_shrinks_and_exports_at_the_end(tmp_path: Path) -> None
     sess = ort.InferenceSession(str(tmp_path / "out" / "model.onnx"), providers=["CPUExecutionProvider"])
     got = sess.run(None, {sess.get_inputs()[0].name: probe.numpy()})[0]
     np.testing.assert_allclose(got, masked.numpy(), rtol=1e-4, atol=1e-5)
+
+
+def test_trainer_checkpoint_carries_the_controller_state(tmp_path: Path) -> None:
+    cfg = transformers.BertConfig(vocab_size=32, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                                  intermediate_size=24, max_position_embeddings=16, num_labels=2)
+    ids = torch.randint(0, 32, (2, 8), generator=torch.Generator().manual_seed(0))
+
+    def run(max_steps: int, resume: bool) -> tuple[transformers.Trainer, STRTrainerCallback]:
+        torch.manual_seed(0)
+        model = strfx.sparsify(transformers.BertForSequenceClassification(cfg), "unstructured", example_inputs=(ids,),
+                               config={"s_init": -5})
+        data = [{"input_ids": i, "labels": int((i == 5).any())}
+                for i in torch.randint(0, 32, (64, 8), generator=torch.Generator().manual_seed(1))]
+        args = _args(tmp_path, learning_rate=3e-3, max_steps=max_steps, save_strategy="steps", save_steps=6,
+                     restore_callback_states_from_checkpoint=True)
+        cb = STRTrainerCallback(target_sparsity=0.3)
+        trainer = transformers.Trainer(model=model, args=args, train_dataset=data, callbacks=[cb],
+                                       optimizers=(str_optimizer(model, args), None))
+        trainer.train(resume_from_checkpoint=str(tmp_path / "hf" / "checkpoint-6") if resume else None)
+        return trainer, cb
+
+    _, first = run(6, resume=False)
+    saved = first.session.controller.state_dict()
+    trainer, _ = run(8, resume=True)
+    (cb,) = [c for c in trainer.callback_handler.callbacks if isinstance(c, STRTrainerCallback)]
+    assert cb.restored is not None and cb.restored["controller"] == saved  # the state came from the checkpoint
+    assert cb.session.controller.last_step == 8

@@ -26,6 +26,7 @@ from torch import nn
 
 try:
     from transformers import Trainer, TrainerCallback, TrainingArguments
+    from transformers.trainer_callback import ExportableState
 except ImportError:  # pragma: no cover - depends on the environment
     raise ImportError("strfx.integrations.hf needs transformers: pip install 'strfx[hf]'") from None
 
@@ -59,13 +60,16 @@ def str_optimizer(model: nn.Module, args: TrainingArguments, *, threshold_decay:
                           eps=args.adam_epsilon, **common)
 
 
-class STRTrainerCallback(TrainerCallback):
+class STRTrainerCallback(TrainerCallback, ExportableState):
     """Target controller after each optimizer step, sparsity in the logs, shrink + export at the end.
 
     ``target_sparsity``: unstructured, the fraction of STR weights that end at zero; structured, the
     fraction of FLOPs removed (None: plain STR). ``export_dir``: where the shrunk model's
     ``model.onnx``/``model.pt2`` go (None: no export). ``metadata``: written into the ONNX file.
     The optimizer must carry STR's groups: ``optimizers=(str_optimizer(model, args), None)``.
+    ``trainer.train(resume_from_checkpoint=...)`` with ``restore_callback_states_from_checkpoint=True``
+    continues the controller where the checkpoint left it (the ``Trainer`` then builds a new callback
+    object from the saved state: read results from ``trainer.callback_handler``, not the old object).
     """
 
     def __init__(self, target_sparsity: float | None = None, *, export_dir: str | Path | None = None,
@@ -73,7 +77,15 @@ class STRTrainerCallback(TrainerCallback):
                  force: bool = False):
         self.session = STRSession(target_sparsity, export_dir=export_dir, controller=controller, metadata=metadata,
                                   force=force)
+        self._args = {"target_sparsity": target_sparsity, "export_dir": str(export_dir) if export_dir else None,
+                      "controller": self.session.controller_config.model_dump(exclude_unset=True),
+                      "metadata": metadata, "force": force}
         self._logs: dict[str, float] = {}
+        self.restored: dict[str, Any] | None = None  # set by the Trainer from a checkpoint (see state())
+
+    def state(self) -> dict[str, Any]:
+        """What the ``Trainer`` saves in its checkpoints (JSON): how to rebuild this callback, and the controller."""
+        return {"args": self._args, "attributes": {"restored": self.session.state_dict()}}
 
     @property
     def shrunk(self) -> Any:
@@ -88,7 +100,12 @@ class STRTrainerCallback(TrainerCallback):
                        optimizer: Any = None, **kwargs: Any) -> None:
         assert model is not None and optimizer is not None
         self.session.attach(model)
+        if self.restored:
+            self.session.load_state_dict(self.restored)
         self.session.start(optimizer, state.max_steps)
+        controller = self.session.controller
+        if controller is not None and state.global_step > controller.last_step:  # resumed without the saved state
+            controller.last_step = state.global_step  # measure the next update's Δt from here, not from step 0
 
     def on_step_end(self, args: TrainingArguments, state: Any, control: Any, optimizer: Any = None,
                     **kwargs: Any) -> None:
