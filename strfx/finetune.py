@@ -5,7 +5,8 @@ the surviving weights were trained next to thresholds and gates. A few epochs of
 the small dense model — no STR, nothing can be pruned any more — usually buy back some accuracy, as
 in the usual prune → fine-tune recipe. Same data, same preprocessing (the input contract is
 unchanged), SGD with the run's momentum/weight decay/label smoothing/gradient clipping, a cosine
-schedule from ``lr`` (default a tenth of the run's peak) to 0 without warm-up.
+schedule from ``lr`` (default a tenth of the run's peak) to 0 without warm-up. After an unstructured run the
+pruned weights (the zeros of the dense shrunk model) stay zero.
 
 The result goes to ``RUN_DIR/finetuned/`` (``model.onnx`` with the input contract in its metadata,
 ``model.pt2``, ``input_contract.json``, ``finetune.json``), assembled under a temporary name and
@@ -57,13 +58,23 @@ def evaluate_module(model: nn.Module, data: Any, device: torch.device, batch_siz
 
 def finetune(model: nn.Module, data: Any, *, epochs: int, batch_size: int, lr: float, momentum: float,
              weight_decay: float, label_smoothing: float, grad_clip_norm: float | None, device: torch.device,
-             seed: int = 0, max_steps_per_epoch: int | None = None,
+             seed: int = 0, max_steps_per_epoch: int | None = None, keep_zeros: bool = False,
              log: Callable[[str], None] = print) -> list[dict[str, float]]:
-    """Plain SGD training of ``model`` (in place) for ``epochs``; one metrics row per epoch."""
+    """Plain SGD training of ``model`` (in place) for ``epochs``; one metrics row per epoch.
+
+    ``keep_zeros`` (unstructured runs, whose shrunk model is dense with the pruned weights at zero): the zeros of
+    every weight matrix/kernel stay exactly zero (their gradient is masked; with no gradient, SGD's momentum
+    and weight decay leave a zero at zero), so fine-tuning does not undo the sparsity.
+    """
     from strfx.train import WarmupCosine
 
     torch.manual_seed(seed)
     model.to(device)
+    if keep_zeros:
+        for p in model.parameters():
+            if p.dim() >= 2 and p.requires_grad and bool((p == 0).any()):
+                alive = (p != 0).to(p.dtype)
+                p.register_hook(lambda grad, alive=alive: grad * alive)
     loader = _batches(data.train, data.batched, batch_size, shuffle=True, seed=seed)
     steps = len(loader) if max_steps_per_epoch is None else min(len(loader), max_steps_per_epoch)
     if steps == 0:

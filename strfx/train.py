@@ -907,7 +907,7 @@ class Trainer:
             self.shrunk, self.data, self.example_inputs, self.run_dir, contract, epochs=self.job.finetune_epochs,
             lr=lr, device=self.env.device, log=self.log.print, batch_size=tc.batch_size, momentum=tc.momentum,
             weight_decay=tc.weight_decay, label_smoothing=tc.label_smoothing, grad_clip_norm=tc.grad_clip_norm,
-            seed=tc.seed, max_steps_per_epoch=tc.max_steps_per_epoch)
+            seed=tc.seed, max_steps_per_epoch=tc.max_steps_per_epoch, keep_zeros=self.mode == "unstructured")
 
     @staticmethod
     def _show(path: str | Path) -> str:

@@ -58,3 +58,23 @@ def test_finetune_lr_needs_finetune_epochs(tmp_path: Path) -> None:
                                     "-o", str(tmp_path / "r"), "--finetune-lr", "0.01"])
     assert res.exit_code == 2 and "--finetune-lr needs --finetune-epochs" in res.output
     assert not (tmp_path / "r").exists()
+
+
+def test_finetune_keeps_the_pruned_weights_of_an_unstructured_model_at_zero() -> None:
+    import torch
+
+    from strfx.data import load_data
+    from strfx.finetune import finetune
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(784, 32), torch.nn.ReLU(), torch.nn.Linear(32, 10))
+    with torch.no_grad():
+        model[1].weight[torch.rand_like(model[1].weight) < 0.7] = 0.0  # what an unstructured run leaves behind
+    zeros = model[1].weight == 0
+    before = model[1].weight.detach().clone()
+    kw = dict(epochs=1, batch_size=64, lr=0.05, momentum=0.875, weight_decay=1e-4, label_smoothing=0.1,
+              grad_clip_norm=5.0, device=torch.device("cpu"), max_steps_per_epoch=5, log=lambda _: None)
+    rows = finetune(model, load_data("demo"), keep_zeros=True, **kw)
+    assert rows[0]["val_top1"] > 0.2
+    assert bool((model[1].weight[zeros] == 0).all())  # still exactly zero...
+    assert not torch.equal(model[1].weight[~zeros], before[~zeros])  # ...while the others trained
