@@ -104,7 +104,7 @@ class STRTrainerCallback(TrainerCallback, ExportableState):
             self.session.load_state_dict(self.restored)
         self.session.start(optimizer, state.max_steps)
         controller = self.session.controller
-        if controller is not None and state.global_step > controller.last_step:  # resumed without the saved state
+        if controller is not None and not self.restored and state.global_step > 0:  # resumed without the saved state
             controller.last_step = state.global_step  # measure the next update's Δt from here, not from step 0
 
     def on_step_end(self, args: TrainingArguments, state: Any, control: Any, optimizer: Any = None,
