@@ -207,3 +207,44 @@ class ThresholdDecayController:
     def load_state_dict(self, state: dict[str, float]) -> None:
         self.integral, self.decay, self.effort = float(state["integral"]), float(state["decay"]), float(state["effort"])
         self.last_step, self.last_measured = int(state["last_step"]), float(state["last_measured"])
+
+
+# ------------------------------------------------------------------------ one update, for any training loop
+
+
+def steered_groups(mode: str) -> tuple[str, ...]:
+    """Optimizer groups (by ``name``, see :func:`strfx.param_groups`) whose decay the controller sets.
+
+    Structured and low-rank mode steer the "norms" too (γ/gates, singular values): see the module docstring.
+    """
+    return ("thresholds",) if mode == "unstructured" else ("thresholds", "norms")
+
+
+def named_group(optimizer: Any, name: str) -> dict[str, Any] | None:
+    """The optimizer's parameter group called ``name`` (groups from :func:`strfx.param_groups` carry one)."""
+    return next((g for g in optimizer.param_groups if g.get("name") == name), None)
+
+
+def steer(optimizer: Any, controller: ThresholdDecayController, meter: SparsityMeter, step: int, mode: str,
+          sync: Any = None) -> tuple[float, float] | None:
+    """One controller update after optimizer step ``step``, when it is due: measure the sparsity, compute
+    the decay, set it on the steered groups. ``sync(decay) -> decay`` may make ranks agree (a broadcast).
+
+    This is the whole per-step contract of ``--target-sparsity``; strfx's trainer and the Lightning /
+    HuggingFace callbacks (strfx.integrations) call it after every optimizer step.
+    Returns ``(measured, decay)`` when it updated, else None.
+    """
+    if not controller.due(step):
+        return None
+    group = named_group(optimizer, "thresholds")
+    if group is None:
+        raise ValueError("the optimizer has no parameter group named 'thresholds'; build it with strfx.param_groups(model)")
+    measured = meter()
+    decay = controller.update(step, measured, group["lr"])
+    if sync is not None:
+        decay = controller.decay = float(sync(decay))
+    for name in steered_groups(mode):
+        g = named_group(optimizer, name)
+        if g is not None:
+            g["weight_decay"] = decay
+    return measured, decay

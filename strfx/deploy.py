@@ -116,6 +116,41 @@ def shrink_run(run_dir: str | Path, out: str | Path, force: bool = False, round_
     return summary
 
 
+def shrink_and_export(model: nn.Module, example_inputs: tuple[torch.Tensor, ...], out_dir: str | Path, *,
+                      metadata: dict[str, str] | None = None, force: bool = False,
+                      repeats: int = 10) -> tuple[dict[str, Any], nn.Module]:
+    """Shrink a trained STR model and export it to ``out_dir`` (model.onnx + model.pt2), each verified.
+
+    The end of every strfx training loop (``strfx train --export``, the Lightning and HuggingFace
+    callbacks): a CPU copy of ``model`` is folded and cut (:func:`strfx.shrink`), then exported with
+    ``metadata`` (e.g. the input contract) in the ONNX file. ``model`` itself is left as it was.
+    Returns the summary (what ``summary.json`` records under ``export``) and the shrunk model.
+    """
+    import copy
+
+    from strfx.surgery import shrink
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    masked = copy.deepcopy(model).to("cpu", memory_format=torch.contiguous_format).eval()
+    inputs = tuple(t.cpu() for t in example_inputs)
+    shrunk = shrink(masked, inputs)
+    info = shrunk.strfx_shrink
+    rep = export(shrunk, out / "model.onnx", inputs, pt2_path=out / "model.pt2", reference=masked, force=force,
+                 repeats=repeats, metadata=metadata)
+    summary = {
+        "onnx": rep.onnx_path, "pt2": rep.pt2_path, "exporter": rep.exporter,
+        "channels": info["channels"], "channels_removed": info["channels_removed"],
+        "params_after": rep.model.params, "flops_after": rep.model.flops,
+        "params_before": rep.reference.params if rep.reference else None,
+        "flops_before": rep.reference.flops if rep.reference else None,
+        "shrink_max_error": info["max_error"], "onnx_max_error": rep.onnx_max_error,
+        "pt2_max_error": rep.pt2_max_error, "reference_max_error": rep.reference_max_error,
+        "tolerance": rep.tolerance, "metadata": sorted(rep.metadata),
+    }
+    return summary, shrunk
+
+
 def _require_dir(path: Path) -> None:
     if not path.exists():
         raise StrfxError(f"{path} does not exist; give a run directory written by `strfx transform` or `strfx train`")
@@ -149,18 +184,22 @@ def export_source(source: str | Path, onnx_path: str | Path, pt2_path: str | Pat
     check_writable(Path(onnx_path), force)
     if pt2_path is not None:
         check_writable(Path(pt2_path), force)
+    from strfx.contract import CONTRACT_FILE, load_contract
+
+    # the run's input contract travels in the ONNX file (what `strfx eval` and deployments read)
+    metadata = load_contract(source / CONTRACT_FILE).metadata() if (source / CONTRACT_FILE).is_file() else None
     if (source / CONFIG_FILE).is_file():
         masked, loaded, _ = load_run(source)
         masked.eval()
         shrunk = shrink(masked, loaded.example_inputs, round_to=round_to).eval()
         return export(shrunk, onnx_path, loaded.example_inputs, pt2_path, reference=masked, force=force,
-                      repeats=repeats)
+                      repeats=repeats, metadata=metadata)
     if (source / PT2_FILE).is_file():
         if round_to > 1:
             raise StrfxError(f"{source} is already shrunk; --round-to applies to a run directory "
                              f"(`strfx shrink RUN_DIR -o OUT --round-to {round_to}`)")
         program = load_shrunk(source)
-        rep = export(program, onnx_path, None, pt2_path, force=force, repeats=repeats)
+        rep = export(program, onnx_path, None, pt2_path, force=force, repeats=repeats, metadata=metadata)
         if (source / SHRINK_FILE).is_file():  # the un-shrunk model is gone; its size is on record
             try:
                 before = ShrinkOutput.model_validate_json((source / SHRINK_FILE).read_text())

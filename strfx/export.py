@@ -154,6 +154,8 @@ class ExportReport(BaseModel):
         lines = [f"max relative error (≤ {self.tolerance:g}): {', '.join(checks)}{on}",
                  f"dynamic dims: {dyn}; latency: median (p10–p90) of {self.repeats} runs, {self.threads} thread(s)",
                  *[f"note: {n}" for n in self.notes],
+                 *([f"input (in the ONNX metadata): {self.metadata['strfx.preprocessing']}"]
+                   if "strfx.preprocessing" in self.metadata else []),
                  f"wrote {'; '.join(files)}"]
         return "\n".join(lines)
 

@@ -41,7 +41,7 @@ from torch.utils.data import BatchSampler, DataLoader, DistributedSampler, Subse
 
 from strfx.config import StrfxConfig, dump_config, load_config, parse_config
 from strfx.contract import CONTRACT_FILE, InputContract, input_contract  # noqa: F401 - re-exported
-from strfx.controller import SparsityMeter, ThresholdDecayController
+from strfx.controller import SparsityMeter, ThresholdDecayController, steer
 from strfx.data import Data, load_data
 from strfx.distributed import DEBUG_ENV, DistEnv, LaunchOptions, init_distributed, launch, maybe_inject_fault, shutdown
 from strfx.errors import CheckpointError, DataError, OutputExistsError, StrfxError, TrainError
@@ -199,6 +199,8 @@ class Job:
     resume: bool = False
     export: bool = False
     progress: bool | None = None
+    finetune_epochs: int = 0  # --finetune-epochs: plain training of the shrunk model after --export (strfx.finetune)
+    finetune_lr: float | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return dict(self.__dict__)
@@ -282,18 +284,23 @@ def train(model: str, data: str | None = None, mode: str | None = None, *,
           resume: bool = False, force: bool = False, export: bool = False, epochs: int | None = None,
           batch_size: int | None = None, target_sparsity: float | None = None, launch_options: LaunchOptions | None = None,
           progress: bool | None = None, lr: float | None = None, seed: int | None = None,
-          init: str | Path | None = None) -> TrainResult:
+          init: str | Path | None = None, finetune_epochs: int = 0, finetune_lr: float | None = None) -> TrainResult:
     """Train MODEL with STR; one process, or ``launch_options.nproc_per_node`` through torchrun.
 
     ``model`` and ``data`` are the CLI's MODEL and ``--data`` strings; ``epochs``, ``batch_size``, ``lr``,
-    ``seed``, ``init`` and ``target_sparsity`` override the config's ``train:`` fields. Returns the run's summary.
+    ``seed``, ``init`` and ``target_sparsity`` override the config's ``train:`` fields. ``finetune_epochs``
+    (implies ``export``) fine-tunes the shrunk model afterwards (strfx.finetune). Returns the run's summary.
     """
     opts = launch_options
+    if finetune_lr is not None and not finetune_epochs:
+        raise StrfxError("--finetune-lr needs --finetune-epochs N (how long to fine-tune the shrunk model)")
+    export = export or finetune_epochs > 0  # the fine-tuned model is the shrunk one, and it is exported
     job = prepare(model, data, mode, config, run_dir, resume, force, export,
                   world_size=opts.world_size() if opts else 1, epochs=epochs, batch_size=batch_size,
                   target_sparsity=target_sparsity, lr=lr, seed=seed,
                   init=str(Path(init).expanduser().resolve()) if init is not None else None)
     job.progress = progress
+    job.finetune_epochs, job.finetune_lr = finetune_epochs, finetune_lr
     if opts is None:
         run_job(job.to_dict())
     else:
@@ -487,9 +494,6 @@ class Trainer:
             self.controller = ThresholdDecayController(tc.target_sparsity, self.total_steps, tc.controller,
                                                        thr_group["weight_decay"], tc.momentum)
 
-        # Structured: a channel dies when |γ| < g(s), but decay can lift g(s) only to g(0) = 0.5 while γ starts
-        # at 1; so the controller drives the decay of γ ("norms") together with that of s.
-        self.steered_groups = ["thresholds"] + (["norms"] if self.mode != "unstructured" else [])
         self.model: nn.Module = gm
         if env.distributed:
             self.model = nn.parallel.DistributedDataParallel(gm, device_ids=[dev.index] if self.cuda else None)
@@ -622,20 +626,15 @@ class Trainer:
 
     # ------------------------------------------------------------------------------------- training
     def _controller_step(self) -> None:
-        c = self.controller
-        if c is None or not c.due(self.step):
-            return
-        group = self._group("thresholds")
-        assert group is not None
-        decay = c.update(self.step, self.meter(), group["lr"])
-        if self.env.distributed:  # identical on every rank already; broadcast guards against float drift
-            t = torch.tensor([decay], dtype=torch.float64, device=self.env.device)
-            dist.broadcast(t, 0)
-            decay = c.decay = float(t.item())
-        for name in self.steered_groups:
-            g = self._group(name)
-            if g is not None:
-                g["weight_decay"] = decay
+        if self.controller is not None:
+            steer(self.optimizer, self.controller, self.meter, self.step, self.mode,
+                  self._broadcast if self.env.distributed else None)
+
+    def _broadcast(self, value: float) -> float:
+        """Rank 0's value (the decay is identical on every rank already; this guards against float drift)."""
+        t = torch.tensor([value], dtype=torch.float64, device=self.env.device)
+        dist.broadcast(t, 0)
+        return float(t.item())
 
     def _diverged(self, epoch: int, i: int, what: str) -> TrainError:
         """One line: where the run diverged, what went non-finite, what to change, what is kept."""
@@ -852,7 +851,9 @@ class Trainer:
         summary["input_contract"] = contract.model_dump(mode="json")
         summary["warnings"] = self._warnings(summary)
         if self.job.export:
-            summary["export"] = self.export()
+            summary["export"] = self.export(contract)
+        if self.job.finetune_epochs:
+            summary["finetune"] = self.finetune(contract)
         atomic_write(self.run_dir / SUMMARY_FILE, json.dumps(summary, indent=2))
         self.print_summary(summary)
 
@@ -886,29 +887,27 @@ class Trainer:
                        f"the controller; train for more steps (--epochs, or a smaller --batch-size)")
         return out
 
-    def export(self) -> dict[str, Any]:
-        """Shrink away the dead channels and export ONNX (+ .pt2), each verified against the trained model."""
-        import copy
+    def export(self, contract: InputContract | None = None) -> dict[str, Any]:
+        """Shrink away the dead channels and export ONNX (+ .pt2), each verified against the trained model;
+        the input contract goes into the ONNX metadata. Keeps the shrunk model for ``--finetune-epochs``."""
+        from strfx.deploy import shrink_and_export
 
-        from strfx.export import export
-        from strfx.surgery import shrink
+        summary, self.shrunk = shrink_and_export(self.gm, self.example_inputs, self.run_dir, force=True,
+                                                 metadata=contract.metadata() if contract is not None else None)
+        return summary
 
-        masked = copy.deepcopy(self.gm).to("cpu", memory_format=torch.contiguous_format).eval()
-        inputs = tuple(t.cpu() for t in self.example_inputs)
-        shrunk = shrink(masked, inputs)
-        info = shrunk.strfx_shrink
-        rep = export(shrunk, self.run_dir / "model.onnx", inputs, pt2_path=self.run_dir / "model.pt2",
-                     reference=masked, force=True)
-        return {
-            "onnx": rep.onnx_path, "pt2": rep.pt2_path, "exporter": rep.exporter,
-            "channels": info["channels"], "channels_removed": info["channels_removed"],
-            "params_after": rep.model.params, "flops_after": rep.model.flops,
-            "params_before": rep.reference.params if rep.reference else None,
-            "flops_before": rep.reference.flops if rep.reference else None,
-            "shrink_max_error": info["max_error"], "onnx_max_error": rep.onnx_max_error,
-            "pt2_max_error": rep.pt2_max_error, "reference_max_error": rep.reference_max_error,
-            "tolerance": rep.tolerance,
-        }
+    def finetune(self, contract: InputContract) -> dict[str, Any]:
+        """``--finetune-epochs``: plain training of the shrunk model, then its own export (strfx.finetune)."""
+        from strfx.finetune import finetune_and_export
+
+        tc = self.tc
+        lr = self.job.finetune_lr or tc.peak_lr() / 10
+        self.log.print(f"fine-tuning the shrunk model for {self.job.finetune_epochs} epochs (plain SGD, lr {lr:g})")
+        return finetune_and_export(
+            self.shrunk, self.data, self.example_inputs, self.run_dir, contract, epochs=self.job.finetune_epochs,
+            lr=lr, device=self.env.device, log=self.log.print, batch_size=tc.batch_size, momentum=tc.momentum,
+            weight_decay=tc.weight_decay, label_smoothing=tc.label_smoothing, grad_clip_norm=tc.grad_clip_norm,
+            seed=tc.seed, max_steps_per_epoch=tc.max_steps_per_epoch, keep_zeros=self.mode == "unstructured")
 
     @staticmethod
     def _show(path: str | Path) -> str:
@@ -947,6 +946,11 @@ class Trainer:
                 checks += f", .pt2 vs torch {ex['pt2_max_error']:.2g}"
             lines.append(f"  export     {self._show(ex['onnx'])} ({ex['exporter']}) · max relative error {checks} "
                          f"(≤ {ex['tolerance']:g}) [green]OK[/]")
+        ft = s.get("finetune")
+        if ft:
+            lines.append(f"  finetune   {ft['epochs']} epochs of the shrunk model (lr {ft['lr']:g}): val top-1 "
+                         f"{ft['val_top1_before']:.2%} → {ft['val_top1']:.2%} · {self._show(ft['onnx'])} "
+                         f"(ORT vs torch {ft['onnx_max_error']:.2g})")
         if s.get("input_contract"):
             lines.append(f"  input      {InputContract.model_validate(s['input_contract']).describe()}")
         lines += [f"  [bold yellow]warning[/]    {w}" for w in s.get("warnings", [])]

@@ -18,6 +18,7 @@ def test_wheel_installs_passes_as_a_subpackage(tmp_path: Path) -> None:
     (wheel,) = wheels.glob("strfx-*.whl")
     names = zipfile.ZipFile(wheel).namelist()
     assert "strfx/passes/insert_str.py" in names
+    assert "strfx/integrations/lightning.py" in names and "strfx/integrations/hf.py" in names
     assert not any(n.startswith("passes/") for n in names)  # nothing called `passes` at the top level
     subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "-q", "--target", str(target), str(wheel)],
                    check=True, timeout=300, capture_output=True)

@@ -1,0 +1,185 @@
+"""What every training-loop integration does around the user's loop (see strfx.integrations)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Iterable, Literal
+
+import torch
+from torch import nn
+
+from strfx.controller import SparsityMeter, ThresholdDecayController, named_group, steer
+from strfx.errors import OutputExistsError, StrfxError
+from strfx.train_config import ControllerConfig, TrainConfig
+
+_RECIPE = TrainConfig()
+DECOUPLED_MAX_DECAY = 1e4  # the controller's clamp on λ under AdamW (λ·lr stays ≤ max_step_rate before it bites)  # strfx train's defaults: the STR paper's recipe
+
+
+def find_str_model(root: nn.Module) -> nn.Module:
+    """``root`` or its first submodule made by :func:`strfx.sparsify` (a LightningModule holds it as an attribute)."""
+    for module in root.modules():
+        if isinstance(getattr(module, "_strfx", None), dict) and "config" in module._strfx:
+            return module
+    raise StrfxError(f"no model made by strfx.sparsify in {type(root).__name__}; train the model strfx.sparsify "
+                     f"returns (in a LightningModule: assign it to an attribute, e.g. self.model = strfx.sparsify(...))")
+
+
+def str_optimizer(model: nn.Module, lr: float, *, optimizer: Literal["sgd", "adamw"] = "sgd",
+                  momentum: float = _RECIPE.momentum, nesterov: bool = False,
+                  weight_decay: float = _RECIPE.weight_decay, threshold_decay: float | None = None,
+                  norm_decay: float | None = None, no_decay: Iterable[str] = (), **kwargs: Any) -> torch.optim.Optimizer:
+    """An optimizer over :func:`strfx.param_groups` (named "weights", "thresholds", "norms").
+
+    ``"sgd"`` is STR's recipe (momentum 0.875, decay 1/32768 on everything, thresholds included: that
+    decay is what raises them). ``"adamw"`` (decoupled decay, so the controller can still set the
+    thresholds' pace) takes ``betas``/``eps`` in ``kwargs``. Parameters named in ``no_decay`` leave
+    the "weights" group for a "weights_no_decay" group (HuggingFace's rule for biases and norms).
+    """
+    from strfx.api import param_groups
+
+    groups = param_groups(model, weight_decay, threshold_decay, norm_decay)
+    skip = set(no_decay)
+    if skip and groups and groups[0]["name"] == "weights":
+        names = {id(p): n for n, p in model.named_parameters()}
+        rest = groups[0]["params"]
+        groups[0]["params"] = [p for p in rest if names.get(id(p)) not in skip]
+        groups.insert(1, {"name": "weights_no_decay", "params": [p for p in rest if names.get(id(p)) in skip],
+                          "weight_decay": 0.0})
+        groups = [g for g in groups if g["params"]]
+    if optimizer == "sgd":
+        return torch.optim.SGD(groups, lr=lr, momentum=momentum, nesterov=nesterov, **kwargs)
+    if optimizer == "adamw":
+        return torch.optim.AdamW(groups, lr=lr, **kwargs)
+    raise StrfxError(f"str_optimizer(optimizer={optimizer!r}): use 'sgd' (STR's recipe) or 'adamw'")
+
+
+def _unwrap(optimizer: Any) -> Any:
+    """The torch optimizer inside Lightning's / accelerate's wrappers."""
+    for _ in range(8):  # AcceleratedOptimizer (an Optimizer itself) holds .optimizer, LightningOptimizer ._optimizer
+        inner = getattr(optimizer, "optimizer", None) or getattr(optimizer, "_optimizer", None)
+        if inner is None or inner is optimizer:
+            break
+        optimizer = inner
+    return optimizer
+
+
+def _decay_momentum(optimizer: Any, group: dict[str, Any]) -> float:
+    """μ in the controller's pace ``lr/(1-μ)·λ``: SGD's momentum; 0 for decoupled decay (AdamW: ``p -= lr·λ·p``)."""
+    opt = _unwrap(optimizer)
+    if isinstance(opt, torch.optim.SGD):
+        return float(group.get("momentum", 0.0))
+    if isinstance(opt, torch.optim.AdamW) or (isinstance(opt, torch.optim.Adam) and group.get("decoupled_weight_decay")):
+        return 0.0
+    raise StrfxError(f"target_sparsity steers the thresholds' weight decay, which needs SGD or AdamW (decoupled "
+                     f"decay), not {type(opt).__name__}; build the optimizer with strfx.integrations.str_optimizer")
+
+
+class STRSession:
+    """The STR side of a training loop: sparsity measurement, the target controller, shrink + export.
+
+    Call :meth:`start` once the optimizer exists, :meth:`after_step` after every optimizer step (it
+    updates the controller when due and returns what to log) and :meth:`finish` at the end.
+    ``export_dir`` gets ``model.onnx`` + ``model.pt2`` of the shrunk model (never overwritten without
+    ``force``; checked at :meth:`start`, before any training); ``metadata`` goes into the ONNX file
+    (e.g. ``strfx.contract.InputContract(...).metadata()``).
+    """
+
+    def __init__(self, target_sparsity: float | None = None, *, export_dir: str | Path | None = None,
+                 controller: ControllerConfig | dict[str, Any] | None = None, metadata: dict[str, str] | None = None,
+                 force: bool = False):
+        if target_sparsity is not None and not 0 < target_sparsity < 1:
+            raise StrfxError(f"target_sparsity must be between 0 and 1 (a fraction), got {target_sparsity}")
+        self.target = target_sparsity
+        self.export_dir = Path(export_dir) if export_dir is not None else None
+        self.controller_config = ControllerConfig.model_validate(controller or {})
+        self.metadata, self.force = metadata, force
+        self.model: nn.Module | None = None
+        self.meter: SparsityMeter | None = None
+        self.controller: ThresholdDecayController | None = None
+        self.last_step = -1
+        self.shrunk: nn.Module | None = None
+        self.export_summary: dict[str, Any] | None = None
+        self._pending: dict[str, Any] | None = None  # a checkpoint's state, applied at start()
+
+    def attach(self, model: nn.Module) -> nn.Module:
+        """Find the sparsified model under ``model``; returns it."""
+        self.model = find_str_model(model)
+        self.mode = self.model._strfx["config"].mode
+        self.example_inputs = tuple(self.model._strfx["example_inputs"])
+        if self.export_dir is not None and not self.force:  # fail now, not after training
+            for name in ("model.onnx", "model.pt2"):
+                if (self.export_dir / name).exists():
+                    raise OutputExistsError(f"{self.export_dir / name} already exists; pass force=True to replace it "
+                                            f"or choose another export_dir")
+        return self.model
+
+    def start(self, optimizer: Any, total_steps: int) -> None:
+        """Check the optimizer has the STR groups; set up the meter and (with a target) the controller."""
+        assert self.model is not None, "attach(model) first"
+        thresholds = named_group(optimizer, "thresholds")
+        if thresholds is None:
+            raise StrfxError("the optimizer has no 'thresholds' parameter group, so STR's thresholds would get the "
+                             "weights' settings; build it with strfx.integrations.str_optimizer(model, lr) or "
+                             "torch.optim.SGD(strfx.param_groups(model), ...)")
+        device = next(self.model.parameters()).device  # the loop may have moved the model already
+        self.meter = SparsityMeter(self.model, self.mode, tuple(t.to(device) for t in self.example_inputs))
+        if self.target is not None:
+            if not total_steps or total_steps == float("inf"):
+                raise StrfxError("target_sparsity needs the number of optimizer steps in advance; set max_steps or "
+                                 "max_epochs (with a sized dataloader)")
+            momentum = _decay_momentum(optimizer, thresholds)
+            cfg = self.controller_config
+            if momentum == 0.0 and "max_decay" not in cfg.model_fields_set:
+                # decoupled decay (AdamW; also SGD without momentum) moves s by exactly lr·λ·|s| and no momentum
+                # buffer carries λ·s into later steps, so λ needs no clamp against a vanishing lr; with AdamW's
+                # usual small lr the default clamp (1) would stall the controller
+                cfg = cfg.model_copy(update={"max_decay": DECOUPLED_MAX_DECAY})
+            self.controller = ThresholdDecayController(self.target, int(total_steps), cfg, thresholds["weight_decay"],
+                                                       momentum)
+        if self._pending:  # resumed from a checkpoint of the loop (Lightning saves callback state)
+            if self.controller is not None and self._pending.get("controller"):
+                self.controller.load_state_dict(self._pending["controller"])
+            if self._pending.get("meter"):
+                self.meter.load_state_dict(self._pending["meter"])
+            self.last_step = int(self._pending.get("last_step", -1))
+            self._pending = None
+
+    def state_dict(self) -> dict[str, Any]:
+        """Controller and meter state, for the loop's checkpoints (a resumed run continues the same schedule)."""
+        return {"controller": self.controller.state_dict() if self.controller else {},
+                "meter": self.meter.state_dict() if self.meter else {}, "last_step": self.last_step}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self._pending = dict(state)
+
+    def after_step(self, optimizer: Any, step: int) -> dict[str, float] | None:
+        """After optimizer step ``step`` (counted from 1): the controller's update when due; what to log."""
+        if self.controller is None or step == self.last_step:  # gradient accumulation: one update per step
+            return None
+        self.last_step = step
+        assert self.meter is not None
+        optimizer = _unwrap(optimizer)
+        if self.controller.momentum and (group := named_group(optimizer, "thresholds")) is not None:
+            self.controller.momentum = float(group.get("momentum", self.controller.momentum))  # a cycling schedule
+        done = steer(optimizer, self.controller, self.meter, step, self.mode)
+        if done is None:
+            return None
+        measured, decay = done
+        return {"strfx/sparsity": measured, "strfx/target_now": self.controller.schedule(step),
+                "strfx/threshold_decay": decay}
+
+    def measure(self) -> dict[str, float]:
+        """The sparsity the target refers to (unstructured: weights zero; structured: FLOPs removed)."""
+        assert self.meter is not None
+        return {"strfx/sparsity": self.meter()}
+
+    def finish(self) -> dict[str, Any] | None:
+        """Shrink and export to ``export_dir`` (if given); the shrunk model is kept as :attr:`shrunk`."""
+        if self.export_dir is None or self.model is None:
+            return None
+        from strfx.deploy import shrink_and_export
+
+        self.export_summary, self.shrunk = shrink_and_export(self.model, self.example_inputs, self.export_dir,
+                                                             metadata=self.metadata, force=self.force, repeats=3)
+        return self.export_summary
