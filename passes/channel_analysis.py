@@ -401,6 +401,48 @@ class ChannelAnalysis:
     def dead_channels(self) -> int:
         return int(sum(g.dead for g in self.groups))
 
+    def _keep_back(self, group: ChannelGroup, chans: list[int], dead_root: np.ndarray, keep: int) -> int:
+        """Keep dead channels of ``group`` (lowest ids first) until ``keep`` channels stay; how many."""
+        dead = [r for r in chans if dead_root[r]]
+        alive = len(chans) - len(dead)
+        extra = max(0, min(keep, len(chans)) - alive)
+        for r in dead[:extra]:
+            dead_root[r] = False
+        group.dead -= extra
+        return extra
+
+    def _channels_by_group(self) -> dict[int, list[int]]:
+        by_group: dict[int, list[int]] = {}
+        for r, g in self.group_of_root.items():
+            by_group.setdefault(g, []).append(r)
+        return {g: sorted(rs) for g, rs in by_group.items()}
+
+    def uniform_widths(self) -> int:
+        """Keep back dead channels so that groups playing the same part in every layer keep the same width.
+
+        Siblings are groups of equal width whose members are the same parameters up to layer indices
+        (``layers.3.mlp.up_proj.weight`` ~ ``layers.7.mlp.up_proj.weight``): each keeps as many channels
+        as the widest of them kept. Keeping a dead channel is exact, so this only gives back some of the
+        saving, for what HF configs and the Sheared-LLaMA recipe need (one width per unit kind).
+        Returns how many dead channels were kept back.
+        """
+        by_group = self._channels_by_group()
+        siblings: dict[tuple[Any, ...], list[ChannelGroup]] = {}
+        for group in self.groups:
+            params = sorted({re.sub(r"\.\d+\.", ".*.", m.split(" ")[0]) for m in group.members if m.endswith("(parameter)")})
+            if params and group.prunable:
+                siblings.setdefault((group.channels, *params), []).append(group)
+        dead_root = self.dead.copy()
+        kept_back = 0
+        for groups in siblings.values():
+            if len(groups) < 2:
+                continue
+            widest = max(g.channels - g.dead for g in groups)
+            for g in groups:
+                kept_back += self._keep_back(g, by_group.get(g.id, []), dead_root, widest)
+        self.dead = dead_root[self.roots]
+        return kept_back
+
     def round_widths(self, multiple: int) -> int:
         """Keep back dead channels so each group keeps a multiple of ``multiple`` channels (or all).
 
@@ -411,21 +453,14 @@ class ChannelAnalysis:
         if multiple <= 1:
             return 0
         dead_root = self.dead.copy()  # for a root r, dead[r] is its channel's verdict
-        by_group: dict[int, list[int]] = {}
-        for r, g in self.group_of_root.items():
-            by_group.setdefault(g, []).append(r)
+        by_group = self._channels_by_group()
         kept_back = 0
         for group in self.groups:
             if not group.dead:
                 continue
-            chans = sorted(by_group.get(group.id, []))
-            dead = [r for r in chans if dead_root[r]]
-            alive = len(chans) - len(dead)
-            keep = min(len(chans), -(-alive // multiple) * multiple)
-            for r in dead[:keep - alive]:
-                dead_root[r] = False
-            group.dead -= keep - alive
-            kept_back += keep - alive
+            chans = by_group.get(group.id, [])
+            alive = len(chans) - group.dead
+            kept_back += self._keep_back(group, chans, dead_root, -(-alive // multiple) * multiple)
         self.dead = dead_root[self.roots]
         return kept_back
 

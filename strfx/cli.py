@@ -191,12 +191,14 @@ def _print_rows(rows: list[Any], as_json: bool, title: str, columns: tuple[str, 
 @click.option("--force", is_flag=True, help="Replace the output directory if it exists.")
 @click.option("--round-to", type=click.IntRange(1), default=1, show_default=True,
               help="Keep a few dead channels (as zeros) so every channel group is a multiple of this wide.")
+@click.option("--uniform", is_flag=True,
+              help="Keep the same number of heads/neurons/channels in every layer (the widest layer's).")
 @click.option("--json", "as_json", is_flag=True, help="Print shrink.json instead of a table.")
-def shrink_cmd(run_dir: str, output: str, force: bool, round_to: int, as_json: bool) -> None:
+def shrink_cmd(run_dir: str, output: str, force: bool, round_to: int, uniform: bool, as_json: bool) -> None:
     """Remove the dead channels of RUN_DIR's model, verify, and save it as a torch.export program."""
     from strfx.deploy import shrink_run
 
-    summary = shrink_run(run_dir, output, force=force, round_to=round_to)
+    summary = shrink_run(run_dir, output, force=force, round_to=round_to, uniform=uniform)
     if as_json:
         click.echo(summary.model_dump_json(indent=2))
         return
@@ -215,13 +217,16 @@ def shrink_cmd(run_dir: str, output: str, force: bool, round_to: int, as_json: b
               help="Timed runs per latency measurement.")
 @click.option("--round-to", type=click.IntRange(1), default=1, show_default=True,
               help="When SOURCE is a run directory: shrink it keeping every channel group a multiple of this wide.")
+@click.option("--uniform", is_flag=True,
+              help="When SOURCE is a run directory: the same number of heads/neurons/channels in every layer.")
 @click.option("--json", "as_json", is_flag=True, help="Print the export report as JSON.")
 def export_cmd(source: str, onnx_path: str, pt2_path: str | None, force: bool, repeats: int, round_to: int,
-               as_json: bool) -> None:
+               uniform: bool, as_json: bool) -> None:
     """Export SOURCE to ONNX (verified in onnxruntime): a run directory (shrunk first) or a `strfx shrink` output."""
     from strfx.deploy import export_source
 
-    rep = export_source(source, onnx_path, pt2_path, force=force, repeats=repeats, round_to=round_to)
+    rep = export_source(source, onnx_path, pt2_path, force=force, repeats=repeats, round_to=round_to,
+                        uniform=uniform)
     if as_json:
         click.echo(rep.model_dump_json(indent=2))
     else:

@@ -77,7 +77,8 @@ def _flops(model: nn.Module, inputs: tuple[torch.Tensor, ...]) -> int | None:
         return None
 
 
-def shrink_run(run_dir: str | Path, out: str | Path, force: bool = False, round_to: int = 1) -> ShrinkOutput:
+def shrink_run(run_dir: str | Path, out: str | Path, force: bool = False, round_to: int = 1,
+               uniform: bool = False) -> ShrinkOutput:
     """Shrink the model of ``run_dir`` and write ``out`` (model.pt2 + shrink.json), verified."""
     from strfx.surgery import shrink
 
@@ -87,7 +88,7 @@ def shrink_run(run_dir: str | Path, out: str | Path, force: bool = False, round_
     masked, loaded, config = load_run(run_dir)
     masked.eval()
     inputs = tuple(loaded.example_inputs)
-    shrunk = shrink(masked, inputs, round_to=round_to).eval()
+    shrunk = shrink(masked, inputs, round_to=round_to, uniform=uniform).eval()
     rep = shrunk.strfx_shrink
     cap = _capture(shrunk, inputs, dynamic_batch=True)  # model.pt2 takes any batch size where the model does
     if cap.program is None:
@@ -175,7 +176,7 @@ def load_shrunk(out_dir: str | Path) -> torch.export.ExportedProgram:
 
 
 def export_source(source: str | Path, onnx_path: str | Path, pt2_path: str | Path | None = None,
-                  force: bool = False, repeats: int = 10, round_to: int = 1) -> ExportReport:
+                  force: bool = False, repeats: int = 10, round_to: int = 1, uniform: bool = False) -> ExportReport:
     """Export a run directory (shrunk first; the masked model is the "before") or a shrink output."""
     from strfx.surgery import shrink
 
@@ -191,13 +192,14 @@ def export_source(source: str | Path, onnx_path: str | Path, pt2_path: str | Pat
     if (source / CONFIG_FILE).is_file():
         masked, loaded, _ = load_run(source)
         masked.eval()
-        shrunk = shrink(masked, loaded.example_inputs, round_to=round_to).eval()
+        shrunk = shrink(masked, loaded.example_inputs, round_to=round_to, uniform=uniform).eval()
         return export(shrunk, onnx_path, loaded.example_inputs, pt2_path, reference=masked, force=force,
                       repeats=repeats, metadata=metadata)
     if (source / PT2_FILE).is_file():
-        if round_to > 1:
-            raise StrfxError(f"{source} is already shrunk; --round-to applies to a run directory "
-                             f"(`strfx shrink RUN_DIR -o OUT --round-to {round_to}`)")
+        if round_to > 1 or uniform:
+            flag = f"--round-to {round_to}" if round_to > 1 else "--uniform"
+            raise StrfxError(f"{source} is already shrunk; {flag.split()[0]} applies to a run directory "
+                             f"(`strfx shrink RUN_DIR -o OUT {flag}`)")
         program = load_shrunk(source)
         rep = export(program, onnx_path, None, pt2_path, force=force, repeats=repeats, metadata=metadata)
         if (source / SHRINK_FILE).is_file():  # the un-shrunk model is gone; its size is on record

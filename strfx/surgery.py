@@ -66,6 +66,8 @@ class ShrinkReport(BaseModel):
     analysis_s: float
     shrink_s: float
     round_to: int = Field(default=1, description="Each group kept a multiple of this many channels (dead ones kept as zeros).")
+    uniform: bool = Field(default=False, description="Groups playing the same part in every layer kept the same width "
+                          "(the widest one's; dead ones kept as zeros).")
     result: Literal["eager", "exported"] = Field(
         "eager", description="'eager': the user's own module class with smaller parameters; 'exported': the "
         "cut ATen graph (the model's forward hard-codes a size no module attribute carries).")
@@ -442,7 +444,7 @@ def _first_line(err: BaseException) -> str:
 
 
 def _cut_model(model: nn.Module, inputs: Sequence[Any], round_to: int = 1,
-               dead: np.ndarray | None = None) -> tuple[nn.Module, fx.GraphModule, ChannelAnalysis, str | None]:
+               dead: np.ndarray | None = None, uniform: bool = False) -> tuple[nn.Module, fx.GraphModule, ChannelAnalysis, str | None]:
     """Fold, capture, analyse and cut ``model``: (eager result, cut graph, analysis, why the eager
     result cannot be used or None). ``dead`` imposes another run's verdicts (same graph, same ids)."""
     plain = fold_str(model)
@@ -451,6 +453,8 @@ def _cut_model(model: nn.Module, inputs: Sequence[Any], round_to: int = 1,
     if dead is not None and len(dead) == len(analysis.dead):
         analysis.dead = dead.copy()
     else:
+        if uniform:
+            analysis.uniform_widths()
         analysis.round_widths(round_to)
     try:
         cuts = shrink_graph(gm, analysis)
@@ -539,13 +543,15 @@ def _float64_reference(model: nn.Module) -> nn.Module | str:
 
 @torch.no_grad()
 def shrink(model: nn.Module, example_inputs: Sequence[torch.Tensor] | torch.Tensor | None = None,
-           round_to: int = 1) -> nn.Module:
+           round_to: int = 1, uniform: bool = False) -> nn.Module:
     """Remove every provably dead channel of ``model`` and return a plain, smaller model.
 
     ``model`` is usually what :func:`strfx.sparsify` returned (after training), but any model
     ``torch.export`` captures works: its dead channels (zero γ and β, zero filters, ...) are found
     from the parameters. With ``round_to`` > 1 a few dead channels are kept (as zeros, so the
-    function is the same) to leave every channel group a multiple of ``round_to`` wide, which
+    function is the same) to leave every channel group a multiple of ``round_to`` wide, and with
+    ``uniform`` every layer the same number of heads, neurons, ... (the widest layer's: what a HF
+    config can describe; budgets are per layer otherwise), which
     CPU/GPU kernels prefer. The result is the model's own class with smaller parameters where the
     model allows it, else the cut ATen graph; it holds no STR and needs nothing from strfx to run, but
     for a cut hidden size's LayerNorm/RMSNorm (:class:`~strfx.modules.WideLayerNorm`, which keeps the
@@ -564,7 +570,7 @@ def shrink(model: nn.Module, example_inputs: Sequence[torch.Tensor] | torch.Tens
         return _factor(model, inputs)
     sets = verification_inputs(inputs)
     t0 = time.perf_counter()
-    plain, gm, analysis, note = _cut_model(model, inputs, round_to)
+    plain, gm, analysis, note = _cut_model(model, inputs, round_to, uniform=uniform)
     t1 = time.perf_counter()
     if note is None:
         try:  # the user's own class, if its forward runs with the new sizes and gives the same outputs
@@ -603,7 +609,7 @@ def shrink(model: nn.Module, example_inputs: Sequence[torch.Tensor] | torch.Tens
         blocked_groups=sum(not g.prunable for g in groups), unknown_ops=analysis.unknown_ops,
         weight_sparsity=_weight_sparsity(result), max_error=eq.float32_error, max_error64=eq.float64_error,
         verified_on=eq.inputs, notes=notes + eq.notes,
-        analysis_s=t1 - t0, shrink_s=t2 - t1, round_to=round_to,
+        analysis_s=t1 - t0, shrink_s=t2 - t1, round_to=round_to, uniform=uniform,
         result="eager" if result is plain else "exported", note=note or "",
         constant_channels_folded=analysis.folded_channels(), constant_channels_kept=analysis.constant_channels_kept(),
     )

@@ -102,3 +102,30 @@ def test_hf_llama_loses_heads_neurons_and_hidden_size_and_still_generates(tmp_pa
     with torch.no_grad():
         torch.testing.assert_close(loaded.model(prompt).logits, small(prompt).logits, rtol=1e-5, atol=1e-6)
         torch.testing.assert_close(small(prompt).logits, sparse(prompt).logits, rtol=1e-4, atol=1e-5)
+
+
+def test_uniform_widths_make_a_per_layer_budget_a_hf_config(tmp_path):
+    """STR learns per-layer budgets; ``uniform=True`` keeps back dead units so every layer keeps the
+    widest layer's count (exact: a kept dead unit is zero), which a HF config can describe."""
+    model, cfg = _llama()
+    x = hf_example_inputs(cfg)
+    sparse = strfx.sparsify(model, "structured", example_inputs=x)
+    carriers = strfx.modules.channel_carriers(sparse)
+    with torch.no_grad():  # layer 0 loses 20 neurons and a kv head, layer 1 only 10 neurons
+        carriers["model.layers.0.mlp.gate_proj"].raw[:20] = 0.0
+        carriers["model.layers.1.mlp.gate_proj"].raw[:10] = 0.0
+        carriers["model.layers.0.self_attn.q_proj"].raw[0] = 0.0
+    per_layer = strfx.shrink(sparse, x)
+    widths = [layer.mlp.up_proj.out_features for layer in per_layer.model.layers]
+    assert widths == [28, 38] and per_layer.config.intermediate_size == 48  # a config cannot say that
+    small = strfx.shrink(sparse, x, uniform=True)
+    assert [layer.mlp.up_proj.out_features for layer in small.model.layers] == [38, 38]
+    assert [layer.self_attn.k_proj.out_features for layer in small.model.layers] == [16, 16]
+    rep = small.strfx_shrink
+    assert rep["uniform"] and rep["max_error64"] <= 1e-9 and rep["params_after"] > per_layer.strfx_shrink["params_after"]
+    assert small.config.intermediate_size == 38
+    small.save_pretrained(tmp_path / "u")
+    loaded = load_model(f"hf:{tmp_path / 'u'}")
+    prompt = torch.tensor([[1, 5, 9, 13]])
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.model(prompt).logits, small(prompt).logits, rtol=1e-5, atol=1e-6)
