@@ -337,6 +337,30 @@ def _tie_const(ctx: Ctx, a: fx.Node, dim: int, ids: np.ndarray) -> tuple[str, in
     return node.target, dim
 
 
+def _new_tensor(ctx: Ctx, node: fx.Node) -> Any:
+    """``x.new_zeros(size)`` and friends: a fresh tensor; ``x`` lends only its dtype and device."""
+    return _fresh(ctx, node)
+
+
+def _like(fill: float | None) -> Callable[[Ctx, fx.Node], Any]:
+    """``zeros_like(x)``/``ones_like``/``full_like``/``empty_like``: shaped like ``x`` (so cut with it),
+    every entry the fill value (unknown for ``empty_like``)."""
+
+    def analyze(ctx: Ctx, node: fx.Node) -> Any:
+        x = ctx.info(node.args[0])
+        if x is None or ctx.shape(node) != x.shape:
+            return _unknown(ctx, node)
+        value = arg(node, 1, "fill_value") if fill is None and node.target.overloadpacket is aten.full_like else fill
+        out = TInfo(x.shape)
+        for d, ids in x.labels.items():
+            n = len(ids)
+            known = isinstance(value, (int, float)) and not isinstance(value, bool)
+            out.set(d, ids, np.full(n, known and value == 0), np.full(n, float(value)) if known else None)
+        return out
+
+    return analyze
+
+
 def _identity(ctx: Ctx, node: fx.Node) -> Any:
     """clone, alias, dtype casts, dropout in eval: the value passes through."""
     x = ctx.info(node.args[0]) if node.args else None
@@ -756,8 +780,10 @@ def _vector_norm(ctx: Ctx, node: fx.Node) -> Any:
     return _reduce(kind, dim_at=2)(ctx, node)
 
 
-def _spatial(n_spatial: Callable[[fx.Node, TInfo], int], zero_preserving: bool | Callable[[fx.Node], bool] = True):
-    """Pooling/upsampling/pad: channels pass through, the last ``n_spatial`` dims must not be channels."""
+def _spatial(n_spatial: Callable[[fx.Node, TInfo], int | set[int]],
+             zero_preserving: bool | Callable[[fx.Node], bool] = True):
+    """Pooling/upsampling/pad/roll: channels pass through; the dims the op works along (the last
+    ``n_spatial`` ones, or the set it returns) must not be channels."""
 
     def analyze(ctx: Ctx, node: fx.Node) -> Any:
         x = ctx.info(node.args[0])
@@ -768,10 +794,11 @@ def _spatial(n_spatial: Callable[[fx.Node, TInfo], int], zero_preserving: bool |
         if x is None or shape is None or len(shape) != x.ndim:
             return _unknown(ctx, node)
         k = n_spatial(node, x)
+        moved = k if isinstance(k, set) else set(range(x.ndim - k, x.ndim))
         zp = zero_preserving(node) if callable(zero_preserving) else zero_preserving
         out = TInfo(shape)
         for d, ids in x.labels.items():
-            if d >= x.ndim - k:
+            if d in moved:
                 ctx.block_ids(ids, f"{op_name(node)} over a channel dim ({node.name})")
             else:
                 out.set(d, ids, x.zero[d] if zp else None, x.const_of(d) if zp and _keeps_constants(node) else None)
@@ -804,9 +831,20 @@ def _fixed(k: int) -> Callable[[fx.Node, TInfo], int]:
     return lambda node, x: k
 
 
-def _pad_dims(node: fx.Node, x: TInfo) -> int:
+def _pad_dims(node: fx.Node, x: TInfo) -> set[int]:
+    """The dims a pad widens (a (0, 0) pair leaves its dim alone: ``F.pad(x, (0, 0, 0, 1))`` on NHWC)."""
     pad = arg(node, 1, "pad")
-    return len(pad) // 2 if isinstance(pad, (list, tuple)) else x.ndim
+    if not isinstance(pad, (list, tuple)) or not all(isinstance(p, int) for p in pad):
+        return set(range(x.ndim))
+    return {x.ndim - 1 - i for i in range(len(pad) // 2) if pad[2 * i] or pad[2 * i + 1]}
+
+
+def _roll_dims(node: fx.Node, x: TInfo) -> set[int]:
+    """``roll(x, shifts, dims)`` (Swin's shifted windows) moves entries along ``dims`` only."""
+    dims = arg(node, 2, "dims", [])
+    if not dims:
+        return set(range(x.ndim))  # a roll of the flattened tensor mixes everything
+    return {ndim_dim(d, x.ndim) for d in (dims if isinstance(dims, (list, tuple)) else [dims])}
 
 
 def _pad_zp(node: fx.Node) -> bool:
@@ -901,10 +939,16 @@ def mark_head_splits(gm: fx.GraphModule) -> dict[fx.Node, int]:
     """
     found: dict[fx.Node, int] = {}
     for node in gm.graph.nodes:
-        if node.op == "call_function" and getattr(node.target, "overloadpacket", None) is aten.scaled_dot_product_attention:
-            for a in node.args[:3]:
-                if isinstance(a, fx.Node) and isinstance(a.meta.get("val"), torch.Tensor):
-                    _trace_head(a, a.meta["val"].dim() - 3, found, 0)
+        packet = getattr(node.target, "overloadpacket", None) if node.op == "call_function" else None
+        if packet is aten.scaled_dot_product_attention:
+            operands = node.args[:3]
+        elif packet is aten.matmul and all(isinstance(a, fx.Node) and a.op != "get_attr" for a in node.args[:2]):
+            operands = node.args[:2]  # hand-written attention: q @ kᵀ, softmax(·) @ v on (..., heads, seq, dim)
+        else:
+            continue
+        for a in operands:
+            if isinstance(a, fx.Node) and isinstance(a.meta.get("val"), torch.Tensor) and a.meta["val"].dim() >= 4:
+                _trace_head(a, a.meta["val"].dim() - 3, found, 0)
     return found
 
 
@@ -1208,7 +1252,51 @@ def _matmul(ctx: Ctx, node: fx.Node) -> Any:
     if ctx.param_name(w) is not None and w_shape is not None and len(w_shape) == 2 and scalars_default and (
             b is None or ctx.param_name(b) is not None):
         return _dense(ctx, node, x, w, b, 1, 0)
+    if b is None and all(ctx.param_name(t) is None for t in (x, w)):
+        return _product(ctx, node, x, w)
     return _blocking("attention/matmul internals are not pruned")(ctx, node)
+
+
+def _product(ctx: Ctx, node: fx.Node, a_node: Any, b_node: Any) -> Any:
+    """``a @ b`` of two activations (hand-written attention: ``q @ kᵀ``, ``softmax(·) @ v``).
+
+    out[..., i, j] = Σₖ a[..., i, k]·b[..., k, j]: batch dims (heads) of both operands are coupled and
+    pass through, a's rows and b's columns become the output's, and the contracted dim couples a's
+    columns with b's rows — an index k can go where a or b is zero there (the term vanishes). An
+    operand dim strfx cannot follow blocks what it meets.
+    """
+    a, b = ctx.info(a_node), ctx.info(b_node)
+    shape = ctx.shape(node)
+    if a is None or b is None or shape is None or a.ndim < 2 or b.ndim < 2:
+        return _unknown(ctx, node)
+    R = len(shape)
+    out = TInfo(shape)
+    for d in range(R - 2):  # batch dims, aligned on the right
+        parts = [(t, d - (R - t.ndim)) for t in (a, b) if d - (R - t.ndim) >= 0 and t.shape[d - (R - t.ndim)] == shape[d]]
+        labelled = [(t, dd) for t, dd in parts if dd in t.labels]
+        if not labelled:
+            continue
+        if len(labelled) < len(parts):
+            for t, dd in labelled:
+                ctx.block_ids(t.labels[dd], f"matmul with an operand strfx cannot follow ({node.name})")
+            continue
+        ids = labelled[0][0].labels[labelled[0][1]]
+        for t, dd in labelled[1:]:
+            ctx.uf.union_arrays(ids, t.labels[dd])
+        out.set(d, ids, np.logical_or.reduce([t.zero[dd] for t, dd in labelled]))
+    if a.ndim - 2 in a.labels:
+        out.set(R - 2, a.labels[a.ndim - 2], a.zero[a.ndim - 2])
+    if b.ndim - 1 in b.labels:
+        out.set(R - 1, b.labels[b.ndim - 1], b.zero[b.ndim - 1])
+    ka, kb = a.ndim - 1, b.ndim - 2
+    if ka in a.labels and kb in b.labels:
+        ctx.uf.union_arrays(a.labels[ka], b.labels[kb])
+        ctx.live.append(a.labels[ka][~(a.zero[ka] | b.zero[kb])])
+    else:
+        for t, k in ((a, ka), (b, kb)):
+            if k in t.labels:
+                ctx.block_ids(t.labels[k], f"matmul contracting with an operand strfx cannot follow ({node.name})")
+    return out
 
 
 def _embedding(ctx: Ctx, node: fx.Node) -> Any:
@@ -1537,7 +1625,7 @@ RULES: dict[Any, Rule] = {
     aten.lift_fresh_copy: R_ID, aten.dropout: R_ID, aten.feature_dropout: R_ID, aten.alpha_dropout: R_ID,
     aten.to: R_ID, aten.type_as: R_ID,
     aten.matmul: Rule("matmul", _matmul), aten.mm: Rule("matmul", _matmul), aten.addmm: Rule("addmm", _matmul),
-    aten.bmm: R_ATTENTION, aten.baddbmm: R_ATTENTION, aten.einsum: R_ATTENTION,
+    aten.bmm: Rule("matmul", _matmul), aten.baddbmm: R_ATTENTION, aten.einsum: R_ATTENTION,
     aten.scaled_dot_product_attention: Rule("attention", _sdpa, _sdpa_shrink),
     aten.sym_size: R_NONE, aten.sym_numel: R_NONE, aten.sym_stride: R_NONE,
     aten._assert_tensor_metadata: R_NONE, aten._assert_scalar: R_NONE, aten.sym_constrain_range_for_size: R_NONE,
@@ -1545,6 +1633,11 @@ RULES: dict[Any, Rule] = {
     aten.upsample_bilinear2d: _pool(2), aten.upsample_bicubic2d: _pool(2), aten.upsample_linear1d: _pool(1),
     aten.upsample_trilinear3d: _pool(3), aten._upsample_nearest_exact2d: _pool(2),
     aten._upsample_bilinear2d_aa: _pool(2),
+    aten.roll: Rule("roll", _spatial(_roll_dims)),
+    aten.new_zeros: Rule("new tensor", _new_tensor), aten.new_ones: Rule("new tensor", _new_tensor),
+    aten.new_full: Rule("new tensor", _new_tensor), aten.new_empty: Rule("new tensor", _new_tensor),
+    aten.zeros_like: Rule("like", _like(0.0)), aten.ones_like: Rule("like", _like(1.0)),
+    aten.full_like: Rule("like", _like(None)), aten.empty_like: Rule("like", _like(None)),
     aten.pad: Rule("pad", _spatial(_pad_dims, _pad_zp)), aten.constant_pad_nd: Rule("pad", _spatial(_pad_dims, _pad_zp)),
     aten.reflection_pad1d: _pool(1), aten.reflection_pad2d: _pool(2), aten.reflection_pad3d: _pool(3),
     aten.replication_pad1d: _pool(1), aten.replication_pad2d: _pool(2), aten.replication_pad3d: _pool(3),

@@ -263,3 +263,44 @@ def test_hf_llama_loses_a_layer_and_an_attention_branch():
         loaded = load_model(f"hf:{d}").model
     with torch.no_grad():
         torch.testing.assert_close(loaded(prompt).logits, smaller(prompt).logits, rtol=1e-5, atol=1e-6)
+
+
+class MatmulAttention(nn.Module):
+    """Attention written with matmuls, a learned relative bias per head, a shifted (rolled) window and
+    NHWC padding, as Swin writes it."""
+
+    def __init__(self, dim: int = 24, heads: int = 4, tokens: int = 6) -> None:
+        super().__init__()
+        self.heads, self.hd = heads, dim // heads
+        self.embed, self.head = nn.Linear(dim, dim), nn.Linear(dim, 5)
+        self.qkv, self.proj = nn.Linear(dim, 3 * dim), nn.Linear(dim, dim)
+        self.bias = nn.Parameter(torch.randn(heads, tokens, tokens))
+        self.fc1, self.fc2 = nn.Linear(dim, 32), nn.Linear(32, dim)
+        self.norm = nn.LayerNorm(dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: (B, H, W, C) with H·W = tokens after padding
+        b = x.shape[0]
+        x = torch.roll(F.pad(self.embed(x), (0, 0, 0, 1)), shifts=(1, 1), dims=(1, 2))
+        t = x.reshape(b, -1, x.shape[-1])
+        qkv = self.qkv(self.norm(t)).reshape(b, t.shape[1], 3, self.heads, self.hd).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv[0], qkv[1], qkv[2]
+        attn = (q * self.hd ** -0.5) @ k.transpose(-2, -1) + self.bias
+        attn = attn + torch.zeros_like(attn)
+        y = (attn.softmax(-1) @ v).transpose(1, 2).reshape(b, t.shape[1], -1)
+        t = t + self.proj(y)
+        t = t + self.fc2(F.gelu(self.fc1(t)))
+        return self.head(t.mean(1))
+
+
+def test_matmul_attention_heads_roll_and_nhwc_pad_are_followed():
+    torch.manual_seed(0)
+    model, x = MatmulAttention().eval(), torch.randn(2, 2, 2, 24)
+    groups = _groups(model, x)
+    assert [g.blocked_by for g in groups if not g.prunable] == [["model output"]]
+    sparse = strfx.sparsify(model, "structured", example_inputs=(x,))
+    sizes = sorted(c.raw.numel() for c in strfx.modules.channel_carriers(sparse).values() if c.kind == "gate")
+    assert sizes == [4, 24, 32]  # heads, the hidden stream, MLP neurons
+    counts = kill_channels(sparse, 0.5, example_inputs=(x,))
+    small = strfx.shrink(sparse, (x,))
+    assert counts["channels"] > 0 and small.strfx_shrink["max_error64"] <= 1e-9
+    assert small.get_parameter("bias").shape[0] == 2  # the relative bias lost its dead heads
