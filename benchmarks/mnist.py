@@ -12,6 +12,10 @@ the weights, same number of SGD steps; each has one sparsity knob that is swept)
 * ``str-struct-ft`` — the same for 60 % of the steps, then thresholds frozen and the survivors
   fine-tuned with the learning rate restarted (slimming's schedule, so the two differ only in how
   they choose the channels).
+* ``str-target``  — strfx structured STR as `strfx train --mode structured --target-sparsity X` runs it
+  (strfx.controller, default settings; this file's optimizer and s_init): one decay on the thresholds and
+  the gates, set from the measured FLOPs on Zhu & Gupta's cubic ramp to 60 % of the steps, held to the
+  end; knob = fraction of FLOPs removed, so it lands at the FLOPs it is compared at.
 * ``han``         — Han et al. 2015: train dense for half the steps, then 3 rounds of global magnitude
   pruning + retraining (lr restarted at 1/10 of the peak); knob = final sparsity.
 * ``gmp``         — Zhu & Gupta 2017: uniform per-layer magnitude pruning on the cubic schedule from
@@ -102,6 +106,7 @@ GRIDS: dict[str, dict[str, list[float]]] = {
         "gmp": [0.99],
         "str-struct": [0.1, 0.15, 0.25],
         "str-struct-ft": [0.1, 0.25],
+        "str-target": [0.55, 0.7],
         "slim": [0.5, 0.75],
     },
 }
@@ -313,6 +318,32 @@ def run_one(arch: str, method: str, knob: float, seed: int, epochs: int, threads
             sp, per = 0.0, {layer.name: layer.sparsity for layer in rep.layers}
         extra["thresholds"] = {layer.name: layer.threshold for layer in rep.layers}
 
+    elif method == "str-target":
+        # What `strfx train --mode structured --target-sparsity X` does (strfx.train.Trainer), with this file's
+        # optimizer: the controller sets one decay on the thresholds and the gates from the measured FLOPs.
+        from strfx.controller import SparsityMeter, ThresholdDecayController
+        from strfx.train_config import ControllerConfig
+
+        gm = strfx.sparsify(model, "structured", config={"s_init": S_INIT}, verify=False, example_inputs=example)
+        groups = strfx.param_groups(gm, weight_decay=WD)  # thresholds and gates start with WD, as in strfx train
+        ctrl = ThresholdDecayController(knob, total, ControllerConfig(), WD, MOMENTUM)
+        meter = SparsityMeter(gm, "structured", example)
+
+        def steer(step: int) -> None:  # after optimizer step ``step``
+            done = step + 1
+            if ctrl.due(done):
+                decay = ctrl.update(done, meter(), full_cosine(done))
+                for g in groups:
+                    if g["name"] in ("thresholds", "norms"):
+                        g["weight_decay"] = decay
+
+        fit(gm, groups, data, total, seed, full_cosine, after_step=steer)
+        final = gm
+        rep = strfx.report(gm, example)
+        widths = gate_widths(gm)
+        sp, per = 0.0, {layer.name: layer.sparsity for layer in rep.layers}
+        extra["thresholds"] = {layer.name: layer.threshold for layer in rep.layers}
+
     elif method == "han":
         weights = weight_tensors(model)
         masks: dict[str, torch.Tensor] = {}
@@ -448,7 +479,7 @@ def plot(rows: list[dict[str, Any]], runs: list[dict[str, Any]], out: Path, stem
 
     written = []
     colors = {"str": "C0", "han": "C1", "gmp": "C2", "dense": "k", "str-struct": "C0", "str-struct-ft": "C9",
-              "slim": "C3"}
+              "str-target": "C6", "slim": "C3"}
     for arch in sorted({r["arch"] for r in rows}):
         dense = [r for r in rows if r["arch"] == arch and r["method"] == "dense"]
         # error vs sparsity (unstructured)
@@ -481,6 +512,7 @@ def plot(rows: list[dict[str, Any]], runs: list[dict[str, Any]], out: Path, stem
         fig, ax = plt.subplots(figsize=(6, 4))
         for method, label in (("str-struct", "STR structured (strfx)"),
                               ("str-struct-ft", "STR structured + fine-tune (strfx)"),
+                              ("str-target", "STR structured, strfx defaults (target FLOPs)"),
                               ("slim", "network slimming (Liu)")):
             rs = [r for r in rows if r["arch"] == arch and r["method"] == method]
             pts = [(100 * r2["flops"] / r2["dense_flops"], r2["error"]) for r2 in runs
