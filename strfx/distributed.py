@@ -229,8 +229,8 @@ class LaunchOptions:
         if self.rdzv_endpoint:
             args += ["--rdzv-backend", self.rdzv_backend, "--rdzv-endpoint", self.rdzv_endpoint,
                      "--rdzv-id", self.rdzv_id or "strfx"]
-            if self.node_rank is not None:
-                args += ["--node-rank", str(self.node_rank)]
+            if self.node_rank is not None and self.rdzv_backend == "static":  # c10d ignores it (and says so);
+                args += ["--node-rank", str(self.node_rank)]  # strfx uses it to pick the writer (NODE_RANK_ENV)
         elif self.nnodes not in ("1", "1:1"):
             raise TrainError(f"--nnodes {self.nnodes} needs --rdzv-endpoint HOST:PORT (the same on every node)")
         else:
