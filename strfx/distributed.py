@@ -122,8 +122,8 @@ def fsdp_units(model: nn.Module, wrap: list[str], min_params: int) -> list[str]:
     def visit(prefix: str, module: nn.Module) -> None:
         for child_name, child in module.named_children():
             visit(f"{prefix}{child_name}.", child)
-        if not prefix or "parametrizations." in prefix:
-            return
+        if not prefix or "parametrizations." in prefix or isinstance(module, (nn.ModuleList, nn.ModuleDict)):
+            return  # containers are no block (FSDP1's size policy skips them too)
         params = {id(p): p for p in module.parameters()}
         if not params or any(not n.startswith(prefix) for i in params for n in names[i]):
             return

@@ -862,7 +862,8 @@ class Trainer:
         if self.start_epoch == 0:
             self.log.print(f"training {self.loaded.name} ({self.mode} STR) on {self.data.source}: {tc.epochs} epochs × "
                            f"{self.steps_per_epoch} steps, global batch {tc.batch_size} on {self.env.world_size} "
-                           f"process(es) on {self.env.device.type}, lr {tc.peak_lr():g}")
+                           f"process(es) on {self.env.device.type}, lr {tc.peak_lr():g}"
+                           + (f"; FSDP: {len(self.fsdp_units)} sharded block(s) + the root" if self.fsdp else ""))
         stats: dict[str, float] = {}
         for epoch in range(self.start_epoch, tc.epochs):
             t0 = time.perf_counter()

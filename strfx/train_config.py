@@ -46,16 +46,14 @@ class ControllerConfig(_Strict):
 
 
 class FsdpConfig(_Strict):
-    """How ``strategy: fsdp`` shards the model (FSDP2, ``torch.distributed.fsdp.fully_shard``).
+    """How ``strategy: fsdp`` shards the model (FSDP2, ``torch.distributed.fsdp.fully_shard``): one unit per block, the root takes the rest."""
 
-    Each block that the policy picks becomes its own FSDP unit (gathered just before its forward,
-    freed after), the root takes whatever is left. A block is only picked when it is *closed*: none
-    of its parameters is shared with a module outside it (a structured STR importance vector gates
-    every writer of a channel group, which may span blocks; it then stays with the enclosing unit).
-    """
-
+    # A block is only picked when it is closed: none of its parameters is shared with a module outside it
+    # (a structured STR importance vector gates every writer of a channel group, which may span blocks; it
+    # then stays with the enclosing unit). See strfx.distributed.fsdp_units.
     wrap: list[str] = Field(default_factory=list, description="Class names of the blocks to shard one by one "
-                            "(e.g. [LlamaDecoderLayer]); when empty, blocks are picked by size (min_params).")
+                            "(e.g. [LlamaDecoderLayer]; any class of the module's MRO); when empty, blocks are picked "
+                            "by size (min_params). A block sharing a parameter with a module outside it is never a unit of its own.")
     min_params: int = Field(1_000_000, ge=1, description="Without `wrap`: every module (bottom-up) holding at least "
                             "this many parameters not yet in a smaller unit becomes a unit.")
     cpu_offload: bool = Field(False, description="Keep parameters, gradients and optimizer state on the CPU between "

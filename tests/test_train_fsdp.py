@@ -143,3 +143,22 @@ def test_shrink_reads_a_sharded_checkpoint_of_an_unfinished_run(tmp_path: Path, 
                          capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr[-3000:]
     assert (tmp_path / "small" / "model.pt2").is_file()
+
+
+def test_fsdp_trains_a_hf_llama_with_structured_str_and_a_target(tmp_path: Path) -> None:
+    """A two-layer Llama classifier (tests/tiny_llama.py): one FSDP unit per decoder layer, controller on."""
+    pytest.importorskip("transformers")
+    cfg = tmp_path / "llama.yaml"
+    cfg.write_text(yaml.safe_dump({"train": {"batch_size": 32, "workers": 0, "deterministic": True,
+                                             "strategy": "fsdp", "fsdp": {"wrap": ["LlamaDecoderLayer"]}}}))
+    res = subprocess.run([STRFX, "train", str(Path(__file__).with_name("tiny_llama.py")), "--mode", "structured",
+                          "--epochs", "1", "--config", str(cfg), "--target-sparsity", "0.3", "-o", str(tmp_path / "r"),
+                          "--nproc-per-node", "2"], capture_output=True, text=True, timeout=600,
+                         env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "FSDP: 2 sharded block(s) + the root" in res.stdout
+    summary = json.loads((tmp_path / "r" / "summary.json").read_text())
+    assert summary["world_size"] == 2 and summary["val_top1"] > 0.5  # 4 classes: well above chance
+    row = json.loads((tmp_path / "r" / "metrics.jsonl").read_text().splitlines()[-1])
+    assert row["threshold_decay"] > 0  # the controller was steering (it reads the gathered model on the writer)
+    assert any(k.endswith("unit.weight") for k in _weights(tmp_path / "r"))  # STR importance vectors were trained
