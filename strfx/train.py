@@ -224,6 +224,9 @@ def prepare(model: str, data: str | None, mode: str | None = None,
     assert tc is not None
     if tc.init:
         load_init(loaded, tc.init)  # fail now, in one line, rather than in every worker
+    if tc.strategy == "fsdp" and tc.fsdp.cpu_offload and not torch.cuda.is_available():
+        raise StrfxError("--cpu-offload (train.fsdp.cpu_offload) moves sharded state from GPU to CPU memory, and "
+                         "this machine trains on the CPU already; drop it")
     if world_size and tc.batch_size % world_size:
         raise StrfxError(f"train.batch_size {tc.batch_size} is the global batch and must divide evenly over "
                          f"{world_size} processes; pick a multiple of {world_size}")

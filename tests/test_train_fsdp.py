@@ -162,3 +162,24 @@ def test_fsdp_trains_a_hf_llama_with_structured_str_and_a_target(tmp_path: Path)
     row = json.loads((tmp_path / "r" / "metrics.jsonl").read_text().splitlines()[-1])
     assert row["threshold_decay"] > 0  # the controller was steering (it reads the gathered model on the writer)
     assert any(k.endswith("unit.weight") for k in _weights(tmp_path / "r"))  # STR importance vectors were trained
+
+
+def test_cpu_offload_needs_fsdp_and_a_gpu(tmp_path: Path) -> None:
+    from strfx.errors import StrfxError
+    from strfx.train import prepare
+
+    with pytest.raises(StrfxError, match="only applies to sharded training; add --strategy fsdp"):
+        prepare(TINY, None, "unstructured", run_dir=tmp_path / "a", cpu_offload=True)
+    if not torch.cuda.is_available():
+        with pytest.raises(StrfxError, match="trains on the CPU already; drop it"):
+            prepare(TINY, None, "unstructured", run_dir=tmp_path / "b", cpu_offload=True, strategy="fsdp")
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()  # nothing written
+
+
+def test_c10d_agents_keep_node_rank_for_strfx_only() -> None:
+    from strfx.distributed import LaunchOptions
+
+    c10d = LaunchOptions(nnodes="2", node_rank=1, rdzv_endpoint="127.0.0.1:1234").argv()
+    assert "--node-rank" not in c10d and "--rdzv-endpoint" in c10d  # c10d ignores it; strfx picks the writer by it
+    static = LaunchOptions(nnodes="2", node_rank=1, rdzv_endpoint="h:1", rdzv_backend="static").argv()
+    assert static[static.index("--node-rank") + 1] == "1"
