@@ -140,7 +140,9 @@ def save_sharded(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer,
     _barrier()
     tensors: dict[str, torch.Tensor] = {}
     skeleton = _split(_dcp_state(model, optimizer), "", tensors)
-    dcp.save(tensors, checkpoint_id=str(tmp))  # returns on every rank once .metadata is written
+    with warnings.catch_warnings():  # one process without a process group (strategy fsdp, no torchrun) is fine
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        dcp.save(tensors, checkpoint_id=str(tmp))  # returns on every rank once .metadata is written
     if is_writer:
         atomic_torch_save({**extra, "dcp_skeleton": skeleton}, tmp / EXTRA_FILE)
         if path.exists():  # a checkpoint of the same epoch from before a restart

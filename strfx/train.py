@@ -690,6 +690,17 @@ class Trainer:
             if self.view is not None and state is not None:
                 self.view.load_state_dict(state)
 
+    @torch.no_grad()
+    def _sync_buffers(self) -> None:
+        """FSDP: the writer's buffers (BatchNorm running statistics) on every rank, as DDP keeps them.
+
+        DDP broadcasts rank 0's buffers before every forward; FSDP leaves each rank its own, so without
+        this the ranks would evaluate with different statistics than the ones saved and exported.
+        """
+        if self.fsdp:
+            for buf in self.gm.buffers():
+                dist.broadcast(buf, src=self.env.writer)
+
     def _measure(self) -> float:
         """What --target-sparsity steers, the same on every rank (FSDP: measured on the writer's view)."""
         if not self.fsdp:
@@ -871,6 +882,7 @@ class Trainer:
         for epoch in range(self.start_epoch, tc.epochs):
             t0 = time.perf_counter()
             stats = self.train_epoch(epoch)
+            self._sync_buffers()
             stats |= self.evaluate()
             last = epoch + 1 == tc.epochs
             self._sync_view()
