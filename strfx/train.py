@@ -475,10 +475,6 @@ class Trainer:
         self.channels_last = tc.channels_last if tc.channels_last is not None else (self.cuda and four_d)
         if tc.sync_batchnorm and env.distributed:
             gm = _convert_sync_batchnorm(gm)
-        gm.to(dev)
-        if self.channels_last:
-            gm.to(memory_format=torch.channels_last)
-        self.gm = gm
         # FSDP: shard before the optimizer sees the parameters. The writer keeps an unsharded CPU copy
         # (self.view), refreshed from the shards (gather_full_state) for the controller's meter, metrics,
         # the report, weights.pt and export; under DDP and in one process the view is the model itself.
@@ -488,8 +484,13 @@ class Trainer:
         if self.fsdp:
             import copy
 
-            self.view = copy.deepcopy(gm).to("cpu", memory_format=torch.contiguous_format) if env.is_main else None
+            self.view = copy.deepcopy(gm) if env.is_main else None  # still on the CPU: no second copy on the GPU
             self.view_device = torch.device("cpu")
+        gm.to(dev)
+        if self.channels_last:
+            gm.to(memory_format=torch.channels_last)
+        self.gm = gm
+        if self.fsdp:
             self.fsdp_units = shard_model(gm, tc.fsdp, env)
         self.meter = SparsityMeter(self.view, self.mode, tuple(t.to(self.view_device) for t in self.example_inputs)) \
             if self.view is not None else None
