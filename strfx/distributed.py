@@ -27,10 +27,12 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+from torch import nn
 
 from strfx.errors import StrfxError, TrainError
 
 FAULT_ENV = "STRFX_FAULT_INJECT"
+NODE_RANK_ENV = "STRFX_NODE_RANK"  # the --node-rank the user gave this agent (c10d does not keep it, see writer_rank)
 DEBUG_ENV = "STRFX_DEBUG"  # set by `strfx --debug`: workers print full tracebacks, torchrun logs stay on
 
 
@@ -44,10 +46,12 @@ class DistEnv:
     device: torch.device = torch.device("cpu")
     distributed: bool = False
     restart_count: int = 0
+    writer: int = 0  # global rank of the process that writes the run's outputs (see writer_rank)
 
     @property
     def is_main(self) -> bool:
-        return self.rank == 0
+        """This process writes the outputs and prints (the node-rank-0 agent's first worker)."""
+        return self.rank == self.writer
 
 
 def init_distributed() -> DistEnv:
@@ -65,7 +69,114 @@ def init_distributed() -> DistEnv:
         device = torch.device("cpu")
     dist.init_process_group("nccl" if cuda else "gloo", timeout=datetime.timedelta(minutes=10),
                             **({"device_id": device} if cuda else {}))
-    return DistEnv(rank, world, local_rank, device, True, restart)
+    return DistEnv(rank, world, local_rank, device, True, restart, writer_rank(local_rank))
+
+
+def writer_rank(local_rank: int) -> int:
+    """Global rank of the worker that writes the outputs: local rank 0 of the agent given ``--node-rank 0``.
+
+    The c10d rendezvous hands out global ranks in the order agents join, so global rank 0 may live on
+    the agent started with ``--node-rank 1``; the user looks for the outputs where they started node 0.
+    Without any ``--node-rank`` (one node, or the user left it out) it is global rank 0.
+    """
+    node = os.environ.get(NODE_RANK_ENV)
+    mine = node is not None and int(node) == 0 and local_rank == 0
+    flags: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(flags, mine)
+    return next((r for r, f in enumerate(flags) if f), 0)
+
+
+def from_writer(env: DistEnv, value: Any) -> Any:
+    """The writer's ``value`` on every rank (e.g. its run directory)."""
+    if not env.distributed:
+        return value
+    box = [value]
+    dist.broadcast_object_list(box, src=env.writer)
+    return box[0]
+
+
+def local(t: torch.Tensor) -> torch.Tensor:
+    """This rank's shard of a parameter (FSDP2 DTensor) or the tensor itself."""
+    return t.to_local() if hasattr(t, "to_local") else t
+
+
+# ------------------------------------------------------------------------------------------ FSDP2
+
+
+def fsdp_units(model: nn.Module, wrap: list[str], min_params: int) -> list[str]:
+    """Qualified names of the modules that become their own FSDP unit, innermost first (the root excluded).
+
+    ``wrap`` picks blocks by class name (any class of its MRO, so ``Linear`` also names the
+    ``ParametrizedLinear`` that STR makes of a linear layer); without it, a module becomes a unit when it holds at least
+    ``min_params`` parameters not yet in a smaller unit (FSDP1's size policy). Only closed modules
+    qualify: every name of every parameter under it lies inside it (shared STR units stay above), and
+    nothing inside STR's ``parametrizations`` containers (their parameters belong to the module they
+    parametrize).
+    """
+    names: dict[int, list[str]] = {}
+    for fqn, p in model.named_parameters(remove_duplicate=False):
+        names.setdefault(id(p), []).append(fqn)
+    taken: set[int] = set()
+    units: list[str] = []
+
+    def visit(prefix: str, module: nn.Module) -> None:
+        for child_name, child in module.named_children():
+            visit(f"{prefix}{child_name}.", child)
+        if not prefix or "parametrizations." in prefix or isinstance(module, (nn.ModuleList, nn.ModuleDict)):
+            return  # containers are no block (FSDP1's size policy skips them too)
+        params = {id(p): p for p in module.parameters()}
+        if not params or any(not n.startswith(prefix) for i in params for n in names[i]):
+            return
+        free = sum(p.numel() for i, p in params.items() if i not in taken)
+        if any(c.__name__ in wrap for c in type(module).__mro__) if wrap else free >= min_params:
+            units.append(prefix[:-1])
+            taken.update(params)
+
+    visit("", model)
+    return units
+
+
+def shard_model(model: nn.Module, fsdp: Any, env: DistEnv) -> list[str]:
+    """Apply ``fully_shard`` to the policy's units and the root, in place; returns the unit names.
+
+    Mixed precision (bf16 parameters, fp32 reduction) only on CUDA: CPU bf16 matmuls are slow and
+    gloo reduces fp32 anyway. Parameters must be at least 1-D (STR's are).
+    """
+    from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
+
+    kwargs: dict[str, Any] = {"reshard_after_forward": fsdp.reshard_after_forward,
+                              "offload_policy": CPUOffloadPolicy() if fsdp.cpu_offload else OffloadPolicy()}
+    if env.device.type == "cuda" and fsdp.mixed_precision == "auto":
+        kwargs["mp_policy"] = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+    scalars = [n for n, p in model.named_parameters() if p.dim() == 0]
+    if scalars:
+        raise TrainError(f"--strategy fsdp cannot shard 0-d parameters ({', '.join(scalars[:3])}); "
+                         f"make them 1-D (shape (1,)) or use --strategy ddp")
+    units = fsdp_units(model, fsdp.wrap, fsdp.min_params)
+    if fsdp.wrap and not units:
+        raise TrainError(f"train.fsdp.wrap {fsdp.wrap} matches no closed module of the model; give class names "
+                         f"of its blocks (e.g. {type(next(iter(model.children()), model)).__name__}) or leave it empty")
+    for name in units:
+        fully_shard(model.get_submodule(name), **kwargs)
+    fully_shard(model, **kwargs)
+    return units
+
+
+def gather_full_state(model: nn.Module, env: DistEnv) -> dict[str, torch.Tensor] | None:
+    """The whole (unsharded) state dict on the writer, on the CPU; None elsewhere. Collective.
+
+    One parameter at a time is all-gathered (``DTensor.full_tensor``) and only the writer keeps a CPU
+    copy, so no rank ever holds more than one full parameter beyond its shards. (The writer is not
+    always global rank 0, see :func:`writer_rank`, which is why this is not
+    ``get_model_state_dict(full_state_dict=True, cpu_offload=True)``: that one fills rank 0.)
+    """
+    out: dict[str, torch.Tensor] = {}
+    for key, value in model.state_dict().items():
+        full = value.full_tensor() if hasattr(value, "full_tensor") else value
+        if env.is_main:
+            out[key] = full.detach().to("cpu", copy=True)
+        del full
+    return out if env.is_main else None
 
 
 def shutdown(env: DistEnv) -> None:
@@ -118,8 +229,8 @@ class LaunchOptions:
         if self.rdzv_endpoint:
             args += ["--rdzv-backend", self.rdzv_backend, "--rdzv-endpoint", self.rdzv_endpoint,
                      "--rdzv-id", self.rdzv_id or "strfx"]
-            if self.node_rank is not None:
-                args += ["--node-rank", str(self.node_rank)]
+            if self.node_rank is not None and self.rdzv_backend == "static":  # c10d ignores it (and says so);
+                args += ["--node-rank", str(self.node_rank)]  # strfx uses it to pick the writer (NODE_RANK_ENV)
         elif self.nnodes not in ("1", "1:1"):
             raise TrainError(f"--nnodes {self.nnodes} needs --rdzv-endpoint HOST:PORT (the same on every node)")
         else:
@@ -139,6 +250,10 @@ def launch(job: dict[str, Any], options: LaunchOptions) -> None:
     # key prefix, so a restarted gloo group can read the dead worker's address and fail with "Connection
     # refused" (seen here on the first restart). Opting out gives every attempt a fresh store.
     os.environ.setdefault("TORCH_DISABLE_SHARE_RDZV_TCP_STORE", "1")
+    if options.node_rank is not None or options.rdzv_endpoint is None:  # standalone: this is node 0
+        os.environ[NODE_RANK_ENV] = str(options.node_rank or 0)
+    else:
+        os.environ.pop(NODE_RANK_ENV, None)  # unknown: global rank 0 writes
     quiet = not os.environ.get(DEBUG_ENV)
     elastic_log = logging.getLogger("torch.distributed.elastic")
     level = elastic_log.level

@@ -3,7 +3,8 @@
 A run directory (written by ``strfx transform`` and ``strfx train``) holds:
 
 * ``config.yaml`` — the resolved configuration, including ``model`` (the MODEL it was built from);
-* ``weights.pt``  — the state dict of the sparsified model (loads with ``weights_only=True``);
+* ``weights.pt``  — the state dict of the sparsified model (loads with ``weights_only=True``); a training
+  run that has not finished has none, and :func:`load_run` takes its newest checkpoint instead;
 * ``report.json`` — the :class:`strfx.report.Report`.
 
 Nothing is ever half-written: files go to a temporary name and are renamed into place, and a
@@ -124,6 +125,19 @@ def load_run(run_dir: str | Path) -> tuple[nn.Module, LoadedModel, StrfxConfig]:
     loaded = load_model(config.model)
     gm = sparsify(loaded.model, config=config.sparsify, example_inputs=loaded.example_inputs, verify=False)
     weights = run_dir / WEIGHTS_FILE
+    if not weights.exists():  # an unfinished `strfx train` run: its newest checkpoint (file or sharded DCP directory)
+        from strfx.checkpoint import latest_checkpoint, load_model_weights
+
+        latest = latest_checkpoint(run_dir)
+        if latest is not None:
+            try:
+                load_model_weights(latest, gm)
+            except StrfxError:
+                raise
+            except Exception as err:  # noqa: BLE001 - a checkpoint of another model or configuration
+                raise StrfxError(f"{latest} does not fit {config.model} ({reason(err)}); the run directory was "
+                                 f"written for another model or configuration") from None
+            return gm, loaded, config
     state = load_tensors(weights, "weights file", "the run directory is incomplete or damaged; train or transform again")
     try:
         gm.load_state_dict(state)

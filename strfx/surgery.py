@@ -423,6 +423,10 @@ def _cut_eager(model: nn.Module, cuts: dict[str, dict[int, np.ndarray]],
                            if c.__name__ in ATTRIBUTE_FIXES_BY_NAME), None)
         if fix is not None:
             fix(owner)
+    live = [w for w in widths or [] if not any(w[0] == p or w[0].startswith(p + ".") for p in stubs or {})]
+    why = _fix_widths(model, live)  # by the module paths of the capture: before blocks leave their lists
+    if why is not None:
+        return why
     dropped: dict[str, list[int]] = {}  # a block list → the indices of blocks that became the identity
     for path, stub in (stubs or {}).items():  # dead residual branches and blocks
         parent, _, leaf = path.rpartition(".")
@@ -434,8 +438,7 @@ def _cut_eager(model: nn.Module, cuts: dict[str, dict[int, np.ndarray]],
             setattr(holder, leaf, stub)
     for parent, indices in dropped.items():
         _drop_blocks(model, parent, indices)
-    live = [w for w in widths or [] if not any(w[0] == p or w[0].startswith(p + ".") for p in stubs or {})]
-    return _fix_widths(model, live)
+    return None
 
 
 def _first_line(err: BaseException) -> str:

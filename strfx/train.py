@@ -43,19 +43,19 @@ from strfx.config import StrfxConfig, dump_config, load_config, parse_config
 from strfx.contract import CONTRACT_FILE, InputContract, input_contract  # noqa: F401 - re-exported
 from strfx.controller import SparsityMeter, ThresholdDecayController, steer
 from strfx.data import Data, load_data
-from strfx.distributed import DEBUG_ENV, DistEnv, LaunchOptions, init_distributed, launch, maybe_inject_fault, shutdown
+from strfx.checkpoint import CHECKPOINT_DIR, checkpoint_path, latest_checkpoint, read_checkpoint
+from strfx.distributed import (DEBUG_ENV, DistEnv, LaunchOptions, from_writer, gather_full_state, init_distributed,
+                               launch, local, maybe_inject_fault, shard_model, shutdown)
 from strfx.errors import CheckpointError, DataError, OutputExistsError, StrfxError, TrainError
 from strfx.loader import LoadedModel, load_model
 from strfx.rundir import CONFIG_FILE, REPORT_FILE, WEIGHTS_FILE, atomic_torch_save, atomic_write
 from strfx.safeload import load_tensors
 from strfx.train_config import TrainConfig
 
-CHECKPOINT_DIR = "checkpoints"
 METRICS_FILE = "metrics.jsonl"
 SUMMARY_FILE = "summary.json"
 PLOT_FILE = "budget.png"
 CHECKPOINT_FORMAT = "strfx-train-checkpoint/1"
-_CKPT_RE = re.compile(r"^epoch-(\d{4,})\.pt$")
 
 
 # --------------------------------------------------------------------------------------------- prepare
@@ -75,9 +75,14 @@ def resolve_config(loaded: LoadedModel, mode: str | None, config: StrfxConfig | 
     if mode:
         data["sparsify"]["mode"] = mode
     data["train"] = data.get("train") or {}
+    cpu_offload = train_overrides.pop("cpu_offload", None)
     data["train"].update({k: v for k, v in train_overrides.items() if v is not None})
+    if cpu_offload is not None:
+        data["train"]["fsdp"] = {**(data["train"].get("fsdp") or {}), "cpu_offload": cpu_offload}
     resolved = parse_config(data, "(resolved)")
     assert resolved.train is not None
+    if cpu_offload and resolved.train.strategy != "fsdp":
+        raise StrfxError("--cpu-offload only applies to sharded training; add --strategy fsdp")
     s_init = resolved.train.s_init.get(resolved.sparsify.mode)
     if s_init is not None and "s_init" not in cfg.sparsify.model_fields_set:  # an explicit sparsify.s_init wins
         data["sparsify"]["s_init"] = s_init
@@ -140,11 +145,7 @@ def load_init(loaded: LoadedModel, path: str | Path) -> None:
 
 
 def _latest_checkpoint(run_dir: Path) -> Path | None:
-    folder = run_dir / CHECKPOINT_DIR
-    if not folder.is_dir():
-        return None
-    found = sorted((int(m.group(1)), p) for p in folder.iterdir() if (m := _CKPT_RE.match(p.name)))
-    return found[-1][1] if found else None
+    return latest_checkpoint(run_dir)
 
 
 def _without_epochs(cfg: dict[str, Any]) -> dict[str, Any]:
@@ -168,10 +169,7 @@ def _config_diff(a: dict[str, Any], b: dict[str, Any], prefix: str = "") -> str 
 
 def load_checkpoint(path: Path, config: StrfxConfig) -> dict[str, Any]:
     """Read a checkpoint with ``weights_only=True`` and check it belongs to this configuration."""
-    try:
-        ckpt = load_tensors(path, "checkpoint", "delete it to resume from the one before, or start over with --force")
-    except StrfxError as err:
-        raise CheckpointError(str(err)) from None
+    ckpt = read_checkpoint(path)  # a file, or a sharded (DCP) directory's extra.pt
     if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
         raise CheckpointError(f"{path} is not a strfx training checkpoint; delete it or start over with --force")
     diff = _config_diff(_without_epochs(json.loads(ckpt["config"])), _without_epochs(config.model_dump(mode="json")))
@@ -228,6 +226,9 @@ def prepare(model: str, data: str | None, mode: str | None = None,
     assert tc is not None
     if tc.init:
         load_init(loaded, tc.init)  # fail now, in one line, rather than in every worker
+    if tc.strategy == "fsdp" and tc.fsdp.cpu_offload and not torch.cuda.is_available():
+        raise StrfxError("--cpu-offload (train.fsdp.cpu_offload) moves sharded state from GPU to CPU memory, and "
+                         "this machine trains on the CPU already; drop it")
     if world_size and tc.batch_size % world_size:
         raise StrfxError(f"train.batch_size {tc.batch_size} is the global batch and must divide evenly over "
                          f"{world_size} processes; pick a multiple of {world_size}")
@@ -284,12 +285,14 @@ def train(model: str, data: str | None = None, mode: str | None = None, *,
           resume: bool = False, force: bool = False, export: bool = False, epochs: int | None = None,
           batch_size: int | None = None, target_sparsity: float | None = None, launch_options: LaunchOptions | None = None,
           progress: bool | None = None, lr: float | None = None, seed: int | None = None,
-          init: str | Path | None = None, finetune_epochs: int = 0, finetune_lr: float | None = None) -> TrainResult:
+          init: str | Path | None = None, finetune_epochs: int = 0, finetune_lr: float | None = None,
+          strategy: str | None = None, cpu_offload: bool | None = None) -> TrainResult:
     """Train MODEL with STR; one process, or ``launch_options.nproc_per_node`` through torchrun.
 
     ``model`` and ``data`` are the CLI's MODEL and ``--data`` strings; ``epochs``, ``batch_size``, ``lr``,
-    ``seed``, ``init`` and ``target_sparsity`` override the config's ``train:`` fields. ``finetune_epochs``
-    (implies ``export``) fine-tunes the shrunk model afterwards (strfx.finetune). Returns the run's summary.
+    ``seed``, ``init``, ``strategy``, ``target_sparsity`` and ``cpu_offload`` (``train.fsdp.cpu_offload``) override
+    the config's ``train:`` fields. ``finetune_epochs`` (implies ``export``) fine-tunes the shrunk model
+    afterwards (strfx.finetune). Returns the run's summary.
     """
     opts = launch_options
     if finetune_lr is not None and not finetune_epochs:
@@ -297,7 +300,7 @@ def train(model: str, data: str | None = None, mode: str | None = None, *,
     export = export or finetune_epochs > 0  # the fine-tuned model is the shrunk one, and it is exported
     job = prepare(model, data, mode, config, run_dir, resume, force, export,
                   world_size=opts.world_size() if opts else 1, epochs=epochs, batch_size=batch_size,
-                  target_sparsity=target_sparsity, lr=lr, seed=seed,
+                  target_sparsity=target_sparsity, lr=lr, seed=seed, strategy=strategy, cpu_offload=cpu_offload,
                   init=str(Path(init).expanduser().resolve()) if init is not None else None)
     job.progress = progress
     job.finetune_epochs, job.finetune_lr = finetune_epochs, finetune_lr
@@ -317,6 +320,8 @@ def run_job(job: dict[str, Any]) -> None:
     """What each process runs: join the group, train, leave the group cleanly."""
     env = init_distributed()
     try:
+        if env.distributed:
+            job = {**job, "run_dir": _writer_run_dir(env, job["run_dir"])}
         Trainer(Job(**job), env).fit()
     except BaseException as err:
         if not env.distributed:
@@ -336,6 +341,23 @@ def run_job(job: dict[str, Any]) -> None:
         sys.stderr.flush()
         os._exit(2 if isinstance(err, StrfxError) else 1)
     shutdown(env)
+
+
+def _writer_run_dir(env: DistEnv, mine: str) -> str:
+    """Every rank works in the writer's run directory (node 0's ``-o``); multi-node runs say so on every node.
+
+    The other nodes read it too (checkpoints on resume; shards under FSDP), so across machines it must
+    be on a filesystem they share, at the same path.
+    """
+    import socket
+
+    run_dir, host = from_writer(env, (mine, socket.gethostname()))
+    if env.local_rank == 0 and int(os.environ.get("GROUP_WORLD_SIZE", "1") or 1) > 1:
+        node = os.environ.get("STRFX_NODE_RANK")
+        here = f"node rank {node}" if node is not None else "this node"
+        print(f"{here}: the run's outputs go to {host}:{run_dir} (written by node 0, global rank {env.writer})",
+              flush=True)
+    return run_dir
 
 
 def _convert_sync_batchnorm(module: nn.Module) -> nn.Module:
@@ -453,7 +475,6 @@ class Trainer:
         gm = sparsify(self.loaded.model, config=self.cfg.sparsify, example_inputs=self.example_inputs)
         self.before = report(gm, self.example_inputs, name=self.loaded.name)  # dense params/FLOPs
         self.gm = gm
-        self.meter = SparsityMeter(gm, self.mode, self.example_inputs)
 
         dev = env.device
         self.cuda = dev.type == "cuda"
@@ -462,10 +483,25 @@ class Trainer:
         self.channels_last = tc.channels_last if tc.channels_last is not None else (self.cuda and four_d)
         if tc.sync_batchnorm and env.distributed:
             gm = _convert_sync_batchnorm(gm)
+        # FSDP: shard before the optimizer sees the parameters. The writer keeps an unsharded CPU copy
+        # (self.view), refreshed from the shards (gather_full_state) for the controller's meter, metrics,
+        # the report, weights.pt and export; under DDP and in one process the view is the model itself.
+        self.fsdp = tc.strategy == "fsdp" and env.distributed
+        self.view: nn.Module | None = gm
+        self.view_device = dev
+        if self.fsdp:
+            import copy
+
+            self.view = copy.deepcopy(gm) if env.is_main else None  # still on the CPU: no second copy on the GPU
+            self.view_device = torch.device("cpu")
         gm.to(dev)
         if self.channels_last:
             gm.to(memory_format=torch.channels_last)
         self.gm = gm
+        if self.fsdp:
+            self.fsdp_units = shard_model(gm, tc.fsdp, env)
+        self.meter = SparsityMeter(self.view, self.mode, tuple(t.to(self.view_device) for t in self.example_inputs)) \
+            if self.view is not None else None
         self.data = load_data(job.data, self.loaded.hook("datasets"),
                               image_size=tuple(self.example_inputs[0].shape[-2:]) if four_d else (224, 224),
                               channels=self.example_inputs[0].shape[1] if four_d else 3, model_file=self.loaded.spec)
@@ -495,7 +531,7 @@ class Trainer:
                                                        thr_group["weight_decay"], tc.momentum)
 
         self.model: nn.Module = gm
-        if env.distributed:
+        if env.distributed and not self.fsdp:  # FSDP2 modules reduce their own gradients
             self.model = nn.parallel.DistributedDataParallel(gm, device_ids=[dev.index] if self.cuda else None)
         if tc.compile:
             self.model = torch.compile(self.model)
@@ -547,48 +583,57 @@ class Trainer:
 
     # ---------------------------------------------------------------------------------- checkpoints
     def _checkpoint_path(self, epoch: int) -> Path:
-        return self.run_dir / CHECKPOINT_DIR / f"epoch-{epoch:04d}.pt"
+        return checkpoint_path(self.run_dir, epoch, sharded=self.tc.strategy == "fsdp")
 
     def save_checkpoint(self, epoch: int) -> None:
+        from strfx.checkpoint import prune, save_sharded
+
         rng = _rng_state()
         per_rank = [rng["torch"]]
         if self.env.distributed:  # every rank's torch RNG, so a resumed worker continues its own stream
             per_rank = [None] * self.env.world_size
             dist.all_gather_object(per_rank, rng["torch"])
-        if not self.env.is_main:
-            return
         rng["torch_per_rank"] = per_rank
+        sharded = self.tc.strategy == "fsdp"
+        if not (self.env.is_main or sharded):
+            return
         state = {
             "format": CHECKPOINT_FORMAT, "epoch": epoch, "step": self.step, "world_size": self.env.world_size,
-            "model": self.gm.state_dict(), "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict(),
-            "controller": {**self.controller.state_dict(), "meter": self.meter.state_dict()} if self.controller else {},
+            "controller": {**self.controller.state_dict(), "meter": self.meter.state_dict()}
+            if self.controller and self.meter is not None else {},
             "rng": rng, "config": json.dumps(self.cfg.model_dump(mode="json"), sort_keys=True),
         }
-        folder = self.run_dir / CHECKPOINT_DIR
-        folder.mkdir(exist_ok=True)
-        atomic_torch_save(state, self._checkpoint_path(epoch))
-        keep = self.tc.keep_checkpoints
-        if keep is not None:
-            found = sorted((int(m.group(1)), p) for p in folder.iterdir() if (m := _CKPT_RE.match(p.name)))
-            for _, old in found[:-keep]:
-                old.unlink(missing_ok=True)
+        (self.run_dir / CHECKPOINT_DIR).mkdir(exist_ok=True)
+        if sharded:  # torch.distributed.checkpoint: every rank writes its shards (also in one process)
+            save_sharded(self._checkpoint_path(epoch), self.gm, self.optimizer, state, self.env.is_main)
+        else:
+            state |= {"model": self.gm.state_dict(), "optimizer": self.optimizer.state_dict()}
+            atomic_torch_save(state, self._checkpoint_path(epoch))
+        if self.env.is_main:
+            prune(self.run_dir, self.tc.keep_checkpoints)
 
     def maybe_resume(self) -> None:
         """Continue from the newest checkpoint when asked to, or after a torchrun restart."""
+        from strfx.checkpoint import load_sharded, remove_leftovers
+
         if not (self.job.resume or self.env.restart_count > 0):
             return
         if self.env.is_main:  # leftovers of a save that was killed half-way
-            for tmp in (self.run_dir / CHECKPOINT_DIR).glob(".epoch-*.tmp-*"):
-                tmp.unlink(missing_ok=True)
+            remove_leftovers(self.run_dir)
+        if self.env.distributed:
+            dist.barrier()
         latest = _latest_checkpoint(self.run_dir)
         if latest is None:
             self.log.print("no checkpoint yet: starting at epoch 1")
             return
         ckpt = load_checkpoint(latest, self.cfg)
         try:
-            self.gm.load_state_dict(ckpt["model"])
-            self.optimizer.load_state_dict(ckpt["optimizer"])
+            if latest.is_dir():  # sharded (DCP): resharded to this run's world size as it loads
+                load_sharded(latest, self.gm, self.optimizer)
+            else:
+                self.gm.load_state_dict(ckpt["model"])
+                self.optimizer.load_state_dict(ckpt["optimizer"])
         except (RuntimeError, ValueError, KeyError) as err:
             raise CheckpointError(f"checkpoint {latest} does not fit this model: {str(err).splitlines()[0]}; "
                                   f"start over with --force") from None
@@ -600,8 +645,9 @@ class Trainer:
         self.scaler.load_state_dict(ckpt["scaler"])
         if self.controller and ckpt["controller"]:
             state = dict(ckpt["controller"])
-            if "meter" in state:
-                self.meter.load_state_dict(state.pop("meter"))
+            meter_state = state.pop("meter", None)
+            if meter_state is not None and self.meter is not None:
+                self.meter.load_state_dict(meter_state)
             self.controller.load_state_dict(state)
         rng = ckpt["rng"]
         if ckpt["world_size"] == self.env.world_size:
@@ -612,7 +658,9 @@ class Trainer:
         self.start_epoch, self.step = int(ckpt["epoch"]), int(ckpt["step"])
         if self.env.is_main:
             self._truncate_metrics(self.start_epoch)
-        self.log.print(f"resumed from {latest} (epoch {self.start_epoch}/{self.tc.epochs} done)"
+        self.log.print(f"resumed from {latest} (epoch {self.start_epoch}/{self.tc.epochs} done"
+                       + (f", written by {ckpt['world_size']} process(es), now {self.env.world_size}"
+                          if ckpt["world_size"] != self.env.world_size else "") + ")"
                        + (f"; extended to {self.tc.epochs} epochs: the cosine learning-rate schedule is stretched over "
                           f"{self.total_steps} steps, so lr rises again to {self.scheduler.lr_lambdas[0](self.step) * self.tc.peak_lr():.4g}"
                           if extended else ""))
@@ -626,8 +674,8 @@ class Trainer:
 
     # ------------------------------------------------------------------------------------- training
     def _controller_step(self) -> None:
-        if self.controller is not None:
-            steer(self.optimizer, self.controller, self.meter, self.step, self.mode,
+        if self.controller is not None:  # FSDP: measured on the writer's view, the same on every rank
+            steer(self.optimizer, self.controller, self._measure, self.step, self.mode,
                   self._broadcast if self.env.distributed else None)
 
     def _broadcast(self, value: float) -> float:
@@ -635,6 +683,31 @@ class Trainer:
         t = torch.tensor([value], dtype=torch.float64, device=self.env.device)
         dist.broadcast(t, 0)
         return float(t.item())
+
+    def _sync_view(self) -> None:
+        """FSDP: copy the current (gathered) weights into the writer's unsharded view. Collective."""
+        if self.fsdp:
+            state = gather_full_state(self.gm, self.env)
+            if self.view is not None and state is not None:
+                self.view.load_state_dict(state)
+
+    @torch.no_grad()
+    def _sync_buffers(self) -> None:
+        """FSDP: the writer's buffers (BatchNorm running statistics) on every rank, as DDP keeps them.
+
+        DDP broadcasts rank 0's buffers before every forward; FSDP leaves each rank its own, so without
+        this the ranks would evaluate with different statistics than the ones saved and exported.
+        """
+        if self.fsdp:
+            for buf in self.gm.buffers():
+                dist.broadcast(buf, src=self.env.writer)
+
+    def _measure(self) -> float:
+        """What --target-sparsity steers, the same on every rank (FSDP: measured on the writer's view)."""
+        if not self.fsdp:
+            return self.meter()
+        self._sync_view()
+        return float(from_writer(self.env, self.meter() if self.meter is not None else None))
 
     def _diverged(self, epoch: int, i: int, what: str) -> TrainError:
         """One line: where the run diverged, what went non-finite, what to change, what is kept."""
@@ -654,6 +727,8 @@ class Trainer:
         params = [p for p in self.gm.parameters() if p.grad is not None]
         norm = (torch.nn.utils.get_total_norm([p.grad for p in params]) if params
                 else torch.zeros((), device=self.env.device))
+        if hasattr(norm, "full_tensor"):  # FSDP: the norm over all shards
+            norm = norm.full_tensor()
         if bool(torch.isfinite(torch.stack([loss.detach().float(), norm.float().to(loss.device)])).all()):
             if self.tc.grad_clip_norm:
                 torch.nn.utils.clip_grads_with_norm_(params, self.tc.grad_clip_norm, norm)
@@ -661,17 +736,23 @@ class Trainer:
         if not bool(torch.isfinite(loss.detach()).all()):
             raise self._diverged(epoch, i, f"the loss is {float(loss.detach()):g}")
         name = next((n for n, p in self.gm.named_parameters()
-                     if p.grad is not None and not bool(torch.isfinite(p.grad).all())), "a parameter")
+                     if p.grad is not None and not bool(torch.isfinite(local(p.grad)).all())), "a parameter")
         raise self._diverged(epoch, i, f"the gradient of {name} is not finite")
 
     @torch.no_grad()
     def _check_str_params(self, epoch: int, i: int) -> None:
         """Thresholds and STR-BN γ/gates must stay finite (a NaN threshold would fail deep inside the forward)."""
         params = [p for g in self.optimizer.param_groups if g.get("name") in ("thresholds", "norms") for p in g["params"]]
-        if not params or bool(torch.isfinite(torch.stack([p.sum() for p in params])).all()):
+        if not params:
+            return
+        finite = torch.isfinite(torch.stack([local(p).sum() for p in params])).all().to(torch.float32)
+        if self.fsdp:  # each rank sees its own shards: all must agree before anyone stops
+            dist.all_reduce(finite, op=dist.ReduceOp.MIN)
+        if bool(finite):
             return
         names = {id(p): n for n, p in self.gm.named_parameters()}
-        bad = next(names.get(id(p), "an STR parameter") for p in params if not bool(torch.isfinite(p).all()))
+        bad = next((names.get(id(p), "an STR parameter") for p in params if not bool(torch.isfinite(local(p)).all())),
+                   "an STR parameter on another rank")
         raise self._diverged(epoch, i, f"the STR parameter {bad} became non-finite after the update")
 
     def _plain_progress(self, epoch: int, i: int, loss: torch.Tensor, t_epoch: float) -> None:
@@ -729,6 +810,7 @@ class Trainer:
         self.gm.eval()
         loss_fn = nn.CrossEntropyLoss(reduction="sum")
         loss_sum, correct, seen = 0.0, 0.0, 0
+        batches = len(self.val_loader)
         for x, y in self.val_loader:
             x, y = self._to_device(x, y)
             with self._autocast():
@@ -736,6 +818,12 @@ class Trainer:
             loss_sum += float(loss_fn(out, y))
             correct += float((out.argmax(1) == y).sum())
             seen += len(y)
+        if self.fsdp:  # every FSDP forward is collective: a rank with fewer batches runs idle ones
+            most = torch.tensor([batches], device=self.env.device)
+            dist.all_reduce(most, op=dist.ReduceOp.MAX)
+            for _ in range(int(most) - batches):
+                with self._autocast():
+                    self.gm(*(t.to(self.env.device) for t in self.example_inputs))
         self.gm.train()
         loss_sum, correct, total = self._allreduce([loss_sum, correct, float(seen)])
         return {"val_loss": loss_sum / max(total, 1), "val_top1": correct / max(total, 1)}
@@ -743,8 +831,8 @@ class Trainer:
     def _report(self) -> Any:
         from strfx.report import report
 
-        inputs = tuple(t.to(self.env.device) for t in self.example_inputs)
-        return report(self.gm, inputs, name=self.loaded.name)
+        inputs = tuple(t.to(self.view_device) for t in self.example_inputs)
+        return report(self.view, inputs, name=self.loaded.name)
 
     def _metrics(self, epoch: int, stats: dict[str, float], seconds: float) -> dict[str, Any]:
         rep = self._report()
@@ -789,13 +877,16 @@ class Trainer:
         if self.start_epoch == 0:
             self.log.print(f"training {self.loaded.name} ({self.mode} STR) on {self.data.source}: {tc.epochs} epochs × "
                            f"{self.steps_per_epoch} steps, global batch {tc.batch_size} on {self.env.world_size} "
-                           f"process(es) on {self.env.device.type}, lr {tc.peak_lr():g}")
+                           f"process(es) on {self.env.device.type}, lr {tc.peak_lr():g}"
+                           + (f"; FSDP: {len(self.fsdp_units)} sharded block(s) + the root" if self.fsdp else ""))
         stats: dict[str, float] = {}
         for epoch in range(self.start_epoch, tc.epochs):
             t0 = time.perf_counter()
             stats = self.train_epoch(epoch)
+            self._sync_buffers()
             stats |= self.evaluate()
             last = epoch + 1 == tc.epochs
+            self._sync_view()
             if self.env.is_main:  # metrics first: a resume drops lines past its checkpoint, so none is lost
                 row = self._metrics(epoch + 1, stats, time.perf_counter() - t0)
                 with open(self.run_dir / METRICS_FILE, "a") as f:
@@ -811,13 +902,14 @@ class Trainer:
         if not stats:  # resumed a run whose epochs were all done: measure it again (all ranks take part)
             stats = self.evaluate()
         stats["ranks_max_param_diff"] = self.rank_divergence()
+        self._sync_view()
         if self.env.is_main:
             self.finish(stats)
 
     @torch.no_grad()
     def rank_divergence(self) -> float:
         """Largest difference between any rank's parameters and rank 0's (DDP must keep it 0)."""
-        if not self.env.distributed:
+        if not self.env.distributed or self.fsdp:  # FSDP: each element lives on one rank only
             return 0.0
         flat = torch.cat([p.detach().double().flatten() for p in self.gm.parameters()])
         mine = flat.to(self.env.device)
@@ -832,7 +924,7 @@ class Trainer:
         from strfx.plot import plot_budget
 
         rep = self._report()
-        atomic_torch_save(self.gm.state_dict(), self.run_dir / WEIGHTS_FILE)
+        atomic_torch_save(self.view.state_dict(), self.run_dir / WEIGHTS_FILE)
         atomic_write(self.run_dir / REPORT_FILE, rep.model_dump_json(indent=2))
         plot_budget(rep, self.run_dir / PLOT_FILE, title=f"{self.loaded.name} · {self.mode} STR · layer-wise sparsity")
         b = self.before
@@ -862,12 +954,12 @@ class Trainer:
         """Classes of the data, else the model's output width (a model file's datasets() may not say)."""
         if self.data.num_classes:
             return int(self.data.num_classes)
-        was = self.gm.training
-        self.gm.eval()
+        was = self.view.training
+        self.view.eval()
         try:
-            return int(self.gm(*(t.to(self.env.device) for t in self.example_inputs)).shape[-1])
+            return int(self.view(*(t.to(self.view_device) for t in self.example_inputs)).shape[-1])
         finally:
-            self.gm.train(was)
+            self.view.train(was)
 
     #: A run whose sparsity ends further than this from --target-sparsity says so (fraction, i.e. 5 points).
     TARGET_TOLERANCE = 0.05
@@ -892,7 +984,7 @@ class Trainer:
         the input contract goes into the ONNX metadata. Keeps the shrunk model for ``--finetune-epochs``."""
         from strfx.deploy import shrink_and_export
 
-        summary, self.shrunk = shrink_and_export(self.gm, self.example_inputs, self.run_dir, force=True,
+        summary, self.shrunk = shrink_and_export(self.view, self.example_inputs, self.run_dir, force=True,
                                                  metadata=contract.metadata() if contract is not None else None)
         return summary
 

@@ -26,6 +26,11 @@ from strfx.cli import CONFIG, MODE, command, main
 @click.option("--target-sparsity", type=click.FloatRange(0, 1, min_open=True, max_open=True), default=None,
               help="End the run at this sparsity (unstructured: fraction of weights zero; structured: fraction "
               "of FLOPs removed) by steering the threshold decay; STR still picks each layer's share.")
+@click.option("--strategy", type=click.Choice(["ddp", "fsdp"]), default=None,
+              help="Override train.strategy: ddp replicates the model on every process; fsdp shards parameters, "
+              "gradients and optimizer state (FSDP2) and writes sharded, reshardable checkpoints.")
+@click.option("--cpu-offload", is_flag=True, default=None,
+              help="With --strategy fsdp: keep parameters, gradients and optimizer state in CPU memory (GPU runs).")
 @click.option("--nproc-per-node", type=click.IntRange(min=1), default=None,
               help="Processes on this machine, launched through torchrun (torch.distributed.run). Default: "
               "train in this process.")
@@ -49,7 +54,7 @@ from strfx.cli import CONFIG, MODE, command, main
 @click.option("--progress/--no-progress", default=None, help="Progress bar (default: only on a terminal).")
 def train_cmd(model: str, mode: str | None, data: str | None, epochs: int | None, batch_size: int | None,
               lr: float | None, seed: int | None, init: str | None, config_path: str | None,
-              target_sparsity: float | None, nproc_per_node: int | None, nnodes: str | None, node_rank: int | None,
+              target_sparsity: float | None, strategy: str | None, cpu_offload: bool | None, nproc_per_node: int | None, nnodes: str | None, node_rank: int | None,
               rdzv_endpoint: str | None, rdzv_id: str | None, rdzv_backend: str, max_restarts: int | None,
               output: str | None, resume: bool, force: bool, export: bool, finetune_epochs: int | None,
               finetune_lr: float | None, progress: bool | None) -> None:
@@ -74,4 +79,5 @@ def train_cmd(model: str, mode: str | None, data: str | None, epochs: int | None
         raise StrfxError("--node-rank/--rdzv-id only make sense with --nnodes and --rdzv-endpoint")
     train(model, data, mode, config=config_path, run_dir=output, resume=resume, force=force, export=export,
           epochs=epochs, batch_size=batch_size, target_sparsity=target_sparsity, launch_options=opts,
-          progress=progress, lr=lr, seed=seed, init=init, finetune_epochs=finetune_epochs or 0, finetune_lr=finetune_lr)
+          progress=progress, lr=lr, seed=seed, init=init, finetune_epochs=finetune_epochs or 0, finetune_lr=finetune_lr,
+          strategy=strategy, cpu_offload=cpu_offload or None)

@@ -45,6 +45,25 @@ class ControllerConfig(_Strict):
         return self
 
 
+class FsdpConfig(_Strict):
+    """How ``strategy: fsdp`` shards the model (FSDP2, ``torch.distributed.fsdp.fully_shard``): one unit per block, the root takes the rest."""
+
+    # A block is only picked when it is closed: none of its parameters is shared with a module outside it
+    # (a structured STR importance vector gates every writer of a channel group, which may span blocks; it
+    # then stays with the enclosing unit). See strfx.distributed.fsdp_units.
+    wrap: list[str] = Field(default_factory=list, description="Class names of the blocks to shard one by one "
+                            "(e.g. [LlamaDecoderLayer]; any class of the module's MRO); when empty, blocks are picked "
+                            "by size (min_params). A block sharing a parameter with a module outside it is never a unit of its own.")
+    min_params: int = Field(1_000_000, ge=1, description="Without `wrap`: every module (bottom-up) holding at least "
+                            "this many parameters not yet in a smaller unit becomes a unit.")
+    cpu_offload: bool = Field(False, description="Keep parameters, gradients and optimizer state on the CPU between "
+                              "uses (FSDP2 CPUOffloadPolicy; only useful with a GPU).")
+    mixed_precision: Literal["auto", "off"] = Field("auto", description="auto: on CUDA, bf16 parameters for "
+                                                    "compute with fp32 gradient reduction; off: fp32 throughout.")
+    reshard_after_forward: bool = Field(True, description="Free gathered parameters after each unit's forward "
+                                        "(less memory, one more all-gather in backward).")
+
+
 class TrainConfig(_Strict):
     """The training recipe. Every field can be set in YAML under ``train:``."""
 
@@ -74,6 +93,10 @@ class TrainConfig(_Strict):
                                           "end at zero. Structured: fraction of FLOPs removed. None: plain STR.")
     controller: ControllerConfig = Field(default_factory=ControllerConfig)
     seed: int = 0
+    strategy: Literal["ddp", "fsdp"] = Field("ddp", description="With several processes: ddp replicates the model "
+                                             "on every rank; fsdp shards parameters, gradients and optimizer state "
+                                             "(FSDP2) and writes sharded checkpoints (torch.distributed.checkpoint).")
+    fsdp: FsdpConfig = Field(default_factory=FsdpConfig)
     init: str | None = Field(None, description="Start from these weights (--init): a state dict of the model "
                              "build_model() returns, loaded with weights_only=True before STR is inserted; every "
                              "key must match (the common case: STR fine-tuning of a pretrained model).")

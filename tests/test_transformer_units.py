@@ -225,10 +225,11 @@ def test_dead_residual_branch_is_removed_from_graph_and_model():
         torch.testing.assert_close(small(y), sparse(y), rtol=1e-5, atol=1e-6)
 
 
-def test_hf_llama_loses_a_layer_and_an_attention_branch():
-    """Depth on a HF Llama: a dead attention branch leaves a stand-in that returns zeros; a layer whose
-    two branches are dead leaves the layer list (config and KV-cache indices follow), and the shrunk
-    model generates with its cache and round-trips through save_pretrained/from_pretrained."""
+def test_hf_llama_loses_heads_neurons_hidden_and_a_layer_in_one_shrink():
+    """Every unit kind of a HF Llama with GQA at once: a kv head (with its query heads), MLP neurons,
+    hidden channels, an attention branch (a stand-in returns zeros) and a whole layer (it leaves the
+    layer list; config and KV-cache indices follow). The shrunk model generates with its cache like
+    the masked one and round-trips through save_pretrained/from_pretrained."""
     transformers = pytest.importorskip("transformers")
     from strfx.loader import load_model
 
@@ -241,13 +242,20 @@ def test_hf_llama_loses_a_layer_and_an_attention_branch():
     sparse = strfx.sparsify(model, "structured", example_inputs=x)
     gates = {n: c for n, c in strfx.modules.channel_carriers(sparse).items() if c.kind == "depth"}
     assert len(gates) == 6
+    units = {n: c for n, c in strfx.modules.channel_carriers(sparse).items() if c.kind == "gate"}
     with torch.no_grad():
         for name in ("model.layers.0.self_attn.depth", "model.layers.1.self_attn.depth", "model.layers.1.mlp.depth"):
             gates[name].raw.zero_()
+        units["model.embed_tokens"].raw[:8] = 0.0  # hidden 32 → 24
+        for k in (0, 2):
+            units[f"model.layers.{k}.mlp.gate_proj"].raw[:10] = 0.0  # neurons 48 → 38
+        units["model.layers.2.self_attn.q_proj"].raw[1] = 0.0  # one of two kv heads
     small = strfx.shrink(sparse, x)
     rep = small.strfx_shrink
     assert rep["result"] == "eager" and rep["max_error64"] <= 1e-9
     assert len(small.model.layers) == small.config.num_hidden_layers == 2
+    assert small.config.hidden_size == 24 and small.model.layers[1].mlp.up_proj.out_features == 38
+    assert small.model.layers[1].self_attn.k_proj.out_features == 8  # one kv head of 8 dims left
     assert type(small.model.layers[0].self_attn) is strfx.modules.RemovedBranch
     assert small.model.layers[1].self_attn.layer_idx == 1  # renumbered for the KV cache
     prompt = torch.tensor([[1, 5, 9, 13]])
@@ -255,7 +263,7 @@ def test_hf_llama_loses_a_layer_and_an_attention_branch():
     assert torch.equal(small.generate(prompt, **kwargs), sparse.generate(prompt, **kwargs))
     with torch.no_grad():  # a whole layer gone is what a HF config can describe
         gates["model.layers.0.self_attn.depth"].raw.fill_(1.0)
-    smaller = strfx.shrink(sparse, x)
+    smaller = strfx.shrink(sparse, x, uniform=True)  # one kv-head count for all layers: a config can say it
     import tempfile
 
     with tempfile.TemporaryDirectory() as d:
