@@ -8,6 +8,10 @@ from pathlib import Path
 import pytest
 import torch
 
+# Before anything imports torchvision (lightning and torchmetrics do, also in the xdist controller when it
+# rebuilds a worker's warning): strfx declares the schemas the CPU torch lacks (strfx/_tvshim.py).
+import strfx  # noqa: F401,E402
+
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLES = ROOT / "examples"
 
