@@ -306,7 +306,7 @@ def _widen(parent: nn.Module, leaf: str, norm: nn.Module, full: int) -> None:
     (n,) = norm.normalized_shape
     like = next(iter(norm.parameters()), torch.zeros(0))
     kw = {"device": like.device, "dtype": like.dtype}
-    if type(norm) is nn.LayerNorm:
+    if isinstance(norm, nn.LayerNorm):
         wide: nn.Module = WideLayerNorm(n, full, norm.eps, norm.elementwise_affine, norm.bias is not None, **kw)
     else:
         wide = WideRMSNorm(n, full, norm.eps, norm.elementwise_affine, **kw)
@@ -318,7 +318,8 @@ def _widen(parent: nn.Module, leaf: str, norm: nn.Module, full: int) -> None:
 def _fix_widths(model: nn.Module, fixes: list[tuple[str, str, int, int]]) -> str | None:
     """Statistics over a cut hidden size keep the original width as divisor, in the eager model.
 
-    ``nn.LayerNorm``/``nn.RMSNorm`` become :class:`~strfx.modules.WideLayerNorm`/``WideRMSNorm``; a
+    ``nn.LayerNorm``/``nn.RMSNorm`` (and subclasses that normalise the same way, as timm's do) become
+    :class:`~strfx.modules.WideLayerNorm`/``WideRMSNorm``; a
     hand-written RMS norm (``x · rsqrt(mean(x²) + ε) · γ``, HF's LlamaRMSNorm) is made exact in its own
     class: with C′ of C channels, ``γ·√(C/C′)`` and ``ε·C/C′`` give the same output. Anything else
     is reported (then the cut graph is the result); verification judges every fix.
@@ -328,8 +329,8 @@ def _fix_widths(model: nn.Module, fixes: list[tuple[str, str, int, int]]) -> str
             mod = model.get_submodule(path) if path else model
         except AttributeError:
             return f"a {kind} over the cut channels at {path or 'the root'} is not a module strfx can fix"
-        if kind in ("layer_norm", "rms_norm") and type(mod) in (nn.LayerNorm, nn.RMSNorm) \
-                and len(mod.normalized_shape) == 1:
+        if kind in ("layer_norm", "rms_norm") and isinstance(mod, (nn.LayerNorm, nn.RMSNorm)) \
+                and len(mod.normalized_shape) == 1:  # subclasses too (timm's LayerNorm): verification judges
             parent_name, _, leaf = path.rpartition(".")
             if not leaf:
                 return f"the root module is a {type(mod).__name__} over the cut channels"
