@@ -109,13 +109,15 @@ def fsdp_units(model: nn.Module, wrap: list[str], min_params: int) -> list[str]:
     ``wrap`` picks blocks by class name (any class of its MRO, so ``Linear`` also names the
     ``ParametrizedLinear`` that STR makes of a linear layer); without it, a module becomes a unit when it holds at least
     ``min_params`` parameters not yet in a smaller unit (FSDP1's size policy). Only closed modules
-    qualify: every name of every parameter under it lies inside it (shared STR units stay above), and
-    nothing inside STR's ``parametrizations`` containers (their parameters belong to the module they
-    parametrize).
+    qualify: every name of every parameter under it lies inside it, but for STR importance vectors,
+    which may span blocks (a hidden-size unit gates every layer's projections; they are left out of
+    every unit, see :func:`shared_str_params`), and nothing inside STR's ``parametrizations``
+    containers (their parameters belong to the module they parametrize).
     """
     names: dict[int, list[str]] = {}
     for fqn, p in model.named_parameters(remove_duplicate=False):
         names.setdefault(id(p), []).append(fqn)
+    spanning = {id(p) for p in shared_str_params(model)}
     taken: set[int] = set()
     units: list[str] = []
 
@@ -124,7 +126,7 @@ def fsdp_units(model: nn.Module, wrap: list[str], min_params: int) -> list[str]:
             visit(f"{prefix}{child_name}.", child)
         if not prefix or "parametrizations." in prefix or isinstance(module, (nn.ModuleList, nn.ModuleDict)):
             return  # containers are no block (FSDP1's size policy skips them too)
-        params = {id(p): p for p in module.parameters()}
+        params = {id(p): p for p in module.parameters() if id(p) not in spanning}
         if not params or any(not n.startswith(prefix) for i in params for n in names[i]):
             return
         free = sum(p.numel() for i, p in params.items() if i not in taken)
@@ -134,6 +136,32 @@ def fsdp_units(model: nn.Module, wrap: list[str], min_params: int) -> list[str]:
 
     visit("", model)
     return units
+
+
+def shared_str_params(model: nn.Module) -> list[nn.Parameter]:
+    """Parameters of STR importance vectors read from more than one module (a hidden-size unit, a tied
+    weight's gate): no FSDP unit owns them; they stay whole on every rank and their gradients are
+    averaged across ranks by a hook (:func:`shard_model`)."""
+    from strfx.modules import STRUnit
+
+    names: dict[int, set[str]] = {}
+    for fqn, p in model.named_parameters(remove_duplicate=False):
+        names.setdefault(id(p), set()).add(fqn.split(".parametrizations.")[0])
+    out: dict[int, nn.Parameter] = {}
+    for unit in model.modules():
+        if isinstance(unit, STRUnit):
+            for p in unit.parameters():
+                if len(names.get(id(p), ())) > 1:
+                    out[id(p)] = p
+    return list(out.values())
+
+
+def _average_grad(world: int) -> Any:
+    def hook(p: torch.Tensor) -> None:
+        if p.grad is not None:
+            dist.all_reduce(p.grad)  # gloo has no AVG: sum, then divide
+            p.grad.div_(world)
+    return hook
 
 
 def shard_model(model: nn.Module, fsdp: Any, env: DistEnv) -> list[str]:
@@ -156,6 +184,11 @@ def shard_model(model: nn.Module, fsdp: Any, env: DistEnv) -> list[str]:
     if fsdp.wrap and not units:
         raise TrainError(f"train.fsdp.wrap {fsdp.wrap} matches no closed module of the model; give class names "
                          f"of its blocks (e.g. {type(next(iter(model.children()), model)).__name__}) or leave it empty")
+    shared = shared_str_params(model)
+    if shared:  # replicated, not sharded: their gradients are averaged like DDP's
+        kwargs["ignored_params"] = set(shared)
+        for p in shared:
+            p.register_post_accumulate_grad_hook(_average_grad(dist.get_world_size()))
     for name in units:
         fully_shard(model.get_submodule(name), **kwargs)
     fully_shard(model, **kwargs)

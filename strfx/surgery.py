@@ -225,8 +225,18 @@ def _fix_hf_gpt2_attention(m: nn.Module) -> None:
     m.num_heads = split // m.head_dim
 
 
+def _fix_qkv_attention(m: nn.Module) -> None:
+    """timm's ``Attention`` (a fused ``qkv`` Linear, ``num_heads`` × ``head_dim``) counts heads from it."""
+    qkv, head_dim = getattr(m, "qkv", None), getattr(m, "head_dim", None)
+    if isinstance(qkv, nn.Linear) and isinstance(head_dim, int) and isinstance(getattr(m, "num_heads", None), int):
+        m.num_heads = qkv.out_features // (3 * head_dim)
+        if isinstance(getattr(m, "attn_dim", None), int):
+            m.attn_dim = m.num_heads * head_dim
+
+
 # Classes of other libraries, by name (strfx does not import them); fixed after their children.
-ATTRIBUTE_FIXES_BY_NAME: dict[str, Any] = {"Conv1D": _fix_hf_conv1d, "GPT2Attention": _fix_hf_gpt2_attention}
+ATTRIBUTE_FIXES_BY_NAME: dict[str, Any] = {"Conv1D": _fix_hf_conv1d, "GPT2Attention": _fix_hf_gpt2_attention,
+                                           "Attention": _fix_qkv_attention}
 
 
 _WIDTH_FIELDS = ("intermediate", "inner", "ffn", "d_ff", "mlp_dim")

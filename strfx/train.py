@@ -725,13 +725,20 @@ class Trainer:
         already averaged the gradients, so every rank sees the same norm and stops at the same step.
         """
         params = [p for p in self.gm.parameters() if p.grad is not None]
-        norm = (torch.nn.utils.get_total_norm([p.grad for p in params]) if params
-                else torch.zeros((), device=self.env.device))
-        if hasattr(norm, "full_tensor"):  # FSDP: the norm over all shards
-            norm = norm.full_tensor()
-        if bool(torch.isfinite(torch.stack([loss.detach().float(), norm.float().to(loss.device)])).all()):
+        # FSDP: sharded gradients (DTensors) and the replicated ones of STR vectors spanning blocks
+        # (strfx.distributed.shared_str_params) are normed apart, then combined
+        parts = [[p for p in params if hasattr(p.grad, "full_tensor") == sharded] for sharded in (True, False)]
+        norms = []
+        for part in parts:
+            if part:
+                n = torch.nn.utils.get_total_norm([p.grad for p in part])
+                norms.append((n.full_tensor() if hasattr(n, "full_tensor") else n).float().to(loss.device))
+        norm = torch.linalg.vector_norm(torch.stack(norms)) if norms else torch.zeros((), device=loss.device)
+        if bool(torch.isfinite(torch.stack([loss.detach().float(), norm.float()])).all()):
             if self.tc.grad_clip_norm:
-                torch.nn.utils.clip_grads_with_norm_(params, self.tc.grad_clip_norm, norm)
+                for part in parts:
+                    if part:
+                        torch.nn.utils.clip_grads_with_norm_(part, self.tc.grad_clip_norm, norm)
             return
         if not bool(torch.isfinite(loss.detach()).all()):
             raise self._diverged(epoch, i, f"the loss is {float(loss.detach()):g}")
