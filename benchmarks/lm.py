@@ -16,7 +16,7 @@ checkpoint, every method then gets the same number of training tokens at each FL
 * ``str-all``   — strfx structured STR on every transformer unit: key/value head groups, MLP neurons,
   the hidden size (one vector for the residual stream) and depth (a scalar gate per residual
   branch). ``STRSession`` steers the FLOPs removed to the target (AdamW, decoupled decay) during the
-  first ``STR_FRAC`` of the budget; then ``strfx.shrink`` and plain AdamW fine-tuning of the shrunk
+  first ``str_frac`` (75 %) of the budget; then ``strfx.shrink`` and plain AdamW fine-tuning of the shrunk
   model for the rest.
 * ``str-hn``    — the same with heads and neurons only: ``SparsifyConfig(depth=False)`` and the
   hidden-size vector (and its threshold) frozen at its initial value, so it cannot die.
@@ -67,7 +67,6 @@ from lm_data import VAL_EVERY, read_bytes, split_files, stdlib_files, windows  #
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCS = ROOT / "docs"
-STR_FRAC = 0.75  # share of each method's token budget STR learns in (the rest fine-tunes the shrunk model)
 
 
 @dataclass
@@ -90,6 +89,7 @@ class Budget:
     methods: list[str] = field(default_factory=lambda: ["str-all", "str-hn", "uniform"])
     controller_interval: int = 2
     max_step_rate: float = 0.05  # the controller's cap on the thresholds' pace per step (strfx default 0.02)
+    str_frac: float = 0.75  # share of each method's token budget STR learns in (the rest fine-tunes the shrunk model)
     str_lr_scale: float = 10.0  # lr of STR's thresholds and importance vectors ÷ the weights' lr
     throughput_rounds: int = 10
 
@@ -331,7 +331,7 @@ def run_str(dense: nn.Module, variant: str, target: float, b: Budget, train_stre
                 frozen.append(name)
     kinds = sorted({unit_kind(n, c.kind) for n, c in strfx.modules.channel_carriers(sparse).items()} -
                    {unit_kind(n, "gate") for n in frozen})
-    str_steps = max(int(round(STR_FRAC * b.method_steps)), 1)
+    str_steps = max(int(round(b.str_frac * b.method_steps)), 1)
     ft_steps = b.method_steps - str_steps
     session = STRSession(target, controller={"interval_steps": b.controller_interval,
                                                      "max_step_rate": b.max_step_rate})
@@ -451,20 +451,22 @@ def markdown(res: dict[str, Any], plot_name: str) -> str:
         f"grad clip 1), {b['dense_steps']} steps × {tok} tokens = {b['dense_steps'] * tok / 1e6:.2f} M tokens "
         f"({d['train_s'] / 60:.1f} min).",
         f"Every method: {b['method_steps']} steps × {tok} tokens = {b['method_steps'] * tok / 1e6:.2f} M tokens "
-        f"from the same dense checkpoint, AdamW lr {b['method_lr']:g}. STR: {int(100 * STR_FRAC)} % of them "
+        f"from the same dense checkpoint, AdamW lr {b['method_lr']:g}. STR: {b.get('str_frac', 0.75):.0%} of them "
         f"learning the units with the target controller (`STRSession`, FLOPs steered every "
-        f"{b['controller_interval']} steps), then `strfx.shrink` and the rest fine-tuning the shrunk model "
+        f"{b['controller_interval']} steps, pace cap `max_step_rate` {b['max_step_rate']:g}; thresholds and "
+        f"importance vectors at {b['str_lr_scale']:g}× the lr), then `strfx.shrink` and the rest fine-tuning the "
+        f"shrunk model "
         f"(lr {b['method_lr'] / 2:g}); uniform: prune, shrink, fine-tune for all of them.",
         "",
-        "bpb: validation bits per byte (lower is better). FLOPs: one window, batch 1, attention matmuls "
+        "bpb: validation bits per byte (lower is better). FLOPs: per window, attention matmuls "
         "included (HF eager attention under `torch.utils.flop_counter`). Tokens/s: forward of "
         f"{b['batch']}×{b['seq']} tokens in torch eager (SDPA), 1 thread, median of alternating rounds "
         "with the dense model; speed-up ÷ FLOPs gain is 1.0 when time falls with FLOPs.",
         "",
-        "| method | target | FLOPs removed | bpb after shrink | bpb after fine-tune | params | MFLOPs | tokens/s | "
-        "speed-up | speed-up ÷ FLOPs gain | kept: q heads / neurons per layer, hidden, branches |",
+        "| method | target | FLOPs removed | bpb after shrink | bpb after fine-tune | params | MFLOPs | tokens/s "
+        "(dense, same rounds) | speed-up | speed-up ÷ FLOPs gain | kept: q heads / neurons per layer, hidden, branches |",
         "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|",
-        f"| dense | | 0 % | | {d['bpb']:.3f} | {d['params']:,} | {d['flops'] / 1e6:.1f} | {d['tokens_s']:.0f} | 1.00 | "
+        f"| dense | | 0 % | | {d['bpb']:.3f} | {d['params']:,} | {d['flops'] / 1e6:.1f} | | 1.00 | "
         f"| {b['heads']} / {b['ffn']}, {b['hidden']}, {2 * b['layers']} |",
     ]
     for r in res["rows"]:
@@ -474,7 +476,7 @@ def markdown(res: dict[str, Any], plot_name: str) -> str:
         lines.append(
             f"| {LABELS[r['method']]} | {100 * r['target']:.0f} % | {100 * r['flops_removed']:.1f} % | "
             f"{r['bpb_before_ft']:.3f} | **{r['bpb']:.3f}** | {r['params']:,} | {r['flops'] / 1e6:.1f} | "
-            f"{r['tokens_s']:.0f} | {r['speedup']:.2f} | {r['speedup'] / gain:.2f} | "
+            f"{r['tokens_s']:.0f} ({r['dense_tokens_s']:.0f}) | {r['speedup']:.2f} | {r['speedup'] / gain:.2f} | "
             f"{'-'.join(map(str, k['heads']))} / {'-'.join(map(str, k['neurons']))}, {k['hidden']}, {branches} |")
     lines += ["", f"![units kept per layer]({plot_name})", ""]
     lines += ["Per run: FLOPs removed as strfx's controller measured them (SDPA, attention matmuls not counted), "
@@ -509,12 +511,23 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--methods", nargs="+", default=None, choices=list(LABELS))
     ap.add_argument("--dense-steps", type=int, default=None)
     ap.add_argument("--method-steps", type=int, default=None)
+    ap.add_argument("--str-frac", type=float, default=None,
+                    help="share of the budget STR learns in; the rest fine-tunes the shrunk model (default 0.75)")
+    ap.add_argument("--str-lr-scale", type=float, default=None,
+                    help="lr of STR's thresholds and importance vectors ÷ the weights' lr (default 10)")
     ap.add_argument("--dense-ckpt", type=Path, default=None,
                     help="reuse this dense state_dict (written there on first use) instead of retraining")
     ap.add_argument("--force", action="store_true", help="overwrite existing outputs")
+    ap.add_argument("--replot", type=Path, default=None, help="only rebuild the Markdown and plot from a JSON this wrote")
     args = ap.parse_args(argv)
+    if args.replot:
+        res = json.loads(args.replot.read_text())
+        out = args.out or args.replot.parent
+        plot_budgets(res["rows"], Budget(**res["budget"]), out / f"{args.stem}_units.png")
+        _write(out / f"{args.stem}.md", markdown(res, f"{args.stem}_units.png"))
+        return 0
     b = copy.deepcopy(QUICK if args.quick else Budget())
-    for name in ("targets", "methods", "dense_steps", "method_steps"):
+    for name in ("targets", "methods", "dense_steps", "method_steps", "str_lr_scale", "str_frac"):
         if getattr(args, name) is not None:
             setattr(b, name, getattr(args, name))
     out = args.out or (Path("/tmp/strfx_lm_quick") if args.quick else DOCS)
