@@ -353,6 +353,7 @@ def run_str(dense: nn.Module, variant: str, target: float, b: Budget, train_stre
     learn_s = train(sparse, opt, train_stream, b, str_steps, b.method_lr, seed, warmup=max(str_steps // 20, 1),
                     after_step=after, tag=f"{variant}@{target}")
     kept = kept_units(sparse, b)
+    dead = {n: (c.value() == 0).detach().clone() for n, c in strfx.modules.channel_carriers(sparse).items()}
     bpb_masked = bpb(sparse, val, b.batch)
     small, shrink_rep = shrink_checked(sparse, b)
     bpb_shrunk = bpb(small, val, b.batch)
@@ -364,7 +365,42 @@ def run_str(dense: nn.Module, variant: str, target: float, b: Budget, train_stre
     return {"method": variant, "target": target, "units": kinds, "kept": kept, "bpb_before_ft": bpb_shrunk,
             "bpb_masked": bpb_masked, "bpb": bpb(small, val, b.batch), "shrink": shrink_rep, "controller": log,
             "str_steps": str_steps, "ft_steps": ft_steps, "train_s": learn_s + ft_s,
+            "wall_s": time.perf_counter() - t0, "model": small, "dead": dead}
+
+
+def run_rewind(dense: nn.Module, variant: str, target: float, dead: dict[str, torch.Tensor], b: Budget,
+               train_stream: torch.Tensor, val: torch.Tensor, seed: int) -> dict[str, Any]:
+    """Diagnostic: the units STR chose, cut from the DENSE weights and fine-tuned like the uniform baseline
+    (it separates STR's choice of units from what its training did to the weights; it spends STR's tokens too)."""
+    t0 = time.perf_counter()
+    sparse = strfx.sparsify(copy.deepcopy(dense), "structured", example_inputs=example(b), verify=False,
+                            config={"depth": variant == "str-all"})
+    with torch.no_grad():
+        for name, c in strfx.modules.channel_carriers(sparse).items():
+            c.raw[dead[name].view_as(c.raw)] = 0.0
+    kept = kept_units(sparse, b)
+    small, shrink_rep = shrink_checked(sparse, b)
+    bpb_shrunk = bpb(small, val, b.batch)
+    opt = torch.optim.AdamW(small.parameters(), lr=b.method_lr, weight_decay=0.0, betas=(0.9, 0.95))
+    train_s = train(small, opt, train_stream, b, b.method_steps, b.method_lr, seed, warmup=max(b.method_steps // 20, 1),
+                    tag=f"{variant}-rewind@{target}")
+    return {"method": f"{variant}-rewind", "target": target, "units": [], "kept": kept, "bpb_before_ft": bpb_shrunk,
+            "bpb": bpb(small, val, b.batch), "shrink": shrink_rep, "train_s": train_s,
             "wall_s": time.perf_counter() - t0, "model": small}
+
+
+def measure(r: dict[str, Any], dense: nn.Module, dense_row: dict[str, Any], b: Budget) -> None:
+    """Params, FLOPs (with and without attention matmuls) and paired tokens/s of a method's final model."""
+    small = r.pop("model")
+    r["params"], r["flops"] = params(small), flops(small, b)
+    r["flops_removed"] = 1 - r["flops"] / dense_row["flops"]
+    r["flops_removed_sdpa"] = 1 - flops(small, b, "sdpa") / dense_row["flops_sdpa"]
+    tps = throughput({"dense": dense, "small": small}, b, b.throughput_rounds)
+    r["tokens_s"], r["dense_tokens_s"] = tps["small"], tps["dense"]
+    r["speedup"] = tps["small"] / tps["dense"]
+    print(f"  -> {r['method']} bpb {r['bpb']:.3f} (after shrink {r['bpb_before_ft']:.3f}), FLOPs removed "
+          f"{100 * r['flops_removed']:.1f} %, params {r['params']:,}, speed-up {r['speedup']:.2f}, "
+          f"kept {r['kept']}", flush=True)
 
 
 def run_uniform(dense: nn.Module, target: float, b: Budget, train_stream: torch.Tensor, val: torch.Tensor,
@@ -395,7 +431,9 @@ def run_uniform(dense: nn.Module, target: float, b: Budget, train_stream: torch.
 
 # ---------------------------------------------------------------- outputs
 
-LABELS = {"str-all": "STR: heads+neurons+hidden+depth", "str-hn": "STR: heads+neurons", "uniform": "uniform magnitude (L2)"}
+LABELS = {"str-all": "STR: heads+neurons+hidden+depth", "str-hn": "STR: heads+neurons", "uniform": "uniform magnitude (L2)",
+          "str-all-rewind": "diagnostic: STR-all's units cut from the dense weights, fine-tuned",
+          "str-hn-rewind": "diagnostic: STR-hn's units cut from the dense weights, fine-tuned"}
 
 
 def plot_budgets(rows: list[dict[str, Any]], b: Budget, path: Path) -> None:
@@ -405,7 +443,8 @@ def plot_budgets(rows: list[dict[str, Any]], b: Budget, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
-    styles = {"str-all": ("C0", "o"), "str-hn": ("C2", "s"), "uniform": ("C3", "^")}
+    styles = {"str-all": ("C0", "o"), "str-hn": ("C2", "s"), "uniform": ("C3", "^"), "str-all-rewind": ("C0", "x"),
+              "str-hn-rewind": ("C2", "x")}
     for r in rows:
         color, marker = styles[r["method"]]
         ls = "-" if r["target"] == min(b.targets) else "--"
@@ -508,7 +547,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--targets", type=float, nargs="+", default=None, help="fractions of FLOPs to remove")
-    ap.add_argument("--methods", nargs="+", default=None, choices=list(LABELS))
+    ap.add_argument("--methods", nargs="+", default=None, choices=["str-all", "str-hn", "uniform"])
     ap.add_argument("--dense-steps", type=int, default=None)
     ap.add_argument("--method-steps", type=int, default=None)
     ap.add_argument("--str-frac", type=float, default=None,
@@ -518,6 +557,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--dense-ckpt", type=Path, default=None,
                     help="reuse this dense state_dict (written there on first use) instead of retraining")
     ap.add_argument("--force", action="store_true", help="overwrite existing outputs")
+    ap.add_argument("--rewind", action="store_true",
+                    help="diagnostic: also cut STR's units from the dense weights and fine-tune for the whole budget")
     ap.add_argument("--replot", type=Path, default=None, help="only rebuild the Markdown and plot from a JSON this wrote")
     args = ap.parse_args(argv)
     if args.replot:
@@ -585,17 +626,13 @@ def main(argv: list[str] | None = None) -> int:
                 r = run_uniform(dense, target, b, train_stream, val, args.seed)
             else:
                 r = run_str(dense, method, target, b, train_stream, val, args.seed)
-            small = r.pop("model")
-            r["params"], r["flops"] = params(small), flops(small, b)
-            r["flops_removed"] = 1 - r["flops"] / dense_row["flops"]
-            r["flops_removed_sdpa"] = 1 - flops(small, b, "sdpa") / dense_row["flops_sdpa"]
-            tps = throughput({"dense": dense, "small": small}, b, b.throughput_rounds)
-            r["tokens_s"], r["dense_tokens_s"] = tps["small"], tps["dense"]
-            r["speedup"] = tps["small"] / tps["dense"]
-            print(f"  -> bpb {r['bpb']:.3f} (after shrink {r['bpb_before_ft']:.3f}), FLOPs removed "
-                  f"{100 * r['flops_removed']:.1f} %, params {r['params']:,}, speed-up {r['speedup']:.2f}, "
-                  f"kept {r['kept']}", flush=True)
-            res["rows"].append(r)
+            runs = [r]
+            dead = r.pop("dead", None)
+            if args.rewind and dead is not None:
+                runs.append(run_rewind(dense, method, target, dead, b, train_stream, val, args.seed))
+            for r in runs:
+                measure(r, dense, dense_row, b)
+                res["rows"].append(r)
             _write(out / f"{args.stem}.partial.json", json.dumps(res, indent=1, default=str))
     dense_row["tokens_s"] = statistics.median([r["dense_tokens_s"] for r in res["rows"]]) if res["rows"] else float("nan")
     res["wall_s"] = time.perf_counter() - t_all
