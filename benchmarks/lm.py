@@ -1,6 +1,7 @@
 """Structured pruning of a byte-level Llama on CPython's standard library: STR (strfx) vs uniform magnitude.
 
-    python benchmarks/lm.py            # default run (~40 min on 2 shared cores), writes docs/lm.{json,md,png}
+    python benchmarks/lm.py            # default run (~25 min on 2 shared cores), writes docs/lm.{json,md} + png
+    python benchmarks/lm.py --rewind --targets 0.5 --methods str-all str-hn --out /tmp/x  # + diagnostic
     python benchmarks/lm.py --quick    # 2-minute smoke run into /tmp/strfx_lm_quick
 
 Data: the ``.py`` files of the standard library of the Python running this script
