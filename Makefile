@@ -30,6 +30,7 @@ bench: venv
 	$(BIN)/python benchmarks/latency.py --rounds 5
 	$(BIN)/python benchmarks/zoo.py
 	$(BIN)/python benchmarks/fuzz.py
+	$(BIN)/python benchmarks/lm.py --force  # needs transformers (the test or hf extra)
 
 clean:
 	rm -rf $(VENV) build *.egg-info runs

@@ -7,6 +7,8 @@ a baseline with a wrong mask or schedule would make STR look better than it is.
 * :func:`uniform_magnitude_masks` — Zhu & Gupta (2017): the same sparsity in every layer.
 * :func:`gmp_sparsity` — Zhu & Gupta's cubic schedule s_t = s_f + (s_i - s_f)(1 - (t - t0)/(nΔt))³.
 * :func:`slimming_keep` — Liu et al. (2017): one global threshold on |γ| over all channels.
+* :func:`lowest`, :func:`uniform_counts` — structured uniform magnitude pruning of transformer units
+  (Torch-Pruning / LLM-Pruner's recipe, benchmarks/lm.py): which units, and how many per layer.
 """
 
 from __future__ import annotations
@@ -103,3 +105,29 @@ def slimming_keep(gammas: dict[str, torch.Tensor], prune_fraction: float, min_ke
             keep[torch.topk(a, min(min_keep, a.numel())).indices] = True
         out[n] = keep
     return out
+
+
+def lowest(scores: torch.Tensor, n_prune: int) -> torch.Tensor:
+    """Boolean mask of the ``n_prune`` lowest scores (ties by position, so the count is exact)."""
+    dead = torch.zeros(scores.numel(), dtype=torch.bool)
+    if n_prune > 0:
+        dead[torch.argsort(scores.detach().flatten(), stable=True)[:n_prune]] = True
+    return dead
+
+
+def uniform_counts(kv_heads: int, ffn: int, layers: int, head_cost: float, neuron_cost: float, dense: float,
+                   target: float) -> tuple[int, int]:
+    """(kv groups, neurons) to remove in EVERY layer so that the same fraction p of each goes and the
+    FLOPs removed come closest to ``target``; heads round to whole groups (at least one kept).
+
+    ``head_cost``/``neuron_cost``: FLOPs one kv group / one neuron costs in one layer (FLOPs are linear
+    in both); ``dense``: the whole model's FLOPs.
+    """
+    best: tuple[float, int, int] | None = None
+    for n in range(ffn):
+        k = min(int(round(n / ffn * kv_heads)), kv_heads - 1)
+        removed = layers * (k * head_cost + n * neuron_cost) / dense
+        if best is None or abs(removed - target) < best[0]:
+            best = (abs(removed - target), k, n)
+    assert best is not None
+    return best[1], best[2]
