@@ -48,7 +48,7 @@ import torch
 from pydantic import BaseModel, Field
 from torch import nn
 from torch.utils._pytree import tree_leaves
-from torch.utils.flop_counter import FlopCounterMode
+from strfx.flops import FlopCounterMode
 
 from strfx.errors import ExportError, StrfxError, VerificationError
 from strfx.rundir import check_writable

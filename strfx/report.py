@@ -15,7 +15,7 @@ import torch
 from pydantic import BaseModel, Field
 from torch import nn
 from torch.nn.utils import parametrize
-from torch.utils.flop_counter import FlopCounterMode
+from strfx.flops import FlopCounterMode
 
 from strfx.modules import STR_PARAMETRIZATIONS, STRUnit, channel_carriers, str_weights
 

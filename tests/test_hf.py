@@ -129,3 +129,15 @@ def test_uniform_widths_make_a_per_layer_budget_a_hf_config(tmp_path):
     prompt = torch.tensor([[1, 5, 9, 13]])
     with torch.no_grad():
         torch.testing.assert_close(loaded.model(prompt).logits, small(prompt).logits, rtol=1e-5, atol=1e-6)
+
+
+def test_flops_count_attention_inside_sdpa_on_the_cpu():
+    """torch's flop counter has no formula for the CPU SDPA kernel; strfx registers one, so a Llama
+    counts the same FLOPs with SDPA as with eager attention (what --target-sparsity steers)."""
+    from strfx.export import count_flops
+
+    model, cfg = _llama()
+    eager = transformers.LlamaForCausalLM(cfg).eval()
+    eager.config._attn_implementation = "eager"
+    x = (torch.randint(0, 64, (1, 16)),)
+    assert count_flops(model, x) == count_flops(eager, x) > 0
