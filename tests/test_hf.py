@@ -141,3 +141,22 @@ def test_flops_count_attention_inside_sdpa_on_the_cpu():
     eager.config._attn_implementation = "eager"
     x = (torch.randint(0, 64, (1, 16)),)
     assert count_flops(model, x) == count_flops(eager, x) > 0
+
+
+def test_hf_eager_attention_heads_are_units_and_shrink_exactly():
+    """HF's eager attention (``q @ kᵀ · scale``, softmax, ``@ v`` with RoPE) has the same head units as SDPA."""
+    cfg = transformers.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                                   use_cache=False, attn_implementation="eager")
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(cfg).eval()
+    x = (torch.randint(0, 64, (1, 8)),)
+    sparse = strfx.sparsify(model, "structured", example_inputs=x)
+    carriers = strfx.modules.channel_carriers(sparse)
+    with torch.no_grad():
+        carriers["model.layers.0.self_attn.q_proj"].raw[0] = 0.0
+        carriers["model.embed_tokens"].raw[:4] = 0.0
+    small = strfx.shrink(sparse, x)
+    rep = small.strfx_shrink
+    assert rep["result"] == "eager" and rep["max_error64"] <= 1e-9
+    assert small.model.layers[0].self_attn.k_proj.out_features == 8 and small.config.hidden_size == 28
