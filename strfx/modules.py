@@ -226,7 +226,8 @@ class RemovedBranch(nn.Module):
     """What a removed residual branch leaves in the eager model: its output rebuilt from its input.
 
     ``kinds`` lists, per leaf of the module's output (``spec``, a pytree spec), "zero" (a branch that
-    added nothing: zeros shaped like the input), "input" (a block that became the identity) or "none".
+    added nothing: zeros shaped like the input), "input" (a block that became the identity), "none", or
+    ``("empty", shape, dtype)``: zeros of the recorded shape, for a value only removed code read.
     """
 
     def __init__(self, spec: Any, kinds: list[str], name: str = "") -> None:
@@ -237,11 +238,12 @@ class RemovedBranch(nn.Module):
         from torch.utils._pytree import tree_unflatten
 
         x = next(t for t in (*args, *kwargs.values()) if isinstance(t, torch.Tensor))
-        leaves = [torch.zeros_like(x) if k == "zero" else x if k == "input" else None for k in self.kinds]
+        leaves = [torch.zeros_like(x) if k == "zero" else x if k == "input" else
+                  torch.zeros(k[1], dtype=k[2], device=x.device) if isinstance(k, tuple) else None for k in self.kinds]
         return tree_unflatten(leaves, self.spec)
 
     def extra_repr(self) -> str:
-        return f"{self.name}: {', '.join(self.kinds)}"
+        return f"{self.name}: {', '.join(k if isinstance(k, str) else k[0] for k in self.kinds)}"
 
 
 class WideLayerNorm(nn.LayerNorm):

@@ -537,8 +537,10 @@ def _removed_branches(model: nn.Module, inputs: Sequence[Any], removed: set[str]
                 kinds.append("input")
             elif isinstance(leaf, torch.Tensor) and x is not None and leaf.shape == x.shape:
                 kinds.append("zero")  # zero, or a value only dead code read (verification judges)
+            elif isinstance(leaf, torch.Tensor):  # read by dead code only (rotary tables of removed attention)
+                kinds.append(("empty", tuple(leaf.shape), leaf.dtype))
             else:
-                return f"{path} is removed from the graph but its output is not shaped like its input"
+                return f"{path} is removed from the graph but returns {type(leaf).__name__}"
         stubs[path] = RemovedBranch(spec, kinds, type(model.get_submodule(path)).__name__)
     return stubs
 

@@ -160,3 +160,21 @@ def test_hf_eager_attention_heads_are_units_and_shrink_exactly():
     rep = small.strfx_shrink
     assert rep["result"] == "eager" and rep["max_error64"] <= 1e-9
     assert small.model.layers[0].self_attn.k_proj.out_features == 8 and small.config.hidden_size == 28
+
+
+def test_every_head_dead_removes_attention_and_its_rotary_tables():
+    """All heads dead (no depth gates): the attention branches leave the graph, and so does the rotary
+    embedding only they read; the eager model keeps working on other batch sizes and lengths."""
+    model, cfg = _llama()
+    x = (torch.randint(0, 64, (2, 8)),)
+    sparse = strfx.sparsify(model, "structured", example_inputs=x, config={"depth": False})
+    with torch.no_grad():
+        for name, carrier in strfx.modules.channel_carriers(sparse).items():
+            if ".self_attn." in name:
+                carrier.raw.zero_()
+    small = strfx.shrink(sparse, x)
+    assert small.strfx_shrink["result"] == "eager", small.strfx_shrink["note"]
+    assert type(small.model.rotary_emb) is strfx.modules.RemovedBranch
+    y = torch.randint(0, 64, (3, 5))
+    with torch.no_grad():
+        torch.testing.assert_close(small(y).logits, sparse(y).logits, rtol=1e-5, atol=1e-6)
