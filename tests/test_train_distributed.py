@@ -3,14 +3,14 @@
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
-import yaml
+
+from _runs import run_train, weights  # noqa: E402
 
 pytestmark = pytest.mark.distributed
 
@@ -21,18 +21,11 @@ CONFIG = {"batch_size": 64, "workers": 0, "deterministic": True, "keep_checkpoin
 
 def _train(tmp_path: Path, name: str, *extra: str, env: dict | None = None, epochs: int = 3,
            **train: object) -> subprocess.CompletedProcess:
-    cfg = tmp_path / f"{name}.yaml"
-    cfg.write_text(yaml.safe_dump({"train": {**CONFIG, **train}}))
-    cmd = [STRFX, "train", TINY, "--mode", "unstructured", "--epochs", str(epochs), "--config", str(cfg),
-           "-o", str(tmp_path / name), *extra]
-    res = subprocess.run(cmd, capture_output=True, text=True, timeout=300,
-                         env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})})
-    assert "terminate called" not in res.stderr, res.stderr  # workers must leave gloo cleanly
-    return res
+    return run_train(tmp_path, name, CONFIG, *extra, env=env, epochs=epochs, **train)
 
 
 def _weights(run: Path) -> dict[str, torch.Tensor]:
-    return torch.load(run / "weights.pt", weights_only=True)
+    return weights(run)
 
 
 def test_two_processes_stay_in_sync_and_match_one_process(tmp_path: Path) -> None:

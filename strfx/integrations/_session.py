@@ -183,3 +183,18 @@ class STRSession:
         self.export_summary, self.shrunk = shrink_and_export(self.model, self.example_inputs, self.export_dir,
                                                              metadata=self.metadata, force=self.force, repeats=3)
         return self.export_summary
+
+
+class SessionResults:
+    """What a callback built on an :class:`STRSession` hands back after training."""
+
+    session: STRSession
+
+    @property
+    def shrunk(self) -> Any:
+        """The shrunk model after training (with ``export_dir``)."""
+        return self.session.shrunk
+
+    @property
+    def export_summary(self) -> dict[str, Any] | None:
+        return self.session.export_summary

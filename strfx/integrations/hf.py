@@ -30,7 +30,7 @@ try:
 except ImportError:  # pragma: no cover - depends on the environment
     raise ImportError("strfx.integrations.hf needs transformers: pip install 'strfx[hf]'") from None
 
-from strfx.integrations._session import STRSession
+from strfx.integrations._session import SessionResults, STRSession
 from strfx.integrations._session import str_optimizer as _str_optimizer
 from strfx.train_config import ControllerConfig
 
@@ -60,7 +60,7 @@ def str_optimizer(model: nn.Module, args: TrainingArguments, *, threshold_decay:
                           eps=args.adam_epsilon, **common)
 
 
-class STRTrainerCallback(TrainerCallback, ExportableState):
+class STRTrainerCallback(SessionResults, TrainerCallback, ExportableState):
     """Target controller after each optimizer step, sparsity in the logs, shrink + export at the end.
 
     ``target_sparsity``: unstructured, the fraction of STR weights that end at zero; structured, the
@@ -86,15 +86,6 @@ class STRTrainerCallback(TrainerCallback, ExportableState):
     def state(self) -> dict[str, Any]:
         """What the ``Trainer`` saves in its checkpoints (JSON): how to rebuild this callback, and the controller."""
         return {"args": self._args, "attributes": {"restored": self.session.state_dict()}}
-
-    @property
-    def shrunk(self) -> Any:
-        """The shrunk model after training (with ``export_dir``)."""
-        return self.session.shrunk
-
-    @property
-    def export_summary(self) -> dict[str, Any] | None:
-        return self.session.export_summary
 
     def on_train_begin(self, args: TrainingArguments, state: Any, control: Any, model: nn.Module | None = None,
                        optimizer: Any = None, **kwargs: Any) -> None:

@@ -32,13 +32,13 @@ except ImportError:  # pragma: no cover - depends on the environment
     except ImportError:
         raise ImportError("strfx.integrations.lightning needs Lightning: pip install 'strfx[lightning]'") from None
 
-from strfx.integrations._session import STRSession, str_optimizer
+from strfx.integrations._session import SessionResults, STRSession, str_optimizer
 from strfx.train_config import ControllerConfig
 
 __all__ = ["STRCallback", "str_optimizer"]
 
 
-class STRCallback(L.Callback):
+class STRCallback(SessionResults, L.Callback):
     """Target controller after each optimizer step, sparsity in the logs, shrink + export at the end.
 
     ``target_sparsity``: unstructured, the fraction of STR weights that end at zero; structured, the
@@ -54,15 +54,6 @@ class STRCallback(L.Callback):
         super().__init__()
         self.session = STRSession(target_sparsity, export_dir=export_dir, controller=controller, metadata=metadata,
                                   force=force)
-
-    @property
-    def shrunk(self) -> Any:
-        """The shrunk model after ``fit`` (with ``export_dir``)."""
-        return self.session.shrunk
-
-    @property
-    def export_summary(self) -> dict[str, Any] | None:
-        return self.session.export_summary
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         if stage == "fit":
