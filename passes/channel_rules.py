@@ -1551,9 +1551,11 @@ def _last_dims_norm_shrink(s: Any, node: fx.Node) -> None:
         for user in list(node.users):
             if user.target is not operator.getitem or parts[user.args[1]] is None:
                 raise ValueError(f"{node.name}: a use of the normalisation statistics strfx cannot rewrite")
+            parts[user.args[1]].meta = dict(user.meta)  # later rules read its channel facts (a norm after a norm)
             user.replace_all_uses_with(parts[user.args[1]])
             g.erase_node(user)
     else:
+        y.meta = dict(node.meta)  # later rules read its channel facts (a norm after a norm)
         node.replace_all_uses_with(y)
     s.record_width(node, "rms_norm" if rms else "layer_norm", old, new)
     g.erase_node(node)

@@ -312,3 +312,30 @@ def test_matmul_attention_heads_roll_and_nhwc_pad_are_followed():
     small = strfx.shrink(sparse, (x,))
     assert counts["channels"] > 0 and small.strfx_shrink["max_error64"] <= 1e-9
     assert small.get_parameter("bias").shape[0] == 2  # the relative bias lost its dead heads
+
+
+class NormAfterNorm(nn.Module):
+    """Two functional layer norms in a row over the hidden size, with a hard-coded normalized shape (so the
+    eager model cannot follow a cut and the cut graph is the result)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed, self.head = nn.Linear(8, 16), nn.Linear(16, 3)
+        self.w1, self.b1 = nn.Parameter(torch.rand(16) + 0.5), nn.Parameter(torch.randn(16))
+        self.w2, self.b2 = nn.Parameter(torch.rand(16) + 0.5), nn.Parameter(torch.randn(16))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.embed(x)
+        return self.head(F.layer_norm(F.layer_norm(h, (16,), self.w1, self.b1), (16,), self.w2, self.b2))
+
+
+def test_a_norm_after_a_cut_norm_is_cut_too():
+    torch.manual_seed(0)
+    model, x = NormAfterNorm().eval(), torch.randn(4, 8)
+    sparse = strfx.sparsify(model, "structured", example_inputs=(x,))
+    (hidden,) = [c for c in strfx.modules.channel_carriers(sparse).values() if c.raw.numel() == 16]
+    with torch.no_grad():
+        hidden.raw[:5] = 0.0
+    small = strfx.shrink(sparse, (x,))
+    rep = small.strfx_shrink
+    assert rep["result"] == "exported" and rep["channels_removed"] == 5 and rep["max_error64"] <= 1e-9
