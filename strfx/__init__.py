@@ -17,6 +17,7 @@ if TYPE_CHECKING:  # what type checkers and IDEs see; at run time the names load
     from strfx.errors import StrfxError
     from strfx.export import ExportReport, export
     from strfx.report import Report, report
+    from strfx.rewind import dead_masks, rewind
     from strfx.surgery import ShrinkReport, shrink
 
 __version__ = "0.1.0"
@@ -28,6 +29,7 @@ _API = {
     "ExportReport": "strfx.export", "export": "strfx.export",
     "Report": "strfx.report", "report": "strfx.report",
     "ShrinkReport": "strfx.surgery", "shrink": "strfx.surgery",
+    "dead_masks": "strfx.rewind", "rewind": "strfx.rewind",
 }
 
 __all__ = sorted(_API)
