@@ -6,7 +6,8 @@ the small dense model — no STR, nothing can be pruned any more — usually buy
 in the usual prune → fine-tune recipe. Same data, same preprocessing (the input contract is
 unchanged), SGD with the run's momentum/weight decay/label smoothing/gradient clipping, a cosine
 schedule from ``lr`` (default a tenth of the run's peak) to 0 without warm-up. After an unstructured run the
-pruned weights (the zeros of the dense shrunk model) stay zero.
+pruned weights (the zeros of the dense shrunk model) stay zero. With ``train.rewind`` the model is cut from
+earlier weights (strfx.rewind) and trained like the run: its peak lr and warm-up fraction.
 
 The result goes to ``RUN_DIR/finetuned/`` (``model.onnx`` with the input contract in its metadata,
 ``model.pt2``, ``input_contract.json``, ``finetune.json``), assembled under a temporary name and
@@ -59,12 +60,13 @@ def evaluate_module(model: nn.Module, data: Any, device: torch.device, batch_siz
 def finetune(model: nn.Module, data: Any, *, epochs: int, batch_size: int, lr: float, momentum: float,
              weight_decay: float, label_smoothing: float, grad_clip_norm: float | None, device: torch.device,
              seed: int = 0, max_steps_per_epoch: int | None = None, keep_zeros: bool = False,
-             log: Callable[[str], None] = print) -> list[dict[str, float]]:
+             warmup_fraction: float = 0.0, log: Callable[[str], None] = print) -> list[dict[str, float]]:
     """Plain SGD training of ``model`` (in place) for ``epochs``; one metrics row per epoch.
 
     ``keep_zeros`` (unstructured runs, whose shrunk model is dense with the pruned weights at zero): the zeros of
     every weight matrix/kernel stay exactly zero (their gradient is masked; with no gradient, SGD's momentum
-    and weight decay leave a zero at zero), so fine-tuning does not undo the sparsity.
+    and weight decay leave a zero at zero), so fine-tuning does not undo the sparsity. ``warmup_fraction`` of the
+    steps warm the lr up linearly (a rewound model restarts training at the run's peak lr).
     """
     from strfx.train import WarmupCosine
 
@@ -81,7 +83,7 @@ def finetune(model: nn.Module, data: Any, *, epochs: int, batch_size: int, lr: f
         raise TrainError(f"fine-tuning: {data.source} has no full batch of {batch_size}; lower train.batch_size")
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, WarmupCosine(0, steps * epochs))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, WarmupCosine(int(warmup_fraction * steps * epochs), steps * epochs))
     loss_fn = nn.CrossEntropyLoss(label_smoothing=label_smoothing)
     rows = []
     for epoch in range(epochs):

@@ -52,6 +52,8 @@ from strfx.rundir import CONFIG_FILE, REPORT_FILE, WEIGHTS_FILE, atomic_torch_sa
 from strfx.safeload import load_tensors
 from strfx.train_config import TrainConfig
 
+REWIND_FILE = "rewind_state.pt"  # train.rewind: the earlier state the fine-tuned model is cut from
+
 METRICS_FILE = "metrics.jsonl"
 SUMMARY_FILE = "summary.json"
 PLOT_FILE = "budget.png"
@@ -204,6 +206,21 @@ class Job:
         return dict(self.__dict__)
 
 
+def _check_rewind(tc: TrainConfig, mode: str, finetune_epochs: int) -> None:
+    """train.rewind needs a model to train after the run, and (ramp) a schedule to rewind to."""
+    if tc.rewind == "off":
+        return
+    if not finetune_epochs:
+        raise StrfxError(f"train.rewind {tc.rewind!r} needs --finetune-epochs N: the rewound model is the one trained "
+                         f"after the run (N epochs, exported to RUN_DIR/finetuned/)")
+    if mode == "lowrank":
+        raise StrfxError("train.rewind does not apply to --mode lowrank (a singular direction of the trained weight is "
+                         "not one of the earlier weight); use --rewind off")
+    if tc.rewind == "ramp" and tc.target_sparsity is None:
+        raise StrfxError("--rewind ramp rewinds to where the --target-sparsity schedule starts rising; give "
+                         "--target-sparsity, or use --rewind start")
+
+
 def _export_available() -> bool:
     import strfx
 
@@ -213,7 +230,7 @@ def _export_available() -> bool:
 def prepare(model: str, data: str | None, mode: str | None = None,
             config: StrfxConfig | dict[str, Any] | str | Path | None = None, run_dir: str | Path | None = None,
             resume: bool = False, force: bool = False, export: bool = False, world_size: int | None = 1,
-            **train_overrides: Any) -> Job:
+            finetune_epochs: int = 0, **train_overrides: Any) -> Job:
     """Validate everything a run needs and set up its directory (see the module docstring)."""
     if resume and force:
         raise StrfxError("--resume and --force contradict each other: --resume continues RUN_DIR, --force deletes it")
@@ -224,6 +241,7 @@ def prepare(model: str, data: str | None, mode: str | None = None,
     cfg = resolve_config(loaded, mode, config, **train_overrides)
     tc = cfg.train
     assert tc is not None
+    _check_rewind(tc, cfg.sparsify.mode, finetune_epochs)
     if tc.init:
         load_init(loaded, tc.init)  # fail now, in one line, rather than in every worker
     if tc.strategy == "fsdp" and tc.fsdp.cpu_offload and not torch.cuda.is_available():
@@ -286,13 +304,13 @@ def train(model: str, data: str | None = None, mode: str | None = None, *,
           batch_size: int | None = None, target_sparsity: float | None = None, launch_options: LaunchOptions | None = None,
           progress: bool | None = None, lr: float | None = None, seed: int | None = None,
           init: str | Path | None = None, finetune_epochs: int = 0, finetune_lr: float | None = None,
-          strategy: str | None = None, cpu_offload: bool | None = None) -> TrainResult:
+          strategy: str | None = None, cpu_offload: bool | None = None, rewind: str | None = None) -> TrainResult:
     """Train MODEL with STR; one process, or ``launch_options.nproc_per_node`` through torchrun.
 
     ``model`` and ``data`` are the CLI's MODEL and ``--data`` strings; ``epochs``, ``batch_size``, ``lr``,
-    ``seed``, ``init``, ``strategy``, ``target_sparsity`` and ``cpu_offload`` (``train.fsdp.cpu_offload``) override
-    the config's ``train:`` fields. ``finetune_epochs`` (implies ``export``) fine-tunes the shrunk model
-    afterwards (strfx.finetune). Returns the run's summary.
+    ``seed``, ``init``, ``strategy``, ``target_sparsity``, ``rewind`` and ``cpu_offload`` (``train.fsdp.cpu_offload``)
+    override the config's ``train:`` fields. ``finetune_epochs`` (implies ``export``) fine-tunes the shrunk model
+    afterwards (strfx.finetune; with ``train.rewind`` the model cut from earlier weights). Returns the run's summary.
     """
     opts = launch_options
     if finetune_lr is not None and not finetune_epochs:
@@ -301,6 +319,7 @@ def train(model: str, data: str | None = None, mode: str | None = None, *,
     job = prepare(model, data, mode, config, run_dir, resume, force, export,
                   world_size=opts.world_size() if opts else 1, epochs=epochs, batch_size=batch_size,
                   target_sparsity=target_sparsity, lr=lr, seed=seed, strategy=strategy, cpu_offload=cpu_offload,
+                  rewind=rewind, finetune_epochs=finetune_epochs,
                   init=str(Path(init).expanduser().resolve()) if init is not None else None)
     job.progress = progress
     job.finetune_epochs, job.finetune_lr = finetune_epochs, finetune_lr
@@ -530,6 +549,11 @@ class Trainer:
             self.controller = ThresholdDecayController(tc.target_sparsity, self.total_steps, tc.controller,
                                                        thr_group["weight_decay"], tc.momentum)
 
+        # train.rewind: the state the fine-tuned model is cut from, saved after this many optimizer steps
+        self.rewind_step: int | None = None
+        if tc.rewind != "off":
+            self.rewind_step = 0 if tc.rewind == "start" else math.ceil(tc.controller.ramp_start * self.total_steps)
+
         self.model: nn.Module = gm
         if env.distributed and not self.fsdp:  # FSDP2 modules reduce their own gradients
             self.model = nn.parallel.DistributedDataParallel(gm, device_ids=[dev.index] if self.cuda else None)
@@ -702,6 +726,13 @@ class Trainer:
             for buf in self.gm.buffers():
                 dist.broadcast(buf, src=self.env.writer)
 
+    def _save_rewind_state(self) -> None:
+        """train.rewind: the weights the fine-tuned model will be cut from (all ranks: FSDP gathers them)."""
+        self._sync_view()
+        if self.env.is_main:
+            state = {k: v.detach().to("cpu", copy=True) for k, v in self.view.state_dict().items()}
+            atomic_torch_save(state, self.run_dir / REWIND_FILE)
+
     def _measure(self) -> float:
         """What --target-sparsity steers, the same on every rank (FSDP: measured on the writer's view)."""
         if not self.fsdp:
@@ -798,6 +829,8 @@ class Trainer:
                 self._check_str_params(epoch, i)
                 self.scheduler.step()
                 self.step += 1
+                if self.step == self.rewind_step:
+                    self._save_rewind_state()
                 self._controller_step()
                 loss_sum += loss.detach().double() * len(y)
                 correct += (out.detach().argmax(1) == y).sum().double()
@@ -886,6 +919,8 @@ class Trainer:
                            f"{self.steps_per_epoch} steps, global batch {tc.batch_size} on {self.env.world_size} "
                            f"process(es) on {self.env.device.type}, lr {tc.peak_lr():g}"
                            + (f"; FSDP: {len(self.fsdp_units)} sharded block(s) + the root" if self.fsdp else ""))
+        if self.step == self.rewind_step:
+            self._save_rewind_state()
         stats: dict[str, float] = {}
         for epoch in range(self.start_epoch, tc.epochs):
             t0 = time.perf_counter()
@@ -995,18 +1030,50 @@ class Trainer:
                                                  metadata=contract.metadata() if contract is not None else None)
         return summary
 
+    def rewound(self) -> tuple[nn.Module, dict[str, Any]]:
+        """train.rewind: STR's dead units (or weights) cut from the saved earlier state (strfx.rewind), shrunk."""
+        from strfx.api import deepcopy_model
+        from strfx.rewind import rewind
+        from strfx.surgery import shrink
+
+        path = self.run_dir / REWIND_FILE
+        if not path.is_file():
+            raise TrainError(f"{path} is missing (train.rewind {self.tc.rewind!r} saves it after step {self.rewind_step}); "
+                             f"start the run again with --force")
+        state = load_tensors(path, "the rewind state", "start the run again with --force")
+        model = deepcopy_model(self.view).to("cpu", memory_format=torch.contiguous_format).eval()
+        info = rewind(model, state)  # the dead sets are read off the trained copy before it loads the state
+        small = shrink(model, tuple(t.cpu() for t in self.example_inputs))
+        return small, {"to": self.tc.rewind, "step": self.rewind_step, **info,
+                       "shrink_max_error": small.strfx_shrink["max_error"],
+                       "shrink_max_error64": small.strfx_shrink["max_error64"]}
+
     def finetune(self, contract: InputContract) -> dict[str, Any]:
-        """``--finetune-epochs``: plain training of the shrunk model, then its own export (strfx.finetune)."""
+        """``--finetune-epochs``: plain training of the shrunk model, then its own export (strfx.finetune).
+
+        With train.rewind the model trained is cut from the earlier weights: it is trained like the run (its
+        peak lr, its warm-up fraction), not fine-tuned at a tenth of it."""
         from strfx.finetune import finetune_and_export
 
         tc = self.tc
-        lr = self.job.finetune_lr or tc.peak_lr() / 10
-        self.log.print(f"fine-tuning the shrunk model for {self.job.finetune_epochs} epochs (plain SGD, lr {lr:g})")
-        return finetune_and_export(
-            self.shrunk, self.data, self.example_inputs, self.run_dir, contract, epochs=self.job.finetune_epochs,
+        model, rewind_info, warmup = self.shrunk, None, 0.0
+        if tc.rewind != "off":
+            model, rewind_info = self.rewound()
+            warmup = tc.warmup_epochs_for() / tc.epochs
+            self.log.print(f"rewound to the weights after step {self.rewind_step} ({tc.rewind}): "
+                           f"{rewind_info['dead']} of {rewind_info['entries']} STR entries kept dead")
+        lr = self.job.finetune_lr or (tc.peak_lr() if rewind_info else tc.peak_lr() / 10)
+        what = "rewound, shrunk model" if rewind_info else "shrunk model"
+        self.log.print(f"fine-tuning the {what} for {self.job.finetune_epochs} epochs (plain SGD, lr {lr:g})")
+        summary = finetune_and_export(
+            model, self.data, self.example_inputs, self.run_dir, contract, epochs=self.job.finetune_epochs,
             lr=lr, device=self.env.device, log=self.log.print, batch_size=tc.batch_size, momentum=tc.momentum,
             weight_decay=tc.weight_decay, label_smoothing=tc.label_smoothing, grad_clip_norm=tc.grad_clip_norm,
-            seed=tc.seed, max_steps_per_epoch=tc.max_steps_per_epoch, keep_zeros=self.mode == "unstructured")
+            seed=tc.seed, max_steps_per_epoch=tc.max_steps_per_epoch, keep_zeros=self.mode == "unstructured",
+            warmup_fraction=warmup)
+        if rewind_info:
+            summary["rewind"] = rewind_info
+        return summary
 
     @staticmethod
     def _show(path: str | Path) -> str:
@@ -1047,7 +1114,10 @@ class Trainer:
                          f"(≤ {ex['tolerance']:g}) [green]OK[/]")
         ft = s.get("finetune")
         if ft:
-            lines.append(f"  finetune   {ft['epochs']} epochs of the shrunk model (lr {ft['lr']:g}): val top-1 "
+            what = "the shrunk model"
+            if ft.get("rewind"):
+                what = f"STR's units cut from the weights of step {ft['rewind']['step']} (rewind {ft['rewind']['to']})"
+            lines.append(f"  finetune   {ft['epochs']} epochs of {what} (lr {ft['lr']:g}): val top-1 "
                          f"{ft['val_top1_before']:.2%} → {ft['val_top1']:.2%} · {self._show(ft['onnx'])} "
                          f"(ORT vs torch {ft['onnx_max_error']:.2g})")
         if s.get("input_contract"):

@@ -51,18 +51,22 @@ from strfx.cli import CONFIG, MODE, command, main
               "same data) and export it to RUN_DIR/finetuned/ (implies --export).")
 @click.option("--finetune-lr", type=click.FloatRange(0, min_open=True), default=None,
               help="Peak lr of the fine-tuning (cosine to 0; default a tenth of the run's peak lr).")
+@click.option("--rewind", type=click.Choice(["off", "start", "ramp"]), default=None,
+              help="Override train.rewind: with --finetune-epochs, cut STR's units from the weights the run started "
+              "from (start) or had when the target schedule started rising (ramp), and train that model instead.")
 @click.option("--progress/--no-progress", default=None, help="Progress bar (default: only on a terminal).")
 def train_cmd(model: str, mode: str | None, data: str | None, epochs: int | None, batch_size: int | None,
               lr: float | None, seed: int | None, init: str | None, config_path: str | None,
               target_sparsity: float | None, strategy: str | None, cpu_offload: bool | None, nproc_per_node: int | None, nnodes: str | None, node_rank: int | None,
               rdzv_endpoint: str | None, rdzv_id: str | None, rdzv_backend: str, max_restarts: int | None,
               output: str | None, resume: bool, force: bool, export: bool, finetune_epochs: int | None,
-              finetune_lr: float | None, progress: bool | None) -> None:
+              finetune_lr: float | None, rewind: str | None, progress: bool | None) -> None:
     """Train MODEL with STR on DATA (one process, or many through torchrun), then report.
 
     Writes RUN_DIR with config.yaml, checkpoints/, metrics.jsonl, weights.pt, report.json, summary.json
     and budget.png (the layer-wise sparsity STR learned); with --export model.onnx/model.pt2, with
-    --finetune-epochs also finetuned/ (the shrunk model fine-tuned, exported).
+    --finetune-epochs also finetuned/ (the shrunk model fine-tuned, exported; with --rewind cut from earlier
+    weights, see train.rewind).
     """
     from strfx.distributed import LaunchOptions
     from strfx.errors import StrfxError
@@ -80,4 +84,4 @@ def train_cmd(model: str, mode: str | None, data: str | None, epochs: int | None
     train(model, data, mode, config=config_path, run_dir=output, resume=resume, force=force, export=export,
           epochs=epochs, batch_size=batch_size, target_sparsity=target_sparsity, launch_options=opts,
           progress=progress, lr=lr, seed=seed, init=init, finetune_epochs=finetune_epochs or 0, finetune_lr=finetune_lr,
-          strategy=strategy, cpu_offload=cpu_offload or None)
+          strategy=strategy, cpu_offload=cpu_offload or None, rewind=rewind)

@@ -92,6 +92,13 @@ class TrainConfig(_Strict):
     target_sparsity: float | None = Field(None, gt=0, lt=1, description="Unstructured: fraction of STR weights that "
                                           "end at zero. Structured: fraction of FLOPs removed. None: plain STR.")
     controller: ControllerConfig = Field(default_factory=ControllerConfig)
+    rewind: Literal["off", "start", "ramp"] = Field("off", description="With --finetune-epochs: the model fine-tuned "
+                                                   "after the run is cut from EARLIER weights, with the units (or "
+                                                   "weights) STR killed kept dead (strfx.rewind): 'start' the weights "
+                                                   "the run started from (the --init weights, or the initialisation); "
+                                                   "'ramp' those when the target schedule started rising "
+                                                   "(controller.ramp_start; needs target_sparsity). STR then only picks "
+                                                   "the units; the rising thresholds never touch the weights kept.")
     seed: int = 0
     strategy: Literal["ddp", "fsdp"] = Field("ddp", description="With several processes: ddp replicates the model "
                                              "on every rank; fsdp shards parameters, gradients and optimizer state "
