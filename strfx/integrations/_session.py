@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Any, Iterable, Literal
 
@@ -82,14 +83,26 @@ class STRSession:
     updates the controller when due and returns what to log) and :meth:`finish` at the end.
     ``export_dir`` gets ``model.onnx`` + ``model.pt2`` of the shrunk model (never overwritten without
     ``force``; checked at :meth:`start`, before any training); ``metadata`` goes into the ONNX file
-    (e.g. ``strfx.contract.InputContract(...).metadata()``).
+    (e.g. ``strfx.contract.InputContract(...).metadata()``). ``rewind`` ("start", or "ramp" with a target)
+    keeps a CPU copy of the weights at :meth:`start` or when the target schedule starts rising;
+    :meth:`rewound` then gives STR's units cut from them (strfx.rewind), shrunk, for the loop to train.
+    That copy lives in memory only (checkpoint state stays small and JSON-able): a loop resumed past the
+    rewind point cannot rewind.
     """
 
     def __init__(self, target_sparsity: float | None = None, *, export_dir: str | Path | None = None,
                  controller: ControllerConfig | dict[str, Any] | None = None, metadata: dict[str, str] | None = None,
-                 force: bool = False):
+                 force: bool = False, rewind: Literal["off", "start", "ramp"] = "off"):
         if target_sparsity is not None and not 0 < target_sparsity < 1:
             raise StrfxError(f"target_sparsity must be between 0 and 1 (a fraction), got {target_sparsity}")
+        if rewind not in ("off", "start", "ramp"):
+            raise StrfxError(f"rewind={rewind!r}: use 'off', 'start' or 'ramp'")
+        if rewind == "ramp" and target_sparsity is None:
+            raise StrfxError("rewind='ramp' rewinds to where the target_sparsity schedule starts rising; give "
+                             "target_sparsity, or use rewind='start'")
+        self.rewind = rewind
+        self.rewind_step: int | None = None
+        self.rewind_state: dict[str, torch.Tensor] | None = None
         self.target = target_sparsity
         self.export_dir = Path(export_dir) if export_dir is not None else None
         self.controller_config = ControllerConfig.model_validate(controller or {})
@@ -137,6 +150,11 @@ class STRSession:
                 cfg = cfg.model_copy(update={"max_decay": DECOUPLED_MAX_DECAY})
             self.controller = ThresholdDecayController(self.target, int(total_steps), cfg, thresholds["weight_decay"],
                                                        momentum)
+        if self.rewind != "off":
+            self.rewind_step = 0 if self.rewind == "start" else math.ceil(
+                self.controller_config.ramp_start * int(total_steps))
+            if self.rewind_step == 0:
+                self._keep_rewind_state()
         if self._pending:  # resumed from a checkpoint of the loop (Lightning saves callback state)
             if self.controller is not None and self._pending.get("controller"):
                 self.controller.load_state_dict(self._pending["controller"])
@@ -158,6 +176,8 @@ class STRSession:
         if self.controller is None or step == self.last_step:  # gradient accumulation: one update per step
             return None
         self.last_step = step
+        if step == self.rewind_step:
+            self._keep_rewind_state()
         assert self.meter is not None
         optimizer = _unwrap(optimizer)
         if self.controller.momentum and (group := named_group(optimizer, "thresholds")) is not None:
@@ -168,6 +188,30 @@ class STRSession:
         measured, decay = done
         return {"strfx/sparsity": measured, "strfx/target_now": self.controller.schedule(step),
                 "strfx/threshold_decay": decay}
+
+    def _keep_rewind_state(self) -> None:
+        assert self.model is not None
+        self.rewind_state = {k: v.detach().to("cpu", copy=True) for k, v in self.model.state_dict().items()}
+
+    def rewound(self) -> nn.Module:
+        """``rewind``: STR's dead units cut from the kept earlier weights, shrunk (a plain model to train on).
+
+        The dead sets are read off the model as it is now; the shrink is verified against the rewound
+        masked model (float32 and float64). Its report is on ``.strfx_shrink``, the rewind's on ``.strfx_rewind``.
+        """
+        from strfx.api import deepcopy_model
+        from strfx.rewind import rewind
+        from strfx.surgery import shrink
+
+        if self.rewind_state is None:
+            raise StrfxError("no earlier weights kept: create the session with rewind='start' (or 'ramp' with a "
+                             "target) and train from start() on (a loop resumed past the rewind point has none)")
+        assert self.model is not None
+        masked = deepcopy_model(self.model).to("cpu", memory_format=torch.contiguous_format).eval()
+        info = rewind(masked, self.rewind_state)
+        small = shrink(masked, tuple(t.cpu() for t in self.example_inputs))
+        small.strfx_rewind = {"to": self.rewind, "step": self.rewind_step, **info}
+        return small
 
     def measure(self) -> dict[str, float]:
         """The sparsity the target refers to (unstructured: weights zero; structured: FLOPs removed)."""
@@ -198,3 +242,7 @@ class SessionResults:
     @property
     def export_summary(self) -> dict[str, Any] | None:
         return self.session.export_summary
+
+    def rewound(self) -> Any:
+        """With ``rewind``: STR's units cut from the earlier weights, shrunk (:meth:`STRSession.rewound`)."""
+        return self.session.rewound()

@@ -22,7 +22,7 @@ set), exactly as ``strfx train`` does, and logs ``strfx/sparsity`` (and the deca
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 try:
     import lightning as L
@@ -44,16 +44,17 @@ class STRCallback(SessionResults, L.Callback):
     ``target_sparsity``: unstructured, the fraction of STR weights that end at zero; structured, the
     fraction of FLOPs removed (None: plain STR, the decay alone decides). ``export_dir``: where the
     shrunk model's ``model.onnx``/``model.pt2`` go (None: no export). ``metadata``: written into the
-    ONNX file. The model is found as the LightningModule's first submodule made by ``strfx.sparsify``;
+    ONNX file. ``rewind``: see :class:`STRSession` (then ``callback.rewound()`` after training). The
+    model is found as the LightningModule's first submodule made by ``strfx.sparsify``;
     the optimizer must carry STR's groups (:func:`str_optimizer` or ``strfx.param_groups``).
     """
 
     def __init__(self, target_sparsity: float | None = None, *, export_dir: str | Path | None = None,
                  controller: ControllerConfig | dict[str, Any] | None = None, metadata: dict[str, str] | None = None,
-                 force: bool = False):
+                 force: bool = False, rewind: Literal["off", "start", "ramp"] = "off"):
         super().__init__()
         self.session = STRSession(target_sparsity, export_dir=export_dir, controller=controller, metadata=metadata,
-                                  force=force)
+                                  force=force, rewind=rewind)
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         if stage == "fit":
