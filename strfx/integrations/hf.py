@@ -65,7 +65,8 @@ class STRTrainerCallback(SessionResults, TrainerCallback, ExportableState):
 
     ``target_sparsity``: unstructured, the fraction of STR weights that end at zero; structured, the
     fraction of FLOPs removed (None: plain STR). ``export_dir``: where the shrunk model's
-    ``model.onnx``/``model.pt2`` go (None: no export). ``metadata``: written into the ONNX file. ``rewind``: see :class:`STRSession` (``callback.rewound()``).
+    ``model.onnx``/``model.pt2`` go (None: no export). ``metadata``: written into the ONNX file.
+    ``rewind``: see :class:`STRSession` (then ``callback.rewound()`` after training).
     The optimizer must carry STR's groups: ``optimizers=(str_optimizer(model, args), None)``.
     ``trainer.train(resume_from_checkpoint=...)`` with ``restore_callback_states_from_checkpoint=True``
     continues the controller where the checkpoint left it (the ``Trainer`` then builds a new callback
