@@ -17,7 +17,8 @@ Controller (documented in the README, "Target sparsity"):
 
 * The *measured* sparsity: unstructured, the fraction of STR weights that are exactly zero (the
   report's ``sparsity``); structured, the fraction of FLOPs the shrunk model saves (the report's
-  ``shrunk_flops``), which includes the next layers' lost input channels; low-rank, the fraction of
+  ``shrunk_flops``), which includes the next layers' lost input channels — or, with
+  ``target_metric="params"``, the fraction of parameters it saves; low-rank, the fraction of
   the reparameterised layers' weights that factoring at the learned ranks saves (the decay is then
   set on the singular values too, the "norms" group). :class:`SparsityMeter`
   keeps that affordable every few steps by rescaling a per-layer estimate with real shrinks.
@@ -50,13 +51,13 @@ from __future__ import annotations
 
 import hashlib
 import math
-from typing import Any, Sequence
+from typing import Any, Literal, Sequence
 
 import torch
 from torch import nn
 
 from strfx.modules import channel_carriers, str_weights
-from strfx.report import _per_module_flops, _shrunk_flops, carrier_producers
+from strfx.report import _per_module_flops, _shrunk_flops, carrier_producers, used_tensors
 from strfx.train_config import ControllerConfig
 
 
@@ -69,22 +70,39 @@ class SparsityMeter:
     layer's own FLOPs × its dead fraction) and rescales it by ``exact / estimate``, re-measured with a
     real shrink whenever the set of dead channels has changed and at least ``exact_every`` calls have
     passed. The schedule is by call count, not time, and its state is checkpointed, so every rank and a
-    resumed run see the same numbers.
+    resumed run see the same numbers. ``metric="params"`` (structured) measures parameters instead of FLOPs
+    the same way (each gated layer's own parameters; calibrated with the shrunk model's count).
     """
 
-    def __init__(self, gm: nn.Module, mode: str, example_inputs: Sequence[Any], exact_every: int = 10):
+    def __init__(self, gm: nn.Module, mode: str, example_inputs: Sequence[Any], exact_every: int = 10,
+                 metric: Literal["flops", "params"] = "flops"):
+        if metric not in ("flops", "params"):
+            raise ValueError(f"metric must be 'flops' or 'params', not {metric!r}")
         self.gm, self.mode, self.inputs, self.exact_every = gm, mode, tuple(example_inputs), exact_every
+        self.metric = metric
         self.weights = list(str_weights(gm).items())
         self.channels = list(channel_carriers(gm).items())
-        self.flops: dict[str, float] = {}
-        self.dense_flops = 0.0
+        self.flops: dict[str, float] = {}  # per carrier: the cost of its producers (FLOPs or parameters)
+        self.dense_flops = 0.0  # the dense model's cost, in the same unit
         self.ratio, self.since, self.calibrated_on = 1.0, exact_every, ""
         if mode == "structured":
-            dense, per_module = _per_module_flops(gm, example_inputs)
+            if metric == "flops":
+                dense, per_module = _per_module_flops(gm, example_inputs)
+            else:
+                dense, per_module = _per_module_params(gm)
             self.dense_flops = float(dense)
             producers = carrier_producers(gm)
             self.flops = {name: float(sum(per_module.get(p, 0) for p in producers.get(name, [])))
                           for name, _ in self.channels}
+
+    @property
+    def what(self) -> str:
+        """What the measured fraction is of, for messages."""
+        if self.mode == "unstructured":
+            return "weights zero"
+        if self.mode == "lowrank":
+            return "weights saved by factoring"
+        return "parameters removed" if self.metric == "params" else "FLOPs removed"
 
     @torch.no_grad()
     def layer_zeros(self) -> dict[str, tuple[int, int]]:
@@ -107,11 +125,12 @@ class SparsityMeter:
 
     @torch.no_grad()
     def exact(self) -> float:
-        """Structured: ``1 - FLOPs(shrunk model) / FLOPs(dense)``, by really shrinking a copy."""
+        """Structured: ``1 - FLOPs(shrunk model) / FLOPs(dense)`` (or parameters), by really shrinking a copy."""
         was_training = self.gm.training
         self.gm.eval()
         try:
-            shrunk = _shrunk_flops(self.gm, self.inputs, int(self.dense_flops), zeros=True, fallback=None)
+            shrunk = _shrunk_flops(self.gm, self.inputs, int(self.dense_flops), zeros=True, fallback=None,
+                                   metric=self.metric)
         finally:
             self.gm.train(was_training)
         return 1.0 - shrunk / max(self.dense_flops, 1.0) if shrunk is not None else float("nan")
@@ -147,6 +166,19 @@ class SparsityMeter:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.ratio, self.since, self.calibrated_on = float(state["ratio"]), int(state["since"]), str(state["calibrated_on"])
+
+
+def _per_module_params(model: nn.Module) -> tuple[int, dict[str, int]]:
+    """Parameters the model computes with (see strfx.report.used_tensors), and per module its own."""
+    from torch.nn.utils import parametrize
+
+    per_module: dict[str, int] = {}
+    for name, mod in model.named_modules():
+        own = [p for p in mod._parameters.values() if p is not None]
+        if parametrize.is_parametrized(mod):
+            own += [getattr(mod, t) for t in mod.parametrizations]
+        per_module[name] = sum(t.numel() for t in own)
+    return sum(t.numel() for t in used_tensors(model)), per_module
 
 
 class ThresholdDecayController:

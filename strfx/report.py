@@ -134,17 +134,17 @@ def used_tensors(model: nn.Module) -> list[torch.Tensor]:
 
 
 def _shrunk_flops(model: nn.Module, inputs: Sequence[Any], dense: int, zeros: bool,
-                  fallback: int | None) -> int | None:
-    """Structured mode: the FLOPs of the model with its dead channels really removed (exact, unlike
-    the per-layer estimate, which misses the consumers of removed channels)."""
+                  fallback: int | None, metric: str = "flops") -> int | None:
+    """Structured mode: the FLOPs (or, ``metric="params"``, parameters) of the model with its dead channels
+    really removed (exact, unlike the per-layer estimate, which misses the consumers of removed channels)."""
     if not zeros:
         return dense  # nothing is dead: shrinking would change nothing
     from strfx.errors import StrfxError
-    from strfx.surgery import shrink
+    from strfx.surgery import count_params, shrink
 
     try:
         small = shrink(model, inputs)
-        return _per_module_flops(small, inputs)[0]
+        return count_params(small) if metric == "params" else _per_module_flops(small, inputs)[0]
     except StrfxError:
         return fallback
     except Exception:  # noqa: BLE001 - a report (e.g. each epoch of training) must never fail on this

@@ -242,6 +242,9 @@ def prepare(model: str, data: str | None, mode: str | None = None,
     tc = cfg.train
     assert tc is not None
     _check_rewind(tc, cfg.sparsify.mode, finetune_epochs)
+    if tc.target_metric != "flops" and cfg.sparsify.mode != "structured":
+        raise StrfxError(f"train.target_metric {tc.target_metric!r} applies to --mode structured; in {cfg.sparsify.mode} "
+                         f"mode --target-sparsity is a fraction of the weights")
     if tc.init:
         load_init(loaded, tc.init)  # fail now, in one line, rather than in every worker
     if tc.strategy == "fsdp" and tc.fsdp.cpu_offload and not torch.cuda.is_available():
@@ -304,11 +307,12 @@ def train(model: str, data: str | None = None, mode: str | None = None, *,
           batch_size: int | None = None, target_sparsity: float | None = None, launch_options: LaunchOptions | None = None,
           progress: bool | None = None, lr: float | None = None, seed: int | None = None,
           init: str | Path | None = None, finetune_epochs: int = 0, finetune_lr: float | None = None,
-          strategy: str | None = None, cpu_offload: bool | None = None, rewind: str | None = None) -> TrainResult:
+          strategy: str | None = None, cpu_offload: bool | None = None, rewind: str | None = None,
+          target_metric: str | None = None) -> TrainResult:
     """Train MODEL with STR; one process, or ``launch_options.nproc_per_node`` through torchrun.
 
     ``model`` and ``data`` are the CLI's MODEL and ``--data`` strings; ``epochs``, ``batch_size``, ``lr``,
-    ``seed``, ``init``, ``strategy``, ``target_sparsity``, ``rewind`` and ``cpu_offload`` (``train.fsdp.cpu_offload``)
+    ``seed``, ``init``, ``strategy``, ``target_sparsity``, ``target_metric``, ``rewind`` and ``cpu_offload`` (``train.fsdp.cpu_offload``)
     override the config's ``train:`` fields. ``finetune_epochs`` (implies ``export``) fine-tunes the shrunk model
     afterwards (strfx.finetune; with ``train.rewind`` the model cut from earlier weights). Returns the run's summary.
     """
@@ -319,7 +323,7 @@ def train(model: str, data: str | None = None, mode: str | None = None, *,
     job = prepare(model, data, mode, config, run_dir, resume, force, export,
                   world_size=opts.world_size() if opts else 1, epochs=epochs, batch_size=batch_size,
                   target_sparsity=target_sparsity, lr=lr, seed=seed, strategy=strategy, cpu_offload=cpu_offload,
-                  rewind=rewind, finetune_epochs=finetune_epochs,
+                  rewind=rewind, target_metric=target_metric, finetune_epochs=finetune_epochs,
                   init=str(Path(init).expanduser().resolve()) if init is not None else None)
     job.progress = progress
     job.finetune_epochs, job.finetune_lr = finetune_epochs, finetune_lr
@@ -519,7 +523,8 @@ class Trainer:
         self.gm = gm
         if self.fsdp:
             self.fsdp_units = shard_model(gm, tc.fsdp, env)
-        self.meter = SparsityMeter(self.view, self.mode, tuple(t.to(self.view_device) for t in self.example_inputs)) \
+        self.meter = SparsityMeter(self.view, self.mode, tuple(t.to(self.view_device) for t in self.example_inputs),
+                                   metric=tc.target_metric) \
             if self.view is not None else None
         self.data = load_data(job.data, self.loaded.hook("datasets"),
                               image_size=tuple(self.example_inputs[0].shape[-2:]) if four_d else (224, 224),
@@ -890,7 +895,7 @@ class Trainer:
     def _log_epoch(self, row: dict[str, Any]) -> None:
         target = f" (target {self.tc.target_sparsity:.0%})" if self.tc.target_sparsity else ""
         measure = row["controlled"]
-        what = "weights zero" if self.mode == "unstructured" else "FLOPs removed"
+        what = self.meter.what
         self.log.print(f"epoch {row['epoch']}/{self.tc.epochs}: loss {row['train_loss']:.4f} · "
                        f"train top-1 {row['train_top1']:.2%} · val top-1 {row['val_top1']:.2%} · "
                        f"{what} {measure:.2%}{target} · lr {row['lr']:.4g} · {row['seconds']:.1f}s")
@@ -974,7 +979,8 @@ class Trainer:
             "model": self.loaded.name, "mode": self.mode, "epochs": self.tc.epochs, "data": self.data.source,
             "val_top1": final["val_top1"], "sparsity": rep.sparsity,
             "flops_removed": 1 - _flops_after(rep) / rep.dense_flops if rep.dense_flops else None,
-            "controlled": self.meter(), "target_sparsity": self.tc.target_sparsity, "world_size": self.env.world_size,
+            "controlled": self.meter(), "target_sparsity": self.tc.target_sparsity,
+            "target_metric": self.meter.what, "world_size": self.env.world_size,
             "ranks_max_param_diff": final.get("ranks_max_param_diff", 0.0),
             "params_before": b.params, "params_nonzero_after": rep.nonzero_params,
             "str_elements": rep.elements, "str_zeros": rep.zeros,
@@ -1015,7 +1021,7 @@ class Trainer:
                        f"did not learn; lower the learning rate (--lr, now {self.tc.peak_lr():g}) or train longer")
         target = s["target_sparsity"]
         if target is not None and abs(s["controlled"] - target) > self.TARGET_TOLERANCE:
-            what = "of weights zero" if self.mode == "unstructured" else "of FLOPs removed"
+            what = f"of {self.meter.what}"
             out.append(f"sparsity ended at {s['controlled']:.2%} {what}, {abs(s['controlled'] - target) * 100:.1f} "
                        f"points from the target {target:.0%}: {self.total_steps} optimizer steps were too few for "
                        f"the controller; train for more steps (--epochs, or a smaller --batch-size)")
@@ -1084,7 +1090,7 @@ class Trainer:
             return str(path)
 
     def print_summary(self, s: dict[str, Any]) -> None:
-        what = "of STR weights are zero" if self.mode == "unstructured" else "of FLOPs removed"
+        what = "of STR weights are zero" if self.mode == "unstructured" else f"of {self.meter.what}"
         measure = s["controlled"]
         target = f" (target {s['target_sparsity']:.0%})" if s["target_sparsity"] else ""
         elements = "weights" if self.mode == "unstructured" else "channels"

@@ -26,6 +26,9 @@ from strfx.cli import CONFIG, MODE, command, main
 @click.option("--target-sparsity", type=click.FloatRange(0, 1, min_open=True, max_open=True), default=None,
               help="End the run at this sparsity (unstructured: fraction of weights zero; structured: fraction "
               "of FLOPs removed) by steering the threshold decay; STR still picks each layer's share.")
+@click.option("--target-metric", type=click.Choice(["flops", "params"]), default=None,
+              help="Override train.target_metric: in structured mode --target-sparsity is a fraction of the FLOPs "
+              "(default) or of the parameters the shrunk model saves.")
 @click.option("--strategy", type=click.Choice(["ddp", "fsdp"]), default=None,
               help="Override train.strategy: ddp replicates the model on every process; fsdp shards parameters, "
               "gradients and optimizer state (FSDP2) and writes sharded, reshardable checkpoints.")
@@ -57,7 +60,7 @@ from strfx.cli import CONFIG, MODE, command, main
 @click.option("--progress/--no-progress", default=None, help="Progress bar (default: only on a terminal).")
 def train_cmd(model: str, mode: str | None, data: str | None, epochs: int | None, batch_size: int | None,
               lr: float | None, seed: int | None, init: str | None, config_path: str | None,
-              target_sparsity: float | None, strategy: str | None, cpu_offload: bool | None, nproc_per_node: int | None, nnodes: str | None, node_rank: int | None,
+              target_sparsity: float | None, target_metric: str | None, strategy: str | None, cpu_offload: bool | None, nproc_per_node: int | None, nnodes: str | None, node_rank: int | None,
               rdzv_endpoint: str | None, rdzv_id: str | None, rdzv_backend: str, max_restarts: int | None,
               output: str | None, resume: bool, force: bool, export: bool, finetune_epochs: int | None,
               finetune_lr: float | None, rewind: str | None, progress: bool | None) -> None:
@@ -84,4 +87,5 @@ def train_cmd(model: str, mode: str | None, data: str | None, epochs: int | None
     train(model, data, mode, config=config_path, run_dir=output, resume=resume, force=force, export=export,
           epochs=epochs, batch_size=batch_size, target_sparsity=target_sparsity, launch_options=opts,
           progress=progress, lr=lr, seed=seed, init=init, finetune_epochs=finetune_epochs or 0, finetune_lr=finetune_lr,
-          strategy=strategy, cpu_offload=cpu_offload or None, rewind=rewind)
+          strategy=strategy, cpu_offload=cpu_offload or None, rewind=rewind,
+          target_metric=target_metric)

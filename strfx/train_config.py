@@ -91,6 +91,8 @@ class TrainConfig(_Strict):
         "itself: sigmoid(-10)≈5e-5 is below almost every weight; sigmoid(-5)≈7e-3 is far below γ≈1.")
     target_sparsity: float | None = Field(None, gt=0, lt=1, description="Unstructured: fraction of STR weights that "
                                           "end at zero. Structured: fraction of FLOPs removed. None: plain STR.")
+    target_metric: Literal["flops", "params"] = Field("flops", description="Structured mode: what target_sparsity "
+                                                      "is a fraction of — FLOPs the shrunk model saves, or parameters.")
     controller: ControllerConfig = Field(default_factory=ControllerConfig)
     rewind: Literal["off", "start", "ramp"] = Field("off", description="With --finetune-epochs: the model fine-tuned "
                                                    "after the run is cut from EARLIER weights, with the units (or "

@@ -33,3 +33,15 @@ def test_demo_run_lands_within_one_point_of_its_target(mode: str, target: float,
                 batch_size=64, target_sparsity=target)
     assert res.summary["controlled"] == pytest.approx(target, abs=0.01), res.summary
     assert res.summary["warnings"] == []
+
+
+def test_structured_target_can_be_a_fraction_of_the_parameters(tmp_path: Path) -> None:
+    """--target-metric params: the exported shrunk model has that fraction of the parameters fewer (±2 points)."""
+    res = train(str(ROOT / "examples" / "lenet5.py"), "demo", "structured", run_dir=tmp_path / "r", epochs=3,
+                batch_size=64, target_sparsity=0.6, target_metric="params", export=True)
+    s = res.summary
+    saved = 1 - s["export"]["params_after"] / s["export"]["params_before"]
+    assert saved == pytest.approx(0.6, abs=0.02), s
+    assert s["controlled"] == pytest.approx(saved, abs=0.01)  # the meter measures what the shrink gives
+    assert abs(s["flops_removed"] - 0.6) > 0.05  # ...and it is not the FLOPs (LeNet-5: convs cost FLOPs, fc1 params)
+    assert s["target_metric"] == "parameters removed" and s["warnings"] == []

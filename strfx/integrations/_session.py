@@ -83,7 +83,8 @@ class STRSession:
     updates the controller when due and returns what to log) and :meth:`finish` at the end.
     ``export_dir`` gets ``model.onnx`` + ``model.pt2`` of the shrunk model (never overwritten without
     ``force``; checked at :meth:`start`, before any training); ``metadata`` goes into the ONNX file
-    (e.g. ``strfx.contract.InputContract(...).metadata()``). ``rewind`` ("start", or "ramp" with a target)
+    (e.g. ``strfx.contract.InputContract(...).metadata()``). ``target_metric`` (structured): the target is a
+    fraction of the FLOPs (default) or of the parameters the shrunk model saves. ``rewind`` ("start", or "ramp" with a target)
     keeps a CPU copy of the weights at :meth:`start` or when the target schedule starts rising;
     :meth:`rewound` then gives STR's units cut from them (strfx.rewind), shrunk, for the loop to train.
     That copy lives in memory only (checkpoint state stays small and JSON-able): a loop resumed past the
@@ -92,7 +93,8 @@ class STRSession:
 
     def __init__(self, target_sparsity: float | None = None, *, export_dir: str | Path | None = None,
                  controller: ControllerConfig | dict[str, Any] | None = None, metadata: dict[str, str] | None = None,
-                 force: bool = False, rewind: Literal["off", "start", "ramp"] = "off"):
+                 force: bool = False, rewind: Literal["off", "start", "ramp"] = "off",
+                 target_metric: Literal["flops", "params"] = "flops"):
         if target_sparsity is not None and not 0 < target_sparsity < 1:
             raise StrfxError(f"target_sparsity must be between 0 and 1 (a fraction), got {target_sparsity}")
         if rewind not in ("off", "start", "ramp"):
@@ -100,7 +102,9 @@ class STRSession:
         if rewind == "ramp" and target_sparsity is None:
             raise StrfxError("rewind='ramp' rewinds to where the target_sparsity schedule starts rising; give "
                              "target_sparsity, or use rewind='start'")
-        self.rewind = rewind
+        if target_metric not in ("flops", "params"):
+            raise StrfxError(f"target_metric={target_metric!r}: use 'flops' or 'params' (structured mode)")
+        self.rewind, self.target_metric = rewind, target_metric
         self.rewind_step: int | None = None
         self.rewind_state: dict[str, torch.Tensor] | None = None
         self.target = target_sparsity
@@ -136,7 +140,11 @@ class STRSession:
                              "weights' settings; build it with strfx.integrations.str_optimizer(model, lr) or "
                              "torch.optim.SGD(strfx.param_groups(model), ...)")
         device = next(self.model.parameters()).device  # the loop may have moved the model already
-        self.meter = SparsityMeter(self.model, self.mode, tuple(t.to(device) for t in self.example_inputs))
+        if self.target_metric != "flops" and self.mode != "structured":
+            raise StrfxError(f"target_metric={self.target_metric!r} applies to structured models; this one is {self.mode} "
+                             f"(its target is a fraction of the weights)")
+        self.meter = SparsityMeter(self.model, self.mode, tuple(t.to(device) for t in self.example_inputs),
+                                   metric=self.target_metric)
         if self.target is not None:
             if not total_steps or total_steps == float("inf"):
                 raise StrfxError("target_sparsity needs the number of optimizer steps in advance; set max_steps or "

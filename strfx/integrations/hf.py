@@ -64,8 +64,8 @@ class STRTrainerCallback(SessionResults, TrainerCallback, ExportableState):
     """Target controller after each optimizer step, sparsity in the logs, shrink + export at the end.
 
     ``target_sparsity``: unstructured, the fraction of STR weights that end at zero; structured, the
-    fraction of FLOPs removed (None: plain STR). ``export_dir``: where the shrunk model's
-    ``model.onnx``/``model.pt2`` go (None: no export). ``metadata``: written into the ONNX file.
+    fraction of FLOPs removed, or of parameters with ``target_metric="params"`` (None: plain STR).
+    ``export_dir``: where the shrunk model's ``model.onnx``/``model.pt2`` go (None: no export). ``metadata``: written into the ONNX file.
     ``rewind``: see :class:`STRSession` (then ``callback.rewound()`` after training).
     The optimizer must carry STR's groups: ``optimizers=(str_optimizer(model, args), None)``.
     ``trainer.train(resume_from_checkpoint=...)`` with ``restore_callback_states_from_checkpoint=True``
@@ -75,12 +75,14 @@ class STRTrainerCallback(SessionResults, TrainerCallback, ExportableState):
 
     def __init__(self, target_sparsity: float | None = None, *, export_dir: str | Path | None = None,
                  controller: ControllerConfig | dict[str, Any] | None = None, metadata: dict[str, str] | None = None,
-                 force: bool = False, rewind: Literal["off", "start", "ramp"] = "off"):
+                 force: bool = False, rewind: Literal["off", "start", "ramp"] = "off",
+                 target_metric: Literal["flops", "params"] = "flops"):
         self.session = STRSession(target_sparsity, export_dir=export_dir, controller=controller, metadata=metadata,
-                                  force=force, rewind=rewind)
+                                  force=force, rewind=rewind, target_metric=target_metric)
         self._args = {"target_sparsity": target_sparsity, "export_dir": str(export_dir) if export_dir else None,
                       "controller": self.session.controller_config.model_dump(exclude_unset=True),
-                      "metadata": metadata, "force": force, "rewind": rewind}
+                      "metadata": metadata, "force": force, "rewind": rewind,
+                      "target_metric": target_metric}
         self._logs: dict[str, float] = {}
         self.restored: dict[str, Any] | None = None  # set by the Trainer from a checkpoint (see state())
 

@@ -42,7 +42,8 @@ class STRCallback(SessionResults, L.Callback):
     """Target controller after each optimizer step, sparsity in the logs, shrink + export at the end.
 
     ``target_sparsity``: unstructured, the fraction of STR weights that end at zero; structured, the
-    fraction of FLOPs removed (None: plain STR, the decay alone decides). ``export_dir``: where the
+    fraction of FLOPs removed, or of parameters with ``target_metric="params"`` (None: plain STR, the
+    decay alone decides). ``export_dir``: where the
     shrunk model's ``model.onnx``/``model.pt2`` go (None: no export). ``metadata``: written into the
     ONNX file. ``rewind``: see :class:`STRSession` (then ``callback.rewound()`` after training). The
     model is found as the LightningModule's first submodule made by ``strfx.sparsify``;
@@ -51,10 +52,11 @@ class STRCallback(SessionResults, L.Callback):
 
     def __init__(self, target_sparsity: float | None = None, *, export_dir: str | Path | None = None,
                  controller: ControllerConfig | dict[str, Any] | None = None, metadata: dict[str, str] | None = None,
-                 force: bool = False, rewind: Literal["off", "start", "ramp"] = "off"):
+                 force: bool = False, rewind: Literal["off", "start", "ramp"] = "off",
+                 target_metric: Literal["flops", "params"] = "flops"):
         super().__init__()
         self.session = STRSession(target_sparsity, export_dir=export_dir, controller=controller, metadata=metadata,
-                                  force=force, rewind=rewind)
+                                  force=force, rewind=rewind, target_metric=target_metric)
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         if stage == "fit":
