@@ -2,6 +2,7 @@
 
     python benchmarks/lm.py            # default run (~25 min on 2 shared cores), writes docs/lm.{json,md} + png
     python benchmarks/lm.py --rewind --targets 0.5 --methods str-all str-hn --out /tmp/x  # + diagnostic
+    python benchmarks/lm.py --methods str-all+rw str-hn+rw --stem lm_rewind   # the rewind rows
     python benchmarks/lm.py --quick    # 2-minute smoke run into /tmp/strfx_lm_quick
 
 Data: the ``.py`` files of the standard library of the Python running this script
@@ -21,6 +22,9 @@ checkpoint, every method then gets the same number of training tokens at each FL
   model for the rest.
 * ``str-hn``    — the same with heads and neurons only: ``SparsifyConfig(depth=False)`` and the
   hidden-size vector (and its threshold) frozen at its initial value, so it cannot die.
+* ``str-all+rw``, ``str-hn+rw`` — the same units chosen by STR in the first ``rewind_frac`` (50 %) of the
+  budget, then ``STRSession(rewind="start")``: STR's units are cut from the DENSE weights
+  (``strfx.rewind``) and that model is trained for the rest exactly like ``uniform``'s (same lr, warm-up).
 * ``uniform``   — the Torch-Pruning / LLM-Pruner recipe, written here: every layer loses the same
   fraction of its key/value head groups and of its MLP neurons, those with the smallest group L2
   magnitude (q/k/v rows + o columns of a head group; gate/up rows + down column of a neuron); the
@@ -91,6 +95,7 @@ class Budget:
     controller_interval: int = 2
     max_step_rate: float = 0.05  # the controller's cap on the thresholds' pace per step (strfx default 0.02)
     str_frac: float = 0.75  # share of each method's token budget STR learns in (the rest fine-tunes the shrunk model)
+    rewind_frac: float = 0.5  # the same for the "+rw" methods (the rest retrains the rewound model)
     str_lr_scale: float = 10.0  # lr of STR's thresholds and importance vectors ÷ the weights' lr
     throughput_rounds: int = 10
 
@@ -315,9 +320,13 @@ def shrink_checked(sparse: nn.Module, b: Budget) -> tuple[nn.Module, dict[str, A
     return small, rep
 
 
-def run_str(dense: nn.Module, variant: str, target: float, b: Budget, train_stream: torch.Tensor,
+def run_str(dense: nn.Module, method: str, target: float, b: Budget, train_stream: torch.Tensor,
             val: torch.Tensor, seed: int) -> dict[str, Any]:
-    """STR learns the units with the FLOPs target, then shrink and fine-tune for the rest of the budget."""
+    """STR learns the units with the FLOPs target, then shrink and fine-tune for the rest of the budget.
+
+    A ``+rw`` method rewinds instead (strfx's ``rewind="start"``): after learning for ``rewind_frac`` of the
+    budget, STR's units are cut from the dense weights and that model is trained for the rest, like uniform's."""
+    variant, rewinding = method.removesuffix("+rw"), method.endswith("+rw")
     x = example(b)
     t0 = time.perf_counter()
     sparse = strfx.sparsify(copy.deepcopy(dense), "structured", example_inputs=x, verify=False,
@@ -332,10 +341,10 @@ def run_str(dense: nn.Module, variant: str, target: float, b: Budget, train_stre
                 frozen.append(name)
     kinds = sorted({unit_kind(n, c.kind) for n, c in strfx.modules.channel_carriers(sparse).items()} -
                    {unit_kind(n, "gate") for n in frozen})
-    str_steps = max(int(round(b.str_frac * b.method_steps)), 1)
+    str_steps = max(int(round((b.rewind_frac if rewinding else b.str_frac) * b.method_steps)), 1)
     ft_steps = b.method_steps - str_steps
     session = STRSession(target, controller={"interval_steps": b.controller_interval,
-                                                     "max_step_rate": b.max_step_rate})
+                                             "max_step_rate": b.max_step_rate}, rewind="start" if rewinding else "off")
     session.attach(sparse)
     opt = str_optimizer(sparse, b.method_lr, optimizer="adamw", weight_decay=0.0, betas=(0.9, 0.95))
     for g in opt.param_groups:  # Adam moves every parameter ~lr per step: the importance vectors need a larger
@@ -352,18 +361,26 @@ def run_str(dense: nn.Module, variant: str, target: float, b: Budget, train_stre
         return ""
 
     learn_s = train(sparse, opt, train_stream, b, str_steps, b.method_lr, seed, warmup=max(str_steps // 20, 1),
-                    after_step=after, tag=f"{variant}@{target}")
+                    after_step=after, tag=f"{method}@{target}")
     kept = kept_units(sparse, b)
     dead = {n: (c.value() == 0).detach().clone() for n, c in strfx.modules.channel_carriers(sparse).items()}
     bpb_masked = bpb(sparse, val, b.batch)
-    small, shrink_rep = shrink_checked(sparse, b)
+    if rewinding:
+        t1 = time.perf_counter()
+        small = session.rewound()
+        shrink_rep = {k: small.strfx_shrink.get(k) for k in ("params_before", "params_after", "result", "max_error64",
+                                                            "channels_removed", "note")}
+        shrink_rep["shrink_s"] = time.perf_counter() - t1
+    else:
+        small, shrink_rep = shrink_checked(sparse, b)
     bpb_shrunk = bpb(small, val, b.batch)
     ft_s = 0.0
-    if ft_steps:
-        opt2 = torch.optim.AdamW(small.parameters(), lr=b.method_lr / 2, weight_decay=0.0, betas=(0.9, 0.95))
-        ft_s = train(small, opt2, train_stream, b, ft_steps, b.method_lr / 2, seed + 1, warmup=1,
-                     tag=f"{variant}@{target} ft")
-    return {"method": variant, "target": target, "units": kinds, "kept": kept, "bpb_before_ft": bpb_shrunk,
+    if ft_steps:  # rewound: trained like uniform's pruned model; else a gentler fine-tune of STR's weights
+        lr = b.method_lr if rewinding else b.method_lr / 2
+        opt2 = torch.optim.AdamW(small.parameters(), lr=lr, weight_decay=0.0, betas=(0.9, 0.95))
+        ft_s = train(small, opt2, train_stream, b, ft_steps, lr, seed + 1,
+                     warmup=max(ft_steps // 20, 1) if rewinding else 1, tag=f"{method}@{target} ft")
+    return {"method": method, "target": target, "units": kinds, "kept": kept, "bpb_before_ft": bpb_shrunk,
             "bpb_masked": bpb_masked, "bpb": bpb(small, val, b.batch), "shrink": shrink_rep, "controller": log,
             "str_steps": str_steps, "ft_steps": ft_steps, "train_s": learn_s + ft_s,
             "wall_s": time.perf_counter() - t0, "model": small, "dead": dead}
@@ -433,6 +450,7 @@ def run_uniform(dense: nn.Module, target: float, b: Budget, train_stream: torch.
 # ---------------------------------------------------------------- outputs
 
 LABELS = {"str-all": "STR: heads+neurons+hidden+depth", "str-hn": "STR: heads+neurons", "uniform": "uniform magnitude (L2)",
+          "str-all+rw": "STR: all units, rewind (`rewind=\"start\"`)", "str-hn+rw": "STR: heads+neurons, rewind",
           "str-all-rewind": "diagnostic: STR-all's units cut from the dense weights, fine-tuned",
           "str-hn-rewind": "diagnostic: STR-hn's units cut from the dense weights, fine-tuned"}
 
@@ -445,7 +463,7 @@ def plot_budgets(rows: list[dict[str, Any]], b: Budget, path: Path) -> None:
 
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
     styles = {"str-all": ("C0", "o"), "str-hn": ("C2", "s"), "uniform": ("C3", "^"), "str-all-rewind": ("C0", "x"),
-              "str-hn-rewind": ("C2", "x")}
+              "str-hn-rewind": ("C2", "x"), "str-all+rw": ("C0", "D"), "str-hn+rw": ("C2", "D")}
     for r in rows:
         color, marker = styles[r["method"]]
         ls = "-" if r["target"] == min(b.targets) else "--"
@@ -548,7 +566,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--targets", type=float, nargs="+", default=None, help="fractions of FLOPs to remove")
-    ap.add_argument("--methods", nargs="+", default=None, choices=["str-all", "str-hn", "uniform"])
+    ap.add_argument("--methods", nargs="+", default=None, choices=["str-all", "str-hn", "uniform", "str-all+rw", "str-hn+rw"])
     ap.add_argument("--dense-steps", type=int, default=None)
     ap.add_argument("--method-steps", type=int, default=None)
     ap.add_argument("--str-frac", type=float, default=None,
