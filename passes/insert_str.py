@@ -99,6 +99,8 @@ def register(model: nn.Module, name: str, parametrization: nn.Module) -> None:
     tensor = getattr(mod, attr)
     aliases = [n for n, t in model.named_parameters(remove_duplicate=False) if t is tensor and n != name]
     parametrize.register_parametrization(mod, attr, parametrization, unsafe=True)
+    if not aliases:
+        return
     original = mod.parametrizations[attr].original
     for alias in aliases:
         a_owner, a_attr = _owner(alias)

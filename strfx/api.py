@@ -67,6 +67,10 @@ def sparsify(
     result = deepcopy_model(model)  # the user's model stays untouched (parametrize mutates modules)
     gm = capture(model, inputs, cfg.capture)
     analysis = analyze_channels(gm) if cfg.mode == "structured" else None
+    if cfg.ranks:  # singular values first: the channel carriers then scale the rows of U·diag(σ')·Vᵀ
+        from strfx.lowrank import apply_lowrank
+
+        apply_lowrank(result, cfg.lowrank.model_copy(update={"rnn": False}))
     insert_str(result, gm, cfg, analysis)
     result._strfx = {"config": cfg, "example_inputs": inputs}
     if verify:

@@ -81,9 +81,11 @@ def main(debug: bool) -> None:
     """
 
 
-MODE = click.option("--mode", type=click.Choice(["structured", "unstructured", "lowrank"]), default=None,
+MODE = click.option("--mode", type=click.Choice(["structured", "unstructured", "lowrank", "structured+lowrank"]),
+                    default=None,
                     help="Unstructured: STR on weights. Structured: STR-BN on BatchNorm γ/β and an STR importance "
                     "vector per channel group elsewhere. Lowrank: STR on each layer's singular values. "
+                    "Structured+lowrank: both; shrink cuts channels, then factors each layer at its learned rank. "
                     "Default: the config's mode (unstructured).")
 CONFIG = click.option("--config", "config_path", type=click.Path(dir_okay=False), default=None,
                       help="YAML configuration file (see docs/config.md).")

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from .errors import ConfigError
 from .train_config import TrainConfig
@@ -81,7 +81,8 @@ class SparsifyConfig(_Strict):
 
     mode: Mode = Field("unstructured", description="'unstructured': STR on conv/linear weights; "
                        "'structured': STR-BN on BatchNorm γ/β and one STR importance vector per channel group without BatchNorm; "
-                       "'lowrank': STR on the singular values of each conv/linear/RNN input weight (learned rank).")
+                       "'lowrank': STR on the singular values of each conv/linear/RNN input weight (learned rank); "
+                       "'structured+lowrank' (read as structured with `ranks: true`): channels, then ranks.")
     s_init: float = Field(
         -15.0,
         description="Initial threshold parameter s; g(s_init) is the first threshold (sigmoid(-15) ≈ 3e-7). "
@@ -112,9 +113,29 @@ class SparsifyConfig(_Strict):
         description="Structured: BatchNorm channels with |γ| below this keep their β as a fixed offset "
         "instead of β̂ = β/γ (dividing by a tiny γ would blow β̂ up).",
     )
-    lowrank: LowRankConfig = Field(default_factory=LowRankConfig, description="Low-rank mode: STR on each "
-                                   "layer's singular values (strfx.lowrank).")
+    ranks: bool = Field(
+        False, description="Structured: also learn each conv/linear layer's rank — STR on its singular values "
+        "(settings in `lowrank`) under the channel carriers. Shrink cuts the dead channels first, then factors "
+        "each cut layer at its learned rank where that saves weights."
+    )
+    lowrank: LowRankConfig = Field(default_factory=LowRankConfig, description="Low-rank mode (and structured mode "
+                                   "with `ranks`): STR on each layer's singular values (strfx.lowrank).")
     capture: CaptureConfig = Field(default_factory=CaptureConfig, description="torch.export capture options.")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _combined_mode(cls, data: Any) -> Any:
+        """``mode: structured+lowrank`` is structured mode with ``ranks`` (what the CLI's --mode offers)."""
+        if isinstance(data, dict) and data.get("mode") == "structured+lowrank":
+            data = {**data, "mode": "structured", "ranks": True}
+        return data
+
+    @model_validator(mode="after")
+    def _ranks_in_structured_mode(self) -> "SparsifyConfig":
+        if self.ranks and self.mode != "structured":
+            raise ValueError(f"ranks composes learned ranks with structured mode's channels; mode is {self.mode!r} "
+                             f"(lowrank mode learns ranks alone: drop ranks, or use mode structured)")
+        return self
 
 
 class StrfxConfig(_Strict):
@@ -161,15 +182,8 @@ def load_config(path: str | Path) -> StrfxConfig:
 
 def coerce_sparsify_config(config: SparsifyConfig | dict[str, Any] | None, **overrides: Any) -> SparsifyConfig:
     """Accept a SparsifyConfig, a plain dict or None, and apply keyword overrides."""
-    if config is None:
-        config = SparsifyConfig()
-    elif isinstance(config, dict):
-        try:
-            config = SparsifyConfig.model_validate(config)
-        except ValidationError as err:
-            raise ConfigError(_format_validation_error(err, "sparsify")) from None
-    data = config.model_dump()
-    data.update({k: v for k, v in overrides.items() if v is not None})
+    data = dict(config) if isinstance(config, dict) else (config or SparsifyConfig()).model_dump()
+    data.update({k: v for k, v in overrides.items() if v is not None})  # before validating: the mode decides
     try:
         return SparsifyConfig.model_validate(data)
     except ValidationError as err:

@@ -56,6 +56,7 @@ from typing import Any, Literal, Sequence
 import torch
 from torch import nn
 
+from strfx.lowrank import lowrank_parametrizations, lowrank_report, ranks
 from strfx.modules import channel_carriers, str_weights
 from strfx.report import _per_module_flops, _shrunk_flops, carrier_producers, used_tensors
 from strfx.train_config import ControllerConfig
@@ -83,6 +84,7 @@ class SparsityMeter:
         self.weights = list(str_weights(gm).items())
         self.channels = list(channel_carriers(gm).items())
         self.flops: dict[str, float] = {}  # per carrier: the cost of its producers (FLOPs or parameters)
+        self.ranked: dict[str, float] = {}  # per low-rank weight (structured+lowrank): its layer's cost
         self.dense_flops = 0.0  # the dense model's cost, in the same unit
         self.ratio, self.since, self.calibrated_on = 1.0, exact_every, ""
         if mode == "structured":
@@ -94,6 +96,8 @@ class SparsityMeter:
             producers = carrier_producers(gm)
             self.flops = {name: float(sum(per_module.get(p, 0) for p in producers.get(name, [])))
                           for name, _ in self.channels}
+            # structured+lowrank: each low-rank layer's own cost, saved in the share factoring saves
+            self.ranked = {w: float(per_module.get(w.rpartition(".")[0], 0)) for w in lowrank_parametrizations(gm)}
 
     @property
     def what(self) -> str:
@@ -119,8 +123,12 @@ class SparsityMeter:
         return out
 
     def estimate(self, zeros: dict[str, tuple[int, int]]) -> float:
-        """Structured: FLOPs of the gated layers themselves that their dead channels remove."""
+        """Structured: FLOPs of the gated layers themselves that their dead channels remove (+ with ``ranks``:
+        the share of each low-rank layer factoring at its rank saves; overlaps are left to the calibration)."""
         removed = sum(self.flops.get(name, 0.0) * z / max(n, 1) for name, (z, n) in zeros.items())
+        if self.ranked:
+            for row in lowrank_report(self.gm).layers:
+                removed += self.ranked.get(row.name, 0.0) * (1 - row.params_after / max(row.params_dense, 1))
         return removed / max(self.dense_flops, 1.0)
 
     @torch.no_grad()
@@ -137,6 +145,8 @@ class SparsityMeter:
 
     def _dead_pattern(self) -> str:
         masks = [(carrier.value() == 0).to(torch.uint8) for _, carrier in self.channels]
+        if self.ranked:
+            masks.append(torch.tensor([r for r, _ in ranks(self.gm).values()]).view(torch.uint8))
         return hashlib.sha1(torch.cat(masks).cpu().numpy().tobytes()).hexdigest() if masks else ""
 
     @torch.no_grad()
@@ -157,7 +167,8 @@ class SparsityMeter:
             if pattern != self.calibrated_on:
                 exact = self.exact()
                 if exact == exact:  # a model shrink refuses keeps the last ratio
-                    self.ratio = max(exact / estimate, 1.0)  # the shrunk model saves at least the estimate
+                    # the shrunk model saves at least the channel estimate; ranks and channels may overlap
+                    self.ratio = exact / estimate if self.ranked else max(exact / estimate, 1.0)
                 self.since, self.calibrated_on = 0, pattern
         return min(estimate * self.ratio, 1.0)
 

@@ -48,7 +48,7 @@ import torch
 from pydantic import BaseModel, Field
 from torch import nn
 from torch.utils._pytree import tree_leaves
-from strfx.flops import FlopCounterMode
+from strfx.flops import FlopCounterMode, parametrizations_precomputed
 
 from strfx.errors import ExportError, StrfxError, VerificationError
 from strfx.rundir import check_writable
@@ -195,8 +195,12 @@ def count_params(model: nn.Module | torch.export.ExportedProgram) -> int:
 @torch.no_grad()
 def count_flops(model: nn.Module, inputs: Sequence[torch.Tensor]) -> int:
     counter = FlopCounterMode(display=False)
-    with counter:
-        model(*inputs)
+    if isinstance(model, nn.Module):
+        with parametrizations_precomputed(model), counter:
+            model(*inputs)
+    else:
+        with counter:
+            model(*inputs)
     return int(counter.get_total_flops())
 
 

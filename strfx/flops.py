@@ -8,6 +8,9 @@ target controller steered the rest. The same formula as the CUDA kernels is regi
 
 from __future__ import annotations
 
+import contextlib
+from typing import Iterator
+
 import torch
 from torch.utils import flop_counter
 
@@ -23,3 +26,17 @@ def _register() -> None:
 
 _register()
 FlopCounterMode = flop_counter.FlopCounterMode
+
+
+@contextlib.contextmanager
+def parametrizations_precomputed(model: torch.nn.Module) -> Iterator[None]:
+    """Count a parametrized model as deployed: every parametrized tensor is computed once and cached before
+    the counting starts, so building a weight (a low-rank ``U·diag(σ')·Vᵀ``, its QR) is not the layer's work."""
+    from torch.nn.utils import parametrize
+
+    with torch.no_grad(), parametrize.cached():
+        for mod in model.modules():
+            if parametrize.is_parametrized(mod):
+                for name in mod.parametrizations:
+                    getattr(mod, name)
+        yield

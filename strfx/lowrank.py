@@ -505,14 +505,26 @@ def _unshare_class(mod: nn.Module) -> None:
 def _fold(mod: nn.Module, tname: str) -> None:
     _unshare_class(mod)
     parametrize.remove_parametrizations(mod, tname, leave_parametrized=True)
+    keep_parameter(mod, tname)
+
+
+def keep_parameter(mod: nn.Module, tname: str) -> None:
+    """After folding a multi-tensor parametrization: the weight as a Parameter again.
+
+    ``remove_parametrizations`` registers the computed tensor as a *buffer* when it does not require grad
+    (always, under ``torch.no_grad()``), so the folded layer would silently stop training and drop out of
+    parameter counts."""
+    t = getattr(mod, tname)
+    if not isinstance(t, nn.Parameter):
+        delattr(mod, tname)
+        mod.register_parameter(tname, nn.Parameter(t.detach().clone()))
 
 
 def _factor_linear_or_conv(mod: nn.Module, u: torch.Tensor, sigma: torch.Tensor, v: torch.Tensor) -> nn.Module:
     keep = sigma > 0
     u, sigma, v = u[:, keep], sigma[keep], v[:, keep]
     r = int(sigma.numel())
-    w = mod.parametrizations.weight
-    dd = {"dtype": w.original0.dtype, "device": w.original0.device}
+    dd = {"dtype": u.dtype, "device": u.device}
     bias = mod.bias
     if isinstance(mod, nn.Linear):
         first = nn.Linear(mod.in_features, r, bias=False, **dd)
@@ -533,6 +545,25 @@ def _factor_linear_or_conv(mod: nn.Module, u: torch.Tensor, sigma: torch.Tensor,
     seq = nn.Sequential(first, second)
     seq.train(mod.training)
     return seq
+
+
+@torch.no_grad()
+def factor_dense(mod: nn.Module, rank: int) -> nn.Module | None:
+    """A plain Linear/Conv whose weight has rank ≤ ``rank`` as two thinner layers (exact up to rounding), where
+    that has fewer weights; else None. Used after a channel cut (structured mode with ``ranks``): the cut
+    rows/columns of ``diag(u')·U·diag(σ')·Vᵀ`` keep its rank, so the truncated SVD reproduces them."""
+    if not isinstance(mod, (nn.Linear, *CONV_TYPES)) or rank < 1:
+        return None
+    w = mod.weight.detach()
+    mat = w.reshape(w.shape[0], -1)
+    out, cols = mat.shape
+    groups = getattr(mod, "groups", 1)
+    r = min(rank, out, cols)
+    if r * (groups * cols + out) >= out * cols:
+        return None
+    u, sigma, vh = torch.linalg.svd(mat.double(), full_matrices=False)
+    dt = w.dtype
+    return _factor_linear_or_conv(mod, u[:, :r].to(dt), sigma[:r].to(dt), vh[:r].T.to(dt).contiguous())
 
 
 def _factor_rnn(mod: nn.Module, name: str) -> nn.Module:

@@ -15,7 +15,7 @@ import torch
 from pydantic import BaseModel, Field
 from torch import nn
 from torch.nn.utils import parametrize
-from strfx.flops import FlopCounterMode
+from strfx.flops import FlopCounterMode, parametrizations_precomputed
 
 from strfx.modules import STR_PARAMETRIZATIONS, STRUnit, channel_carriers, str_weights
 
@@ -74,11 +74,13 @@ def summary_line(r: Report) -> str:
 
 
 def _per_module_flops(model: nn.Module, inputs: Sequence[Any]) -> tuple[int, dict[str, int]]:
+    """FLOPs of the model as deployed: parametrized tensors are computed (and cached) before counting, so a
+    low-rank weight's ``U·diag(σ')·Vᵀ`` and QR are not counted as the layer's work."""
     counter = FlopCounterMode(display=False)
     was_training = model.training
     model.eval()
     try:
-        with torch.no_grad(), counter:
+        with parametrizations_precomputed(model), counter:
             model(*inputs)
     finally:
         model.train(was_training)

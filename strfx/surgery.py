@@ -35,7 +35,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from strfx.errors import StrfxError, VerificationError
-from strfx.modules import STR_PARAMETRIZATIONS, STRShift
+from strfx.modules import STR_PARAMETRIZATIONS, STRShift, channel_carriers
 from strfx.passes.capture import as_inputs, capture, eval_mode
 from strfx.passes.channel_analysis import META_KEY, ChannelAnalysis, TInfo, analyze_channels
 from strfx.passes.shrink import apply_bias_deltas, cut_tensor, set_tensor, shrink_graph
@@ -118,14 +118,18 @@ def _remove_parametrizations(model: nn.Module) -> None:
 
     ``parametrize.remove_parametrizations`` deletes the property from the module's class, which a
     deep copy shares with the original model; so each module gets its own class first. STR-BN's β
-    reads γ', so β is folded before γ.
+    reads γ', so β is folded before γ. Low-rank weights (structured mode with ``ranks``) fold to the
+    dense weight they compute.
     """
+    from strfx.lowrank import STRLowRank, keep_parameter
+
+    kinds = (*STR_PARAMETRIZATIONS, STRLowRank)
     folded: set[int] = set()  # originals already folded (a tied weight is parametrized under each name)
     for _, mod in list(model.named_modules()):
         plist = getattr(mod, "parametrizations", None)
         if not isinstance(plist, nn.ModuleDict):
             continue
-        names = [n for n in plist.keys() if any(isinstance(p, STR_PARAMETRIZATIONS) for p in plist[n])]
+        names = [n for n in plist.keys() if any(isinstance(p, kinds) for p in plist[n])]
         if not names:
             continue
         cls = type(mod)
@@ -138,6 +142,8 @@ def _remove_parametrizations(model: nn.Module) -> None:
             parametrize.remove_parametrizations(mod, name, leave_parametrized=not again)
             if original is not None:
                 folded.add(id(original))
+            else:  # a low-rank weight (U, σ, V): computed anew, registered as a buffer by torch
+                keep_parameter(mod, name)
 
 
 @torch.no_grad()
@@ -582,11 +588,15 @@ def shrink(model: nn.Module, example_inputs: Sequence[torch.Tensor] | torch.Tens
     if round_to < 1:
         raise StrfxError(f"round_to must be at least 1, got {round_to}")
     inputs = example_inputs_of(model, example_inputs)
+    ranks: dict[str, int] = {}
     if _has_lowrank(model):
-        return _factor(model, inputs)
+        if not channel_carriers(model):
+            return _factor(model, inputs)
+        ranks = _learned_ranks(model)  # structured mode with ranks: channels are cut first, then ranks
     sets = verification_inputs(inputs)
     t0 = time.perf_counter()
     plain, gm, analysis, note = _cut_model(model, inputs, round_to, uniform=uniform)
+    factored = _factor_ranks(plain, ranks) if note is None else []
     t1 = time.perf_counter()
     if note is None:
         try:  # the user's own class, if its forward runs with the new sizes and gives the same outputs
@@ -603,6 +613,8 @@ def shrink(model: nn.Module, example_inputs: Sequence[torch.Tensor] | torch.Tens
     else:
         try:
             plain64, gm64, _, _ = _cut_model(ref64, tuple(_to64(inputs)), dead=analysis.dead)
+            if result is plain:
+                _factor_ranks(plain64, ranks)
             cand64 = plain64 if result is plain else gm64
         except Exception as err:  # noqa: BLE001 - e.g. a dtype baked into the model
             notes.append(f"float64 check skipped: the model does not run in float64 ({_first_line(err)})")
@@ -617,6 +629,9 @@ def shrink(model: nn.Module, example_inputs: Sequence[torch.Tensor] | torch.Tens
         where = _first_divergence(gm, model, inputs, analysis) if result is gm else None
         raise VerificationError(f"the shrunk model fails to run: {where or err}") from err
     t2 = time.perf_counter()
+    if ranks:
+        notes.append(f"{len(factored) if result is plain else 0} of {len(ranks)} low-rank layers factored at their "
+                     f"learned rank after the channel cut" + ("" if result is plain else " (the cut graph keeps them dense)"))
     groups = analysis.groups
     rep = ShrinkReport(
         params_before=count_params(model), params_after=count_params(result),
@@ -637,6 +652,32 @@ def _has_lowrank(model: nn.Module) -> bool:
     from strfx.lowrank import lowrank_parametrizations
 
     return bool(lowrank_parametrizations(model))
+
+
+def _learned_ranks(model: nn.Module) -> dict[str, int]:
+    """Module name → the learned rank (number of non-zero σ') of each low-rank Linear/Conv."""
+    from strfx.lowrank import RNN_TYPES, lowrank_parametrizations, ranks
+
+    names = {id(m): n for n, m in model.named_modules()}
+    found = lowrank_parametrizations(model)
+    return {names[id(found[w][0])]: r for w, (r, _) in ranks(model).items() if not isinstance(found[w][0], RNN_TYPES)}
+
+
+def _factor_ranks(plain: nn.Module, ranks: dict[str, int]) -> list[str]:
+    """Replace each cut layer named in ``ranks`` (in place) by its factored form where that saves weights."""
+    from strfx.lowrank import _replace, factor_dense
+
+    done = []
+    for name, rank in ranks.items():
+        try:
+            mod = plain.get_submodule(name)
+        except AttributeError:  # removed with a dead branch
+            continue
+        new = factor_dense(mod, rank)
+        if new is not None:
+            _replace(plain, mod, new)
+            done.append(name)
+    return done
 
 
 def _factor(model: nn.Module, inputs: tuple[Any, ...]) -> nn.Module:

@@ -206,16 +206,16 @@ class Job:
         return dict(self.__dict__)
 
 
-def _check_rewind(tc: TrainConfig, mode: str, finetune_epochs: int) -> None:
+def _check_rewind(tc: TrainConfig, mode: str, finetune_epochs: int, ranks: bool = False) -> None:
     """train.rewind needs a model to train after the run, and (ramp) a schedule to rewind to."""
     if tc.rewind == "off":
         return
     if not finetune_epochs:
         raise StrfxError(f"train.rewind {tc.rewind!r} needs --finetune-epochs N: the rewound model is the one trained "
                          f"after the run (N epochs, exported to RUN_DIR/finetuned/)")
-    if mode == "lowrank":
-        raise StrfxError("train.rewind does not apply to --mode lowrank (a singular direction of the trained weight is "
-                         "not one of the earlier weight); use --rewind off")
+    if mode == "lowrank" or ranks:
+        raise StrfxError("train.rewind does not apply to low-rank STR (--mode lowrank or structured+lowrank: a singular "
+                         "direction of the trained weight is not one of the earlier weight); use --rewind off")
     if tc.rewind == "ramp" and tc.target_sparsity is None:
         raise StrfxError("--rewind ramp rewinds to where the --target-sparsity schedule starts rising; give "
                          "--target-sparsity, or use --rewind start")
@@ -241,7 +241,7 @@ def prepare(model: str, data: str | None, mode: str | None = None,
     cfg = resolve_config(loaded, mode, config, **train_overrides)
     tc = cfg.train
     assert tc is not None
-    _check_rewind(tc, cfg.sparsify.mode, finetune_epochs)
+    _check_rewind(tc, cfg.sparsify.mode, finetune_epochs, cfg.sparsify.ranks)
     if tc.target_metric != "flops" and cfg.sparsify.mode != "structured":
         raise StrfxError(f"train.target_metric {tc.target_metric!r} applies to --mode structured; in {cfg.sparsify.mode} "
                          f"mode --target-sparsity is a fraction of the weights")

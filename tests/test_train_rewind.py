@@ -76,7 +76,7 @@ def test_rewind_start_saves_the_initial_weights(tmp_path: Path) -> None:
 @pytest.mark.parametrize(("extra", "message"), [
     (["--rewind", "start"], "needs --finetune-epochs N"),
     (["--rewind", "ramp", "--finetune-epochs", "1"], "--rewind ramp rewinds to where the --target-sparsity"),
-    (["--rewind", "start", "--finetune-epochs", "1", "--mode", "lowrank"], "does not apply to --mode lowrank"),
+    (["--rewind", "start", "--finetune-epochs", "1", "--mode", "lowrank"], "does not apply to low-rank STR"),
 ])
 def test_rewind_refuses_what_it_cannot_do(tmp_path: Path, extra: list[str], message: str) -> None:
     res = CliRunner().invoke(main, ["train", LENET300, "--data", "demo", "-o", str(tmp_path / "r"), *extra])
