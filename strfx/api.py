@@ -70,7 +70,10 @@ def sparsify(
     if cfg.ranks:  # singular values first: the channel carriers then scale the rows of U·diag(σ')·Vᵀ
         from strfx.lowrank import apply_lowrank
 
-        apply_lowrank(result, cfg.lowrank.model_copy(update={"rnn": False}))
+        lowrank = cfg.lowrank.model_copy(update={"rnn": False})
+        if "relative_threshold" not in cfg.lowrank.model_fields_set:  # ranks die by the thresholds rising (σ is not
+            lowrank.relative_threshold = True  # decayed with the channels), so they must be relative to σ_max
+        apply_lowrank(result, lowrank)
     insert_str(result, gm, cfg, analysis)
     result._strfx = {"config": cfg, "example_inputs": inputs}
     if verify:
@@ -105,12 +108,15 @@ def param_groups(
     In STR, weight decay on the thresholds ``s`` is what raises them and so drives sparsity up
     (``threshold_decay``, default ``weight_decay``). ``norm_decay`` applies to the raw vectors
     structured STR thresholds: STR-BN γ, importance vectors and (low-rank mode) singular values
-    (default ``weight_decay``). Everything else gets ``weight_decay``, as in the paper.
+    (default ``weight_decay``; in structured mode with ``ranks`` the singular values are weights). Everything
+    else gets ``weight_decay``, as in the paper.
     """
     from strfx.lowrank import lowrank_sigma_parameters, lowrank_threshold_parameters
 
     thresholds = threshold_parameters(model) + lowrank_threshold_parameters(model)
-    norms = norm_parameters(model) + lowrank_sigma_parameters(model)
+    norms = norm_parameters(model)
+    if not norms:  # low-rank mode: the singular values are what the decay shrinks under the thresholds; with
+        norms = lowrank_sigma_parameters(model)  # channels too (ranks), shrinking both would shrink every weight twice
     special = {id(p) for p in thresholds + norms}
     rest = list({id(p): p for p in model.parameters() if id(p) not in special}.values())
     groups = [
