@@ -53,6 +53,7 @@ from strfx.safeload import load_tensors
 from strfx.train_config import TrainConfig
 
 REWIND_FILE = "rewind_state.pt"  # train.rewind: the earlier state the fine-tuned model is cut from
+REWIND_RAMP = {"ramp_start": 0.6, "ramp_end": 0.9}  # controller defaults under train.rewind "ramp" (of the run)
 
 METRICS_FILE = "metrics.jsonl"
 SUMMARY_FILE = "summary.json"
@@ -85,6 +86,12 @@ def resolve_config(loaded: LoadedModel, mode: str | None, config: StrfxConfig | 
     assert resolved.train is not None
     if cpu_offload and resolved.train.strategy != "fsdp":
         raise StrfxError("--cpu-offload only applies to sharded training; add --strategy fsdp")
+    user_controller = cfg.train.controller.model_fields_set if cfg.train else set()
+    if resolved.train.rewind == "ramp" and not {"ramp_start", "ramp_end"} & user_controller:
+        # rewinding to the ramp's start: train unpushed for most of the run, so the weights rewound to are
+        # well trained, then search (docs/results.md, "Issue 14", "Rewind")
+        data["train"]["controller"] = {**(data["train"].get("controller") or {}), **REWIND_RAMP}
+        resolved = parse_config(data, "(resolved)")
     s_init = resolved.train.s_init.get(resolved.sparsify.mode)
     if s_init is not None and "s_init" not in cfg.sparsify.model_fields_set:  # an explicit sparsify.s_init wins
         data["sparsify"]["s_init"] = s_init
@@ -538,12 +545,15 @@ class Trainer:
         if self.steps_per_epoch == 0:
             raise DataError(f"{self.data.source}: no full batch of {self.per_rank_batch} per process; lower train.batch_size")
         self.total_steps = self.steps_per_epoch * tc.epochs
+        # train.rewind ramp: the run is the search phase of one schedule that the retraining completes, so its
+        # cosine spans both (the search happens at a still high lr; the retraining restarts at the peak)
+        self.schedule_steps = self.total_steps + (self.steps_per_epoch * job.finetune_epochs if tc.rewind == "ramp" else 0)
 
         self.optimizer = torch.optim.SGD(
             param_groups(gm, tc.weight_decay, tc.threshold_decay, tc.norm_decay),
             lr=tc.peak_lr(), momentum=tc.momentum, nesterov=tc.nesterov)
         warmup = int(round(tc.warmup_epochs_for() * self.steps_per_epoch))
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, WarmupCosine(warmup, self.total_steps))
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, WarmupCosine(warmup, self.schedule_steps))
         self.scaler = torch.amp.GradScaler(dev.type, enabled=False)  # bf16 needs no loss scaling; kept for fp16 forks
         self.loss_fn = nn.CrossEntropyLoss(label_smoothing=tc.label_smoothing)
         self.controller: ThresholdDecayController | None = None
@@ -668,9 +678,9 @@ class Trainer:
                                   f"start over with --force") from None
         self.scheduler.load_state_dict(ckpt["scheduler"])
         schedule = self.scheduler.lr_lambdas[0]
-        extended = isinstance(schedule, WarmupCosine) and schedule.total_steps != self.total_steps
+        extended = isinstance(schedule, WarmupCosine) and schedule.total_steps != self.schedule_steps
         if extended:  # --resume --epochs N: same warm-up, the cosine stretched over the longer run
-            schedule.total_steps = self.total_steps
+            schedule.total_steps = self.schedule_steps
         self.scaler.load_state_dict(ckpt["scaler"])
         if self.controller and ckpt["controller"]:
             state = dict(ckpt["controller"])
@@ -1065,7 +1075,8 @@ class Trainer:
         model, rewind_info, warmup = self.shrunk, None, 0.0
         if tc.rewind != "off":
             model, rewind_info = self.rewound()
-            warmup = tc.warmup_epochs_for() / tc.epochs
+            # from the initialisation: warm up like the run; from trained weights (ramp): restart at the peak
+            warmup = tc.warmup_epochs_for() / tc.epochs if tc.rewind == "start" else 0.0
             self.log.print(f"rewound to the weights after step {self.rewind_step} ({tc.rewind}): "
                            f"{rewind_info['dead']} of {rewind_info['entries']} STR entries kept dead")
         lr = self.job.finetune_lr or (tc.peak_lr() if rewind_info else tc.peak_lr() / 10)

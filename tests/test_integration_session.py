@@ -61,7 +61,8 @@ def test_rewind_ramp_keeps_the_weights_from_before_the_thresholds_rise() -> None
     model = strfx.sparsify(nn.Sequential(nn.Flatten(), nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 4)),
                            "structured", example_inputs=(X,))
     opt = str_optimizer(model, lr=0.05)
-    session = STRSession(target_sparsity=0.5, rewind="ramp")
+    assert STRSession(0.5, rewind="ramp").controller_config.ramp_start == 0.6  # rewind's default: unpushed to 60 %
+    session = STRSession(target_sparsity=0.5, rewind="ramp", controller={"ramp_start": 0.05, "ramp_end": 0.6})
     session.attach(model)
     session.start(opt, total_steps=100)
     assert session.rewind_step == 5 and session.rewind_state is None  # controller.ramp_start 0.05 of 100 steps

@@ -18,15 +18,15 @@ from strfx.finetune import evaluate_module
 from strfx.loader import load_model
 from strfx.rundir import load_run
 from strfx.safeload import load_tensors
-from strfx.train import REWIND_FILE
+from strfx.train import REWIND_FILE, resolve_config
 
 ROOT = Path(__file__).resolve().parents[1]
 LENET300 = str(ROOT / "examples" / "lenet300.py")
 
 
 def _train(tmp: Path, *extra: str) -> CliRunner:
-    cfg = tmp / "cfg.yaml"
-    cfg.write_text("train: {batch_size: 64, max_steps_per_epoch: 40}\n")
+    cfg = tmp / "cfg.yaml"  # an early ramp: 120 steps are too few for the rewind default (60 → 90 %) to land 50 %
+    cfg.write_text("train: {batch_size: 64, max_steps_per_epoch: 40, controller: {ramp_start: 0.05, ramp_end: 0.6}}\n")
     return CliRunner().invoke(main, ["train", LENET300, "--mode", "structured", "--data", "demo", "--epochs", "3",
                                      "--config", str(cfg), "-o", str(tmp / "run"), "--target-sparsity", "0.5",
                                      "--finetune-epochs", "1", *extra])
@@ -59,6 +59,16 @@ def test_rewound_model_is_strs_units_cut_from_the_saved_earlier_weights(ramp_run
     before = evaluate_module(small, data, torch.device("cpu"))["val_top1"]
     assert before == pytest.approx(ft["val_top1_before"], abs=1e-9)
     assert ft["val_top1"] > 0.5  # the rewound model trains (10 classes)
+
+
+def test_rewind_ramp_trains_unpushed_for_most_of_the_run_unless_told_otherwise() -> None:
+    loaded = load_model(LENET300)
+    cfg = resolve_config(loaded, "structured", {}, rewind="ramp", target_sparsity=0.5)
+    assert (cfg.train.controller.ramp_start, cfg.train.controller.ramp_end) == (0.6, 0.9)  # docs/results.md, rewind
+    own = resolve_config(loaded, "structured", {"train": {"controller": {"ramp_start": 0.1}}}, rewind="ramp",
+                         target_sparsity=0.5)
+    assert (own.train.controller.ramp_start, own.train.controller.ramp_end) == (0.1, 0.6)  # the user's ramp wins
+    assert resolve_config(loaded, "structured", {}, target_sparsity=0.5).train.controller.ramp_start == 0.05
 
 
 def test_rewind_start_saves_the_initial_weights(tmp_path: Path) -> None:

@@ -110,6 +110,10 @@ class STRSession:
         self.target = target_sparsity
         self.export_dir = Path(export_dir) if export_dir is not None else None
         self.controller_config = ControllerConfig.model_validate(controller or {})
+        if rewind == "ramp" and not {"ramp_start", "ramp_end"} & self.controller_config.model_fields_set:
+            from strfx.train import REWIND_RAMP  # train unpushed for most of the run, then search (as strfx train)
+
+            self.controller_config = ControllerConfig.model_validate({**(controller or {}), **REWIND_RAMP})
         self.metadata, self.force = metadata, force
         self.model: nn.Module | None = None
         self.meter: SparsityMeter | None = None
