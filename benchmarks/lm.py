@@ -514,7 +514,9 @@ def markdown(res: dict[str, Any], plot_name: str) -> str:
         f"{b['controller_interval']} steps, pace cap `max_step_rate` {b['max_step_rate']:g}; thresholds and "
         f"importance vectors at {b['str_lr_scale']:g}× the lr), then `strfx.shrink` and the rest fine-tuning the "
         f"shrunk model "
-        f"(lr {b['method_lr'] / 2:g}); uniform: prune, shrink, fine-tune for all of them.",
+        f"(lr {b['method_lr'] / 2:g}); STR with rewind (`+rw`): {b.get('rewind_frac', 0.5):.0%} of them learning the "
+        f"units, then `STRSession.rewound()` (STR's units cut from the dense weights) trained for the rest like "
+        f"uniform's model (lr {b['method_lr']:g}, warm-up); uniform: prune, shrink, fine-tune for all of them.",
         "",
         "bpb: validation bits per byte (lower is better). FLOPs: per window, attention matmuls "
         "included (HF eager attention under `torch.utils.flop_counter`). Tokens/s: forward of "
