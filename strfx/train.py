@@ -65,8 +65,9 @@ CHECKPOINT_FORMAT = "strfx-train-checkpoint/1"
 
 
 def resolve_config(loaded: LoadedModel, mode: str | None, config: StrfxConfig | dict[str, Any] | str | Path | None,
-                   **train_overrides: Any) -> StrfxConfig:
-    """The run's full configuration: file/dict + command-line overrides, ``train`` always present."""
+                   finetune_epochs: int = 0, **train_overrides: Any) -> StrfxConfig:
+    """The run's full configuration: file/dict + command-line overrides, ``train`` always present; ``rewind:
+    auto`` resolved (it depends on ``finetune_epochs``), so config.yaml records what the run does."""
     if isinstance(config, (str, Path)):
         cfg = load_config(config)
     elif isinstance(config, StrfxConfig):
@@ -86,6 +87,11 @@ def resolve_config(loaded: LoadedModel, mode: str | None, config: StrfxConfig | 
     assert resolved.train is not None
     if cpu_offload and resolved.train.strategy != "fsdp":
         raise StrfxError("--cpu-offload only applies to sharded training; add --strategy fsdp")
+    tc = resolved.train
+    if tc.rewind == "auto":
+        structured = resolved.sparsify.mode == "structured" and not resolved.sparsify.ranks
+        data["train"]["rewind"] = "ramp" if structured and tc.target_sparsity is not None and finetune_epochs else "off"
+        resolved = parse_config(data, "(resolved)")
     user_controller = cfg.train.controller.model_fields_set if cfg.train else set()
     if resolved.train.rewind == "ramp" and not {"ramp_start", "ramp_end"} & user_controller:
         # rewinding to the ramp's start: train unpushed for most of the run, so the weights rewound to are
@@ -215,7 +221,7 @@ class Job:
 
 def _check_rewind(tc: TrainConfig, mode: str, finetune_epochs: int, ranks: bool = False) -> None:
     """train.rewind needs a model to train after the run, and (ramp) a schedule to rewind to."""
-    if tc.rewind == "off":
+    if tc.rewind in ("off", "auto"):
         return
     if not finetune_epochs:
         raise StrfxError(f"train.rewind {tc.rewind!r} needs --finetune-epochs N: the rewound model is the one trained "
@@ -245,7 +251,7 @@ def prepare(model: str, data: str | None, mode: str | None = None,
         raise StrfxError("--export needs strfx.shrink and strfx.export, which this installation does not have yet; "
                          "train without --export, then shrink/export the run directory once they are available")
     loaded = load_model(model)
-    cfg = resolve_config(loaded, mode, config, **train_overrides)
+    cfg = resolve_config(loaded, mode, config, finetune_epochs, **train_overrides)
     tc = cfg.train
     assert tc is not None
     _check_rewind(tc, cfg.sparsify.mode, finetune_epochs, cfg.sparsify.ranks)
@@ -319,8 +325,8 @@ def train(model: str, data: str | None = None, mode: str | None = None, *,
     """Train MODEL with STR; one process, or ``launch_options.nproc_per_node`` through torchrun.
 
     ``model`` and ``data`` are the CLI's MODEL and ``--data`` strings; ``epochs``, ``batch_size``, ``lr``,
-    ``seed``, ``init``, ``strategy``, ``target_sparsity``, ``target_metric``, ``rewind`` and ``cpu_offload`` (``train.fsdp.cpu_offload``)
-    override the config's ``train:`` fields. ``finetune_epochs`` (implies ``export``) fine-tunes the shrunk model
+    ``seed``, ``init``, ``strategy``, ``target_sparsity``, ``target_metric``, ``rewind`` and ``cpu_offload``
+    (``train.fsdp.cpu_offload``) override the config's ``train:`` fields. ``finetune_epochs`` (implies ``export``) fine-tunes the shrunk model
     afterwards (strfx.finetune; with ``train.rewind`` the model cut from earlier weights). Returns the run's summary.
     """
     opts = launch_options
@@ -547,7 +553,8 @@ class Trainer:
         self.total_steps = self.steps_per_epoch * tc.epochs
         # train.rewind ramp: the run is the search phase of one schedule that the retraining completes, so its
         # cosine spans both (the search happens at a still high lr; the retraining restarts at the peak)
-        self.schedule_steps = self.total_steps + (self.steps_per_epoch * job.finetune_epochs if tc.rewind == "ramp" else 0)
+        retrain = self.steps_per_epoch * job.finetune_epochs if tc.rewind == "ramp" else 0
+        self.schedule_steps = self.total_steps + retrain
 
         self.optimizer = torch.optim.SGD(
             param_groups(gm, tc.weight_decay, tc.threshold_decay, tc.norm_decay),
@@ -566,7 +573,7 @@ class Trainer:
 
         # train.rewind: the state the fine-tuned model is cut from, saved after this many optimizer steps
         self.rewind_step: int | None = None
-        if tc.rewind != "off":
+        if tc.rewind in ("start", "ramp"):  # prepare() resolved "auto"
             self.rewind_step = 0 if tc.rewind == "start" else math.ceil(tc.controller.ramp_start * self.total_steps)
 
         self.model: nn.Module = gm
@@ -1073,7 +1080,7 @@ class Trainer:
 
         tc = self.tc
         model, rewind_info, warmup = self.shrunk, None, 0.0
-        if tc.rewind != "off":
+        if tc.rewind in ("start", "ramp"):
             model, rewind_info = self.rewound()
             # from the initialisation: warm up like the run; from trained weights (ramp): restart at the peak
             warmup = tc.warmup_epochs_for() / tc.epochs if tc.rewind == "start" else 0.0

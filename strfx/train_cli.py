@@ -54,9 +54,10 @@ from strfx.cli import CONFIG, MODE, command, main
               "same data) and export it to RUN_DIR/finetuned/ (implies --export).")
 @click.option("--finetune-lr", type=click.FloatRange(0, min_open=True), default=None,
               help="Peak lr of the fine-tuning (cosine to 0; default a tenth of the run's peak lr).")
-@click.option("--rewind", type=click.Choice(["off", "start", "ramp"]), default=None,
+@click.option("--rewind", type=click.Choice(["auto", "off", "start", "ramp"]), default=None,
               help="Override train.rewind: with --finetune-epochs, cut STR's units from the weights the run started "
-              "from (start) or had when the target schedule started rising (ramp), and train that model instead.")
+              "from (start) or had when the target schedule started rising (ramp), and train that model instead; "
+              "off fine-tunes STR's own weights. Default auto: ramp for structured runs with a target, else off.")
 @click.option("--progress/--no-progress", default=None, help="Progress bar (default: only on a terminal).")
 def train_cmd(model: str, mode: str | None, data: str | None, epochs: int | None, batch_size: int | None,
               lr: float | None, seed: int | None, init: str | None, config_path: str | None,

@@ -94,13 +94,14 @@ class TrainConfig(_Strict):
     target_metric: Literal["flops", "params"] = Field("flops", description="Structured mode: what target_sparsity "
                                                       "is a fraction of — FLOPs the shrunk model saves, or parameters.")
     controller: ControllerConfig = Field(default_factory=ControllerConfig)
-    rewind: Literal["off", "start", "ramp"] = Field("off", description="With --finetune-epochs: the model fine-tuned "
-                                                   "after the run is cut from EARLIER weights, with the units (or "
-                                                   "weights) STR killed kept dead (strfx.rewind): 'start' the weights "
-                                                   "the run started from (the --init weights, or the initialisation); "
-                                                   "'ramp' those when the target schedule started rising "
-                                                   "(controller.ramp_start; needs target_sparsity). STR then only picks "
-                                                   "the units; the rising thresholds never touch the weights kept.")
+    rewind: Literal["auto", "off", "start", "ramp"] = Field(
+        "auto", description="With --finetune-epochs: the model trained after the run is cut from EARLIER weights, "
+        "with the units (or weights) STR killed kept dead (strfx.rewind): 'start' the weights the run started from "
+        "(the --init weights, or the initialisation); 'ramp' those when the target schedule started rising "
+        "(controller.ramp_start, by default 60 % of the run; needs target_sparsity); 'off' fine-tunes STR's own "
+        "weights. 'auto': 'ramp' for structured runs with a target and --finetune-epochs (it beat network slimming "
+        "on LeNet-5, docs/results.md), else 'off'. STR then only picks the units; the rising thresholds never "
+        "touch the weights kept.")
     seed: int = 0
     strategy: Literal["ddp", "fsdp"] = Field("ddp", description="With several processes: ddp replicates the model "
                                              "on every rank; fsdp shards parameters, gradients and optimizer state "

@@ -92,3 +92,12 @@ def test_rewind_refuses_what_it_cannot_do(tmp_path: Path, extra: list[str], mess
     res = CliRunner().invoke(main, ["train", LENET300, "--data", "demo", "-o", str(tmp_path / "r"), *extra])
     assert res.exit_code != 0 and message in res.output and res.output.count("\n") <= 2, res.output
     assert not (tmp_path / "r").exists()
+
+
+def test_rewind_auto_is_ramp_for_structured_runs_with_a_target_and_a_retraining() -> None:
+    loaded = load_model(LENET300)
+    auto = {(mode, target, ft): resolve_config(loaded, mode, {}, ft, target_sparsity=target).train.rewind
+            for mode in ("structured", "unstructured", "structured+lowrank") for target in (None, 0.5) for ft in (0, 2)}
+    assert [k for k, v in auto.items() if v == "ramp"] == [("structured", 0.5, 2)]
+    assert set(auto.values()) == {"ramp", "off"}
+    assert resolve_config(loaded, "structured", {}, 2, target_sparsity=0.5, rewind="off").train.rewind == "off"
