@@ -79,8 +79,11 @@ S_INIT = -8.0
 SLIM_L1 = 1e-4
 STRUCT_D = 3.0  # threshold-decay budget for str-struct (its knob is the norm decay on the gates)
 RETRAIN_LR_FRAC = 1.0  # Han/slimming restart: 1.0 beat 0.3 and 0.1 on a 1-seed LeNet-300 pilot
-# str-rewind's schedule: the winner of the 1-seed pilots in docs/results.md, "Issue 14", "Rewind"
-REWIND = RewindSchedule()
+# str-rewind's schedule, the best of six 1-seed pilots (docs/results.md, "Issue 14", "Rewind"): train with
+# STR in place but unpushed to 30 % of the steps, search 30→45 % (held to 50 %), rewind to the 30 % state,
+# retrain the shrunk model for the other 50 % with the learning rate restarted at the peak.
+REWIND = RewindSchedule(rewind_at=0.3, ramp_start=0.3, ramp_end=0.45, search_end=0.5, search_lr="global",
+                        retrain_lr="restart")
 
 # Published anchors (test error %, sparsity % of weights) — printed beside our numbers, never mixed in.
 ANCHORS: dict[str, list[dict[str, Any]]] = {
@@ -114,7 +117,8 @@ GRIDS: dict[str, dict[str, list[float]]] = {
         "str-struct": [0.1, 0.15, 0.25],
         "str-struct-ft": [0.1, 0.25],
         "str-target": [0.55, 0.7],
-        "slim": [0.5, 0.75],
+        "str-rewind": [0.45, 0.6, 0.75],
+        "slim": [0.5, 0.75, 0.9],
     },
 }
 
@@ -550,7 +554,7 @@ def plot(rows: list[dict[str, Any]], runs: list[dict[str, Any]], out: Path, stem
 
     written = []
     colors = {"str": "C0", "han": "C1", "gmp": "C2", "dense": "k", "str-struct": "C0", "str-struct-ft": "C9",
-              "str-target": "C6", "slim": "C3"}
+              "str-target": "C6", "str-rewind": "C8", "slim": "C3"}
     for arch in sorted({r["arch"] for r in rows}):
         dense = [r for r in rows if r["arch"] == arch and r["method"] == "dense"]
         # error vs sparsity (unstructured)
@@ -584,6 +588,7 @@ def plot(rows: list[dict[str, Any]], runs: list[dict[str, Any]], out: Path, stem
         for method, label in (("str-struct", "STR structured (strfx)"),
                               ("str-struct-ft", "STR structured + fine-tune (strfx)"),
                               ("str-target", "STR structured, strfx defaults (target FLOPs)"),
+                              ("str-rewind", "STR picks the units, rewound weights retrained"),
                               ("slim", "network slimming (Liu)")):
             rs = [r for r in rows if r["arch"] == arch and r["method"] == method]
             pts = [(100 * r2["flops"] / r2["dense_flops"], r2["error"]) for r2 in runs
