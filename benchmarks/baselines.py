@@ -7,6 +7,8 @@ a baseline with a wrong mask or schedule would make STR look better than it is.
 * :func:`uniform_magnitude_masks` — Zhu & Gupta (2017): the same sparsity in every layer.
 * :func:`gmp_sparsity` — Zhu & Gupta's cubic schedule s_t = s_f + (s_i - s_f)(1 - (t - t0)/(nΔt))³.
 * :func:`slimming_keep` — Liu et al. (2017): one global threshold on |γ| over all channels.
+* :class:`RewindSchedule` — structured STR as a unit search only (issue 14): where the search runs, which
+  earlier state the shrunk model is rewound to, and the learning rate of its retraining.
 * :func:`lowest`, :func:`uniform_counts` — structured uniform magnitude pruning of transformer units
   (Torch-Pruning / LLM-Pruner's recipe, benchmarks/lm.py): which units, and how many per layer.
 """
@@ -14,6 +16,8 @@ a baseline with a wrong mask or schedule would make STR look better than it is.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
+from typing import Literal
 
 import torch
 
@@ -131,3 +135,51 @@ def uniform_counts(kv_heads: int, ffn: int, layers: int, head_cost: float, neuro
             best = (abs(removed - target), k, n)
     assert best is not None
     return best[1], best[2]
+
+
+def cosine_lr(step: int, start: int, end: int, peak: float) -> float:
+    """Cosine from ``peak`` at ``start`` to 0 at ``end`` (benchmarks/mnist.py's schedule, clamped outside)."""
+    return 0.5 * peak * (1 + math.cos(math.pi * min(max(step - start, 0), end - start) / max(end - start, 1)))
+
+
+@dataclass(frozen=True)
+class RewindSchedule:
+    """STR picks the units, an earlier state of the weights minus those units is retrained (issue 14).
+
+    Fractions are of the whole step budget ``total``: the weights are recorded at ``rewind_at`` (0: right
+    after sparsify), strfx's FLOPs controller ramps between ``ramp_start`` and ``ramp_end`` (held to
+    ``search_end``), the dead units are read off at ``search_end``, and the shrunk model trains for the
+    remaining ``total - search_end`` steps, so every schedule spends the same number of SGD steps.
+    ``search_lr``: ``own`` — a cosine over the search alone (a short ``strfx train`` run), ``global`` — the
+    run's one cosine. ``retrain_lr``: ``restart`` — a fresh cosine from the peak; ``continue`` — the
+    original cosine from ``rewind_at`` to the end, compressed onto the retraining steps (learning-rate
+    rewinding, Renda et al. 2020, at a shorter length).
+    """
+
+    rewind_at: float = 0.0
+    ramp_start: float = 0.05 / 3
+    ramp_end: float = 0.6 / 3
+    search_end: float = 1 / 3
+    search_lr: Literal["own", "global"] = "own"
+    retrain_lr: Literal["restart", "continue"] = "restart"
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.rewind_at <= self.ramp_start < self.ramp_end <= self.search_end < 1:
+            raise ValueError(f"need 0 <= rewind_at <= ramp_start < ramp_end <= search_end < 1, got {self}")
+
+    def steps(self, total: int) -> tuple[int, int]:
+        """(step whose start state is rewound to, step at which the search stops); the rest retrains."""
+        return round(self.rewind_at * total), round(self.search_end * total)
+
+    def search_lr_at(self, step: int, total: int, peak: float) -> float:
+        end = self.steps(total)[1] if self.search_lr == "own" else total
+        return cosine_lr(step, 0, end, peak)
+
+    def retrain_lr_at(self, k: int, total: int, peak: float) -> float:
+        """Learning rate of retraining step ``k`` (0 ≤ k < total − search_end steps)."""
+        rewind, stop = self.steps(total)
+        n = total - stop
+        if self.retrain_lr == "restart":
+            return cosine_lr(k, 0, n, peak)
+        pos = rewind + (total - rewind) * k / n  # where on the original cosine this step sits
+        return 0.5 * peak * (1 + math.cos(math.pi * pos / total))

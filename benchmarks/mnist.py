@@ -16,6 +16,10 @@ the weights, same number of SGD steps; each has one sparsity knob that is swept)
   (strfx.controller, default settings; this file's optimizer and s_init): one decay on the thresholds and
   the gates, set from the measured FLOPs on Zhu & Gupta's cubic ramp to 60 % of the steps, held to the
   end; knob = fraction of FLOPs removed, so it lands at the FLOPs it is compared at.
+* ``str-rewind``  — STR as a unit search only (issue 14): strfx's controller (as ``str-target``) finds the
+  units in part of the budget, :func:`strfx.rewind` loads an earlier state with exactly those units dead,
+  :func:`strfx.shrink` cuts them, and the plain shrunk model trains for the remaining steps
+  (:data:`REWIND`, a :class:`baselines.RewindSchedule`); knob = fraction of FLOPs removed.
 * ``han``         — Han et al. 2015: train dense for half the steps, then 3 rounds of global magnitude
   pruning + retraining (lr restarted at 1/10 of the peak); knob = final sparsity.
 * ``gmp``         — Zhu & Gupta 2017: uniform per-layer magnitude pruning on the cubic schedule from
@@ -55,6 +59,7 @@ from strfx.modules import str_units
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from baselines import (  # noqa: E402
+    RewindSchedule,
     global_magnitude_masks,
     gmp_sparsity,
     iterative_densities,
@@ -74,6 +79,11 @@ S_INIT = -8.0
 SLIM_L1 = 1e-4
 STRUCT_D = 3.0  # threshold-decay budget for str-struct (its knob is the norm decay on the gates)
 RETRAIN_LR_FRAC = 1.0  # Han/slimming restart: 1.0 beat 0.3 and 0.1 on a 1-seed LeNet-300 pilot
+# str-rewind's schedule, the best of six 1-seed pilots (docs/results.md, "Issue 14", "Rewind"): train with
+# STR in place but unpushed to 30 % of the steps, search 30→45 % (held to 50 %), rewind to the 30 % state,
+# retrain the shrunk model for the other 50 % with the learning rate restarted at the peak.
+REWIND = RewindSchedule(rewind_at=0.3, ramp_start=0.3, ramp_end=0.45, search_end=0.5, search_lr="global",
+                        retrain_lr="restart")
 
 # Published anchors (test error %, sparsity % of weights) — printed beside our numbers, never mixed in.
 ANCHORS: dict[str, list[dict[str, Any]]] = {
@@ -107,7 +117,8 @@ GRIDS: dict[str, dict[str, list[float]]] = {
         "str-struct": [0.1, 0.15, 0.25],
         "str-struct-ft": [0.1, 0.25],
         "str-target": [0.55, 0.7],
-        "slim": [0.5, 0.75],
+        "str-rewind": [0.45, 0.6, 0.75],
+        "slim": [0.5, 0.75, 0.9],
     },
 }
 
@@ -253,7 +264,71 @@ def gate_widths(gm: nn.Module) -> list[int]:
 
 # ---------------------------------------------------------------- methods
 
+def run_rewind(arch: str, knob: float, seed: int, epochs: int, sched: RewindSchedule = REWIND,
+               threads: int = 1) -> RunResult:
+    """``str-rewind``: strfx's FLOPs controller picks the units, an earlier state minus them is retrained.
+
+    The search is ``str-target``'s (same groups, controller defaults but the ramp of ``sched``); at
+    ``sched.search_end`` the dead units are read off, the state recorded at ``sched.rewind_at`` is loaded
+    with exactly those units at zero (:func:`strfx.rewind`), :func:`strfx.shrink` cuts them, and the plain
+    shrunk model trains with this file's SGD and weight decay for the remaining steps.
+    """
+    import copy
+
+    from strfx.controller import SparsityMeter, ThresholdDecayController
+    from strfx.train_config import ControllerConfig
+
+    torch.set_num_threads(threads)
+    torch.manual_seed(seed)
+    xtr, ytr, xte, yte = load_mnist()
+    example = (torch.zeros(2, 1, 28, 28),)
+    total = epochs * (xtr.shape[0] // BATCH)
+    rewind_step, stop = sched.steps(total)
+    t0 = time.perf_counter()
+    gm = strfx.sparsify(load_arch(arch)(), "structured", config={"s_init": S_INIT}, verify=False,
+                        example_inputs=example)
+    groups = strfx.param_groups(gm, weight_decay=WD)
+    ccfg = ControllerConfig(ramp_start=sched.ramp_start * total / stop, ramp_end=sched.ramp_end * total / stop)
+    ctrl = ThresholdDecayController(knob, stop, ccfg, WD, MOMENTUM)  # the search is the controller's whole run
+    meter = SparsityMeter(gm, "structured", example)
+    saved: dict[str, Any] = {}
+
+    def lr_search(step: int) -> float:
+        return sched.search_lr_at(step, total, LR)
+
+    def record(step: int) -> None:
+        if step == rewind_step:
+            saved.update(copy.deepcopy(gm.state_dict()))
+
+    def steer(step: int) -> None:
+        if ctrl.due(step + 1):
+            decay = ctrl.update(step + 1, meter(), lr_search(step + 1))
+            for g in groups:
+                if g["name"] in ("thresholds", "norms"):
+                    g["weight_decay"] = decay
+
+    fit(gm, groups, (xtr, ytr), stop, seed, lr_search, before_step=record, after_step=steer)
+    search_error = test_error(gm, xte, yte)
+    widths = gate_widths(gm)
+    info = strfx.rewind(gm, saved)
+    assert gate_widths(gm) == widths, "rewind changed the set of alive units"
+    shrunk = strfx.shrink(gm.eval(), example)
+    fit(shrunk, [{"params": list(shrunk.parameters()), "weight_decay": WD}], (xtr, ytr), total - stop, seed + 1000,
+        lambda k: sched.retrain_lr_at(k, total, LR))
+    err = test_error(shrunk, xte, yte)
+    extra = {"schedule": asdict(sched), "search_error": search_error, "rewind": info,
+             "search_steps": stop, "retrain_steps": total - stop, "rewind_step": rewind_step}
+    per = {n: float((u.effective_weight() == 0).float().mean()) for n, u in str_units(gm).items()}
+    res = RunResult(arch=arch, method="str-rewind", knob=knob, seed=seed, epochs=epochs, error=err, sparsity=0.0,
+                    layer_sparsity=per, widths=widths, train_s=time.perf_counter() - t0, extra=extra)
+    res.dense_flops = shrunk_flops(arch, dense_widths(arch))
+    res.flops = shrunk_flops(arch, widths)
+    return res
+
+
 def run_one(arch: str, method: str, knob: float, seed: int, epochs: int, threads: int = 1) -> RunResult:
+    if method == "str-rewind":
+        return run_rewind(arch, knob, seed, epochs, REWIND, threads)
     torch.set_num_threads(threads)
     torch.manual_seed(seed)
     xtr, ytr, xte, yte = load_mnist()
@@ -479,7 +554,7 @@ def plot(rows: list[dict[str, Any]], runs: list[dict[str, Any]], out: Path, stem
 
     written = []
     colors = {"str": "C0", "han": "C1", "gmp": "C2", "dense": "k", "str-struct": "C0", "str-struct-ft": "C9",
-              "str-target": "C6", "slim": "C3"}
+              "str-target": "C6", "str-rewind": "C8", "slim": "C3"}
     for arch in sorted({r["arch"] for r in rows}):
         dense = [r for r in rows if r["arch"] == arch and r["method"] == "dense"]
         # error vs sparsity (unstructured)
@@ -513,6 +588,7 @@ def plot(rows: list[dict[str, Any]], runs: list[dict[str, Any]], out: Path, stem
         for method, label in (("str-struct", "STR structured (strfx)"),
                               ("str-struct-ft", "STR structured + fine-tune (strfx)"),
                               ("str-target", "STR structured, strfx defaults (target FLOPs)"),
+                              ("str-rewind", "STR picks the units, rewound weights retrained"),
                               ("slim", "network slimming (Liu)")):
             rs = [r for r in rows if r["arch"] == arch and r["method"] == method]
             pts = [(100 * r2["flops"] / r2["dense_flops"], r2["error"]) for r2 in runs

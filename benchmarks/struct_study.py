@@ -24,6 +24,9 @@ Knobs (``--set``), each one candidate of issue 14:
   Its floor decay (``base_decay``, applied whenever it pushes) is ``D``/Σlr here (0.043 at 6 epochs),
   above its full-effort decay (~0.01 at the peak learning rate), so in these runs it acts nearly on/off;
   benchmarks/mnist.py's ``str-target`` uses strfx train's floor (the weight decay) instead.
+* ``--rewind`` — STR as a unit search only (benchmarks/mnist.py's ``str-rewind``): ``--set`` takes
+  ``target`` (FLOPs removed) and the fields of :class:`baselines.RewindSchedule` (``rewind_at``,
+  ``ramp_start``, ``ramp_end``, ``search_end``, ``search_lr``, ``retrain_lr``).
 * ``--widths C1 C2 F1`` — a plain LeNet-5-Caffe of those widths trained from scratch, same steps: tells
   whether an STR run's error comes from the widths it chose or from its weights.
 
@@ -48,6 +51,7 @@ import mnist as M  # noqa: E402
 import strfx  # noqa: E402
 from strfx.controller import SparsityMeter, ThresholdDecayController  # noqa: E402
 from strfx.modules import str_units  # noqa: E402
+from baselines import RewindSchedule  # noqa: E402
 from strfx.train_config import ControllerConfig  # noqa: E402
 
 OUT = M.DOCS / "struct_study.jsonl"
@@ -182,6 +186,16 @@ def run_widths(widths: list[int], seed: int, epochs: int) -> dict[str, Any]:
             "train_s": time.perf_counter() - t0}
 
 
+def run_rewind(opts: dict[str, str], seed: int, epochs: int) -> dict[str, Any]:
+    """One ``str-rewind`` run with the schedule given as ``--set`` strings (``target`` = FLOPs removed)."""
+    fields = {f: opts[f] if f in ("search_lr", "retrain_lr") else float(opts[f])
+              for f in RewindSchedule.__dataclass_fields__ if f in opts}
+    sched = RewindSchedule(**fields)
+    r = M.run_rewind("lenet5", float(opts.get("target", 0.55)), seed, epochs, sched)
+    return {"error": r.error, "widths": r.widths, "flops": r.flops / r.dense_flops, "seed": seed, "epochs": epochs,
+            "search_error": r.extra["search_error"], "train_s": r.train_s}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("name")
@@ -189,8 +203,17 @@ def main() -> None:
     ap.add_argument("--epochs", type=int, default=6)
     ap.add_argument("--slim", type=float, default=None, help="run network slimming with this prune fraction")
     ap.add_argument("--widths", type=int, nargs=3, default=None, help="train this plain architecture from scratch")
+    ap.add_argument("--rewind", action="store_true", help="STR searches the units, an earlier state is retrained")
     ap.add_argument("--set", nargs="*", default=[])
     a = ap.parse_args()
+    if a.rewind:
+        raw = dict(kv.split("=", 1) for kv in a.set)
+        sched = {k: v for k, v in raw.items()}
+        res = {"name": a.name, "opts": {"rewind": sched}, **run_rewind(raw, a.seed, a.epochs)}
+        with OUT.open("a") as f:
+            f.write(json.dumps(res) + "\n")
+        print(json.dumps(res), flush=True)
+        return
     opts = dict(DEFAULTS)
     for kv in a.set:
         k, v = kv.split("=", 1)

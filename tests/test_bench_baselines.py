@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import sys
 from pathlib import Path
 
@@ -10,6 +11,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 from baselines import (  # noqa: E402
+    RewindSchedule,
     global_magnitude_masks,
     gmp_sparsity,
     iterative_densities,
@@ -75,3 +77,22 @@ def test_slimming_keep_uses_one_global_threshold_and_keeps_one() -> None:
     keep = slimming_keep(gammas, 4 / 7)
     assert keep["l2"].tolist() == [True, True, False, True]
     assert keep["l1"].tolist() == [False, False, True]  # emptied by the threshold, largest revived
+
+
+def test_rewind_schedule_spends_the_budget_and_rewinds_the_learning_rate() -> None:
+    total, peak = 300, 0.05
+    start = RewindSchedule()  # search a third of the budget from init, retrain with a fresh cosine
+    assert start.steps(total) == (0, 100)
+    assert start.search_lr_at(0, total, peak) == peak and start.search_lr_at(100, total, peak) == 0.0
+    assert start.retrain_lr_at(0, total, peak) == peak
+    late = RewindSchedule(rewind_at=0.3, ramp_start=0.3, ramp_end=0.45, search_end=0.5,
+                          search_lr="global", retrain_lr="continue")
+    rewind, stop = late.steps(total)
+    assert (rewind, stop) == (90, 150)
+    # the search follows the run's one cosine; retraining starts where the rewound weights were on it
+    assert late.search_lr_at(90, total, peak) == pytest.approx(0.5 * peak * (1 + math.cos(0.3 * math.pi)))
+    assert late.retrain_lr_at(0, total, peak) == pytest.approx(late.search_lr_at(90, total, peak))
+    lrs = [late.retrain_lr_at(k, total, peak) for k in range(total - stop)]
+    assert all(a > b for a, b in zip(lrs, lrs[1:])) and lrs[-1] < 1e-3 * peak
+    with pytest.raises(ValueError, match="rewind_at"):
+        RewindSchedule(rewind_at=0.5, ramp_start=0.3)
