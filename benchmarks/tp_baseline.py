@@ -10,7 +10,7 @@ Unlike the example, the hidden size is kept (like ``uniform``): every writer int
 
 Finding (Torch-Pruning 1.6.1, transformers 5.24, HF Llama): building the pruning group of ``q_proj`` never
 ends — the group grows without bound through RoPE's ``rotate_half`` (slice → cat → mul → add) with eager
-attention, and through the SDPA node with SDPA attention. So the head step runs under a time limit
+attention, and through the SDPA node with SDPA attention. (Upstream: VainF/Torch-Pruning#527, the same hang on Qwen3.) So the head step runs under a time limit
 (:class:`TPTimeout`), and where it fails the benchmark falls back to what Torch-Pruning can do on this model:
 MLP neurons, with the attention projections ignored too.
 """
