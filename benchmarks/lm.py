@@ -30,7 +30,12 @@ checkpoint, every method then gets the same number of training tokens at each FL
   magnitude (q/k/v rows + o columns of a head group; gate/up rows + down column of a neuron); the
   fraction is the one that removes the target FLOPs (heads round to whole groups, neurons take the
   rest); the units are zeroed through their strfx carriers, the model is cut with ``strfx.shrink``
-  and fine-tuned for the whole budget. Torch-Pruning itself is not installed here and is not run.
+  and fine-tuned for the whole budget.
+* ``tp``        — Torch-Pruning 1.6.x itself (``benchmarks/tp_baseline.py``), set up as its LLM example: local
+  ``GroupMagnitudeImportance(p=2)``, heads via ``num_heads``/``head_pruning_ratio``, ``lm_head`` ignored, the
+  hidden size kept; then fine-tuned exactly like ``uniform``. Where Torch-Pruning cannot build the head groups
+  of this model (it does not finish: see docs/lm.md) the failure is recorded and it prunes MLP neurons only, at
+  the per-layer ratio that removes the target FLOPs; a target neurons alone cannot reach is skipped and noted.
 
 FLOPs: ``torch.utils.flop_counter`` on one window (batch 1), with the attention computed by HF's
 eager path (on CPU, FlopCounterMode does not count SDPA, so a model that trains with SDPA would hide
@@ -69,6 +74,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _env import environment  # noqa: E402
 from baselines import lowest, uniform_counts  # noqa: E402
 from lm_data import VAL_EVERY, read_bytes, split_files, stdlib_files, windows  # noqa: E402
+from tp_baseline import TPTimeout, ratio_keeping, tp_prune_llama  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCS = ROOT / "docs"
@@ -447,9 +453,59 @@ def run_uniform(dense: nn.Module, target: float, b: Budget, train_stream: torch.
             "shrink": shrink_rep, "train_s": train_s, "wall_s": time.perf_counter() - t0, "model": small}
 
 
+TP_HEAD_LIMIT_S = 90.0  # Torch-Pruning's head groups on this model never finish; how long to let it try
+_TP_HEAD_FAILURE: dict[str, str] = {}  # the first failure, so later targets do not wait for it again
+
+
+def run_tp(dense: nn.Module, target: float, b: Budget, train_stream: torch.Tensor, val: torch.Tensor,
+           seed: int) -> dict[str, Any]:
+    """Torch-Pruning itself: heads (its GQA rule) + neurons where it runs, else neurons only; then uniform's fine-tune.
+    Returns ``{"skipped": why}`` when Torch-Pruning cannot reach the target on this model."""
+    t0 = time.perf_counter()
+    dense_fl = flops(dense, b)
+    neuron_cost = module_flops(dense, b)["model.layers.0.mlp"] / b.ffn
+    x = example(b)[0][:1]
+    attempts: list[dict[str, Any]] = []
+    model = None
+    if not _TP_HEAD_FAILURE:  # as the example: heads and neurons at the same ratio (GQA: at most half the queries)
+        trial = copy.deepcopy(dense)
+        try:
+            info = tp_prune_llama(trial, x, neuron_ratio=target, head_ratio=min(target, 0.5), limit_s=TP_HEAD_LIMIT_S)
+            model = trial
+        except Exception as e:  # noqa: BLE001 — any failure of Torch-Pruning here is the result
+            _TP_HEAD_FAILURE["error"] = f"{type(e).__name__}: {e}"
+            print(f"  tp heads+neurons failed: {_TP_HEAD_FAILURE['error']}", flush=True)
+    if _TP_HEAD_FAILURE:
+        attempts.append({"units": "heads+neurons", **_TP_HEAD_FAILURE})
+    if model is None:  # neurons only: the same count in every layer, the one closest to the target FLOPs
+        keep = min(range(1, b.ffn + 1), key=lambda k: abs(b.layers * (b.ffn - k) * neuron_cost / dense_fl - target))
+        reach = b.layers * (b.ffn - keep) * neuron_cost / dense_fl
+        if abs(reach - target) > 0.02:
+            return {"method": "tp", "target": target, "attempts": attempts,
+                    "skipped": f"MLP neurons alone remove at most {100 * b.layers * (b.ffn - 1) * neuron_cost / dense_fl:.1f} % "
+                               f"of the FLOPs (1 neuron kept per layer)"}
+        model = copy.deepcopy(dense)
+        info = tp_prune_llama(model, x, neuron_ratio=ratio_keeping(b.ffn, keep))
+    kept = {"heads": info["q_heads"], "neurons": info["neurons"], "hidden": b.hidden,
+            "branches": [[1, 1] for _ in range(b.layers)]}
+    print(f"  tp: {info}", flush=True)
+    model.eval()
+    bpb_pruned = bpb(model, val, b.batch)
+    if not math.isfinite(bpb_pruned):
+        raise RuntimeError(f"Torch-Pruning's pruned model gives bpb {bpb_pruned}")
+    opt = torch.optim.AdamW(model.parameters(), lr=b.method_lr, weight_decay=0.0, betas=(0.9, 0.95))
+    train_s = train(model, opt, train_stream, b, b.method_steps, b.method_lr, seed, warmup=max(b.method_steps // 20, 1),
+                    tag=f"tp@{target}")
+    return {"method": "tp", "target": target, "units": ["heads", "neurons"] if info["head_ratio"] > 0 else ["neurons"],
+            "kept": kept, "tp": info, "attempts": attempts, "bpb_before_ft": bpb_pruned, "bpb": bpb(model, val, b.batch),
+            "shrink": {"result": "torch-pruning", "max_error64": float("nan"), "shrink_s": info["prune_s"]},
+            "train_s": train_s, "wall_s": time.perf_counter() - t0, "model": model}
+
+
 # ---------------------------------------------------------------- outputs
 
 LABELS = {"str-all": "STR: heads+neurons+hidden+depth", "str-hn": "STR: heads+neurons", "uniform": "uniform magnitude (L2)",
+          "tp": "Torch-Pruning 1.6.1 (L2, local)",
           "str-all+rw": "STR: all units, rewind (`rewind=\"start\"`)", "str-hn+rw": "STR: heads+neurons, rewind",
           "str-all-rewind": "diagnostic: STR-all's units cut from the dense weights, fine-tuned",
           "str-hn-rewind": "diagnostic: STR-hn's units cut from the dense weights, fine-tuned"}
@@ -463,7 +519,7 @@ def plot_budgets(rows: list[dict[str, Any]], b: Budget, path: Path) -> None:
 
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
     styles = {"str-all": ("C0", "o"), "str-hn": ("C2", "s"), "uniform": ("C3", "^"), "str-all-rewind": ("C0", "x"),
-              "str-hn-rewind": ("C2", "x"), "str-all+rw": ("C0", "D"), "str-hn+rw": ("C2", "D")}
+              "str-hn-rewind": ("C2", "x"), "str-all+rw": ("C0", "D"), "str-hn+rw": ("C2", "D"), "tp": ("C4", "v")}
     for r in rows:
         color, marker = styles[r["method"]]
         ls = "-" if r["target"] == min(b.targets) else "--"
@@ -534,7 +590,7 @@ def markdown(res: dict[str, Any], plot_name: str) -> str:
         gain = d["flops"] / r["flops"]
         branches = sum(sum(x) for x in k["branches"])
         lines.append(
-            f"| {LABELS[r['method']]} | {100 * r['target']:.0f} % | {100 * r['flops_removed']:.1f} % | "
+            f"| {LABELS[r['method']]}{': ' + '+'.join(r['units']) if r['method'] == 'tp' else ''} | {100 * r['target']:.0f} % | {100 * r['flops_removed']:.1f} % | "
             f"{r['bpb_before_ft']:.3f} | **{r['bpb']:.3f}** | {r['params']:,} | {r['flops'] / 1e6:.1f} | "
             f"{r['tokens_s']:.0f} ({r['dense_tokens_s']:.0f}) | {r['speedup']:.2f} | {r['speedup'] / gain:.2f} | "
             f"{'-'.join(map(str, k['heads']))} / {'-'.join(map(str, k['neurons']))}, {k['hidden']}, {branches} |")
@@ -543,11 +599,23 @@ def markdown(res: dict[str, Any], plot_name: str) -> str:
               "the masked model's bpb before shrinking, shrink's exactness (max |Δ| in float64) and wall time:", ""]
     for r in res["rows"]:
         s = r["shrink"]
+        if r["method"] == "tp":
+            t = r["tp"]
+            lines.append(f"- tp @{100 * r['target']:.0f} %: FLOPs removed without attention matmuls "
+                         f"{100 * r['flops_removed_sdpa']:.1f} %; Torch-Pruning {t['torch_pruning']}, pruning_ratio "
+                         f"{t['neuron_ratio']:.4f}, head_pruning_ratio {t['head_ratio']:g}, ignored layers "
+                         f"{', '.join(t['ignored_layers'])}, pruned in {t['prune_s']:.0f} s; {r['wall_s'] / 60:.1f} min.")
+            continue
         extra = f", controller's last reading {r['controller'][-1]['strfx/sparsity']:.3f}" if r.get("controller") else ""
         masked = f", masked bpb {r['bpb_masked']:.3f}" if "bpb_masked" in r else ""
         lines.append(f"- {r['method']} @{100 * r['target']:.0f} %: FLOPs removed without attention matmuls "
                      f"{100 * r['flops_removed_sdpa']:.1f} %{extra}{masked}; shrink {s['result']}, "
                      f"max_error64 {s['max_error64']:.1e}, {s['shrink_s']:.0f} s; {r['wall_s'] / 60:.1f} min.")
+    for sk in res.get("skipped", []):
+        lines.append(f"- {sk['method']} @{100 * sk['target']:.0f} %: not run: {sk['skipped']}.")
+    failures = sorted({a["error"] for r in [*res["rows"], *res.get("skipped", [])] for a in r.get("attempts", [])})
+    for err in failures:
+        lines.append(f"- Torch-Pruning with heads (`num_heads`, `prune_num_heads=True`, `head_pruning_ratio`) failed: {err}")
     lines += ["", *res.get("notes", []), ""]
     return "\n".join(lines)
 
@@ -568,7 +636,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--targets", type=float, nargs="+", default=None, help="fractions of FLOPs to remove")
-    ap.add_argument("--methods", nargs="+", default=None, choices=["str-all", "str-hn", "uniform", "str-all+rw", "str-hn+rw"])
+    ap.add_argument("--methods", nargs="+", default=None, choices=["str-all", "str-hn", "uniform", "str-all+rw", "str-hn+rw", "tp"])
     ap.add_argument("--dense-steps", type=int, default=None)
     ap.add_argument("--method-steps", type=int, default=None)
     ap.add_argument("--str-frac", type=float, default=None,
@@ -635,8 +703,7 @@ def main(argv: list[str] | None = None) -> int:
                                     "val_files": len(val_files), "train_bytes": int(train_stream.numel()),
                                     "val_bytes": int(val_stream.numel())},
                            "notes": [
-                               "Notes: Torch-Pruning is not installed in this environment and was not run. "
-                               "strfx makes a kv head group (a key/value head and the query heads that share it) "
+                               "Notes: strfx makes a kv head group (a key/value head and the query heads that share it) "
                                "the head unit of GQA; single query heads are not units. HF's eager attention "
                                "(`attn_implementation=\"eager\"`) blocks the head units in strfx's analysis "
                                "(RoPE's `mul` and the attention matmul), so the models use SDPA."]}
@@ -645,6 +712,12 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{method} @ {target}", flush=True)
             if method == "uniform":
                 r = run_uniform(dense, target, b, train_stream, val, args.seed)
+            elif method == "tp":
+                r = run_tp(dense, target, b, train_stream, val, args.seed)
+                if "skipped" in r:
+                    print(f"  tp @ {target}: skipped: {r['skipped']}", flush=True)
+                    res.setdefault("skipped", []).append(r)
+                    continue
             else:
                 r = run_str(dense, method, target, b, train_stream, val, args.seed)
             runs = [r]
