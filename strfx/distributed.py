@@ -309,7 +309,7 @@ def failure_line(failures: dict[int, Any], max_restarts: int) -> str:
     failed first with an exit code, else one that was terminated. SIGTERM ranks last because it is
     what the agent itself sends the workers still running once one has failed: a peer still busy when
     the agent notices the dead worker is recorded as "killed by SIGTERM", with a timestamp (whole
-    seconds) that ties with the dead worker's (about 1 run in 20 named the bystander rank 0 so).
+    seconds) that ties with the dead worker's (once in 16 test runs this named the bystander rank 0).
     """
     def key(item: tuple[int, Any]) -> tuple[int, float, int]:
         rank, f = item
