@@ -84,3 +84,7 @@ def test_failure_line_prefers_the_killed_or_first_failed_rank() -> None:
     assert "rank 3 was killed by SIGKILL" in failure_line({0: f(1, 5.0), 3: f(-9, 9.0, "SIGKILL")}, 0)
     assert "rank 2 failed (exit code 1" in failure_line({0: f(1, 5.0), 2: f(1, 4.0)}, 1)
     assert "rank 1 stopped with the error printed above" in failure_line({1: f(2, 1.0)}, 0)
+    # the agent SIGTERMs a peer still running once it sees the dead worker, in the same second: a bystander
+    assert "rank 1 was killed by SIGKILL" in failure_line({0: f(-15, 7.0, "SIGTERM"), 1: f(-9, 7.0, "SIGKILL")}, 0)
+    assert "rank 1 failed (exit code 1" in failure_line({0: f(-15, 7.0, "SIGTERM"), 1: f(1, 7.0)}, 0)
+    assert "rank 2 was killed by SIGTERM" in failure_line({2: f(-15, 3.0, "SIGTERM")}, 0)  # alone: the cause
