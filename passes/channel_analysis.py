@@ -62,6 +62,7 @@ class TInfo:
         c = np.where(self.zero[dim], 0.0, np.nan)
         if const is not None:
             c = np.where(self.zero[dim], 0.0, np.asarray(const, dtype=np.float64))
+            self.zero[dim] = self.zero[dim] | (c == 0)  # the constant 0 (relu of a β ≤ 0) is a zero channel
         self.const[dim] = c
 
     def const_of(self, dim: int) -> np.ndarray:
@@ -76,12 +77,13 @@ class FoldSite:
 
     ``out = W ⋆ x + b``: a channel of ``x`` that is the constant ``k`` everywhere adds
     ``k · Σ W[:, c, ...]`` to every output (linear, or a conv that pads nothing), so the channel can
-    go once that sum is added to ``b``.
+    go once that sum is added to ``b``. ``bias`` None: the layer takes a bias but has none (a conv before a
+    BatchNorm); the caller may give its module a zero bias and analyse again (``ChannelAnalysis.bias_wanted``).
     """
 
     node: str
     weight: str
-    bias: str
+    bias: str | None
     in_dim: int
     out_dim: int
 
@@ -160,6 +162,7 @@ class Ctx:
         # site, ids, constant values, positions along the consumed dim
         self.folds: list[tuple[FoldSite, np.ndarray, np.ndarray, np.ndarray]] = []
         self.const_kept: list[tuple[np.ndarray, str]] = []  # constant channels a consumer cannot absorb
+        self.bias_wanted: set[str] = set()  # weights whose layer could absorb constants if it had a bias
         self.pins: list[tuple[TInfo, int, str]] = []  # parameter dims read by values strfx does not follow
         self._consts: dict[fx.Node, Any] = {}
         self.preferred_axis: dict[fx.Node, int] = {}  # reshape → output dim to cut (attention heads)
@@ -266,6 +269,9 @@ class Ctx:
         ids, zero = info.labels[dim], info.zero[dim]
         const = info.const_of(dim)
         constant = ~zero & np.isfinite(const)
+        if fold is not None and fold.bias is None and constant.any():
+            self.bias_wanted.add(fold.weight)
+            fold = None
         if fold is not None and constant.any():
             self.folds.append((fold, ids[constant], const[constant], np.nonzero(constant)[0]))
             self.live.append(ids[~zero & ~constant])
@@ -357,6 +363,7 @@ class ChannelAnalysis:
     writers: list[Writer] = field(default_factory=list)
     folds: list[tuple[FoldSite, np.ndarray, np.ndarray, np.ndarray]] = field(default_factory=list)
     const_kept: list[tuple[np.ndarray, str]] = field(default_factory=list)
+    bias_wanted: set[str] = field(default_factory=set)  # weights whose bias-less layer keeps constant channels
     bias_deltas: dict[str, Any] = field(default_factory=dict)  # set by the shrink pass: what it added to biases
     # set by the shrink pass: (module path, kind, original width, kept width) of statistics over cut channels
     width_fixes: list[tuple[str, str, int, int]] = field(default_factory=list)
@@ -574,4 +581,5 @@ def analyze_channels(gm: fx.GraphModule, keep_one: bool = True) -> ChannelAnalys
         values={n.name: v for n, v in ctx.values.items()}, roots=roots, blocked=blocked, dead=dead,
         groups=groups, group_of_root=group_of_root, unknown_ops=ctx.unknown_ops, params=params,
         writers=ctx.writers, folds=ctx.folds, const_kept=ctx.const_kept,
+        bias_wanted=ctx.bias_wanted,
     )

@@ -87,16 +87,21 @@ MODE = click.option("--mode", type=click.Choice(["structured", "unstructured", "
                     "vector per channel group elsewhere. Lowrank: STR on each layer's singular values. "
                     "Structured+lowrank: both; shrink cuts channels, then factors each layer at its learned rank. "
                     "Default: the config's mode (unstructured).")
+INIT = click.option("--init", "init", type=click.Path(dir_okay=False), default=None,
+                    help="Start from these weights: a state dict of MODEL's build_model() "
+                    "(torch.save(model.state_dict())), loaded with weights_only=True; every key must match.")
 CONFIG = click.option("--config", "config_path", type=click.Path(dir_okay=False), default=None,
                       help="YAML configuration file (see docs/config.md).")
 
 
-def _resolve(model: str, mode: str | None, config_path: str | None) -> tuple[Any, Any]:
+def _resolve(model: str, mode: str | None, config_path: str | None, init: str | None = None) -> tuple[Any, Any]:
     from strfx.config import StrfxConfig, load_config, parse_config
-    from strfx.loader import load_model
+    from strfx.loader import load_init, load_model
 
     cfg = load_config(config_path) if config_path else parse_config({})
     loaded = load_model(model)
+    if init:
+        load_init(loaded, init)
     data = cfg.model_dump()
     data["model"] = loaded.spec
     if mode:
@@ -107,19 +112,24 @@ def _resolve(model: str, mode: str | None, config_path: str | None) -> tuple[Any
 @command(main, "transform")
 @click.argument("model")
 @MODE
+@INIT
 @CONFIG
 @click.option("-o", "--output", type=click.Path(file_okay=False), default=None,
               help="Run directory to write (default: runs/<model>-<mode>).")
 @click.option("--force", is_flag=True, help="Replace the output directory if it exists.")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON instead of a table.")
-def transform(model: str, mode: str | None, config_path: str | None, output: str | None, force: bool,
-              as_json: bool) -> None:
-    """Trace MODEL, insert STR and save a run directory (weights, config, report)."""
+def transform(model: str, mode: str | None, init: str | None, config_path: str | None, output: str | None,
+              force: bool, as_json: bool) -> None:
+    """Trace MODEL, insert STR and save a run directory (weights, config, report).
+
+    With --init, MODEL starts from trained weights: channels already dead in them (e.g. network slimming's
+    γ = 0) are cut by `strfx shrink RUN_DIR` right away, constant channels folded into the next layer.
+    """
     from strfx.api import sparsify
     from strfx.report import report
     from strfx.rundir import atomic_dir, check_writable, write_run
 
-    loaded, cfg = _resolve(model, mode, config_path)
+    loaded, cfg = _resolve(model, mode, config_path, init)
     out = Path(output or f"runs/{loaded.name}-{cfg.sparsify.mode}")
     check_writable(out, force)  # fail before the (possibly long) work
     gm = sparsify(loaded.model, config=cfg.sparsify, example_inputs=loaded.example_inputs)
@@ -135,14 +145,15 @@ def transform(model: str, mode: str | None, config_path: str | None, output: str
 
 @command(main, "inspect")
 @click.argument("model")
+@INIT
 @CONFIG
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
 @click.option("--groups", is_flag=True, help="Print the channel groups (size, members, blocked-by) instead.")
-def inspect_cmd(model: str, config_path: str | None, as_json: bool, groups: bool = False) -> None:
-    """Show which layers STR would touch in each mode, and how."""
+def inspect_cmd(model: str, init: str | None, config_path: str | None, as_json: bool, groups: bool = False) -> None:
+    """Show which layers STR would touch in each mode, and how (--groups: which channels are dead already)."""
     from strfx.inspect import plan
 
-    loaded, cfg = _resolve(model, None, config_path)
+    loaded, cfg = _resolve(model, None, config_path, init)
     if groups:
         _print_groups(loaded, as_json)
         return

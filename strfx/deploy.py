@@ -45,8 +45,14 @@ class ShrinkOutput(BaseModel):
     blocked_groups: int
     unknown_ops: dict[str, str] = Field(description="Op kind → first node of it that blocked channels.")
     shrink_max_error: float = Field(description="Shrunk vs masked model in torch (example + random inputs).")
+    shrink_max_error64: float | None = Field(None, description="The same in float64 (None: skipped, see notes).")
     pt2_max_error: float = Field(description="Reloaded model.pt2 vs the masked model.")
     tolerance: float = TOLERANCE
+    constant_channels_folded: int = Field(0, description="Removed channels that were constants (e.g. network "
+                                          "slimming's γ = 0, β ≠ 0), folded into the next layer's bias.")
+    constant_channels_kept: list[str] = Field(default_factory=list,
+                                              description="Constant channels kept, and why (no exact fold).")
+    notes: list[str] = Field(default_factory=list)
 
     def table(self) -> Any:
         from rich.table import Table
@@ -67,7 +73,11 @@ class ShrinkOutput(BaseModel):
         """Groups and the numeric checks, one line (printed under the table)."""
         blocked = f", {self.blocked_groups} blocked" if self.blocked_groups else ""
         return (f"{self.groups} channel groups{blocked} · max relative error vs masked model: "
-                     f"torch {self.shrink_max_error:.2g}, reloaded .pt2 {self.pt2_max_error:.2g} (≤ {self.tolerance:g})")
+                f"torch {self.shrink_max_error:.2g}"
+                + (f" (float64 {self.shrink_max_error64:.2g})" if self.shrink_max_error64 is not None else "")
+                + f", reloaded .pt2 {self.pt2_max_error:.2g} (≤ {self.tolerance:g})"
+                + (f" · {self.constant_channels_folded} constant channel(s) folded into biases"
+                   if self.constant_channels_folded else ""))
 
 
 def _flops(model: nn.Module, inputs: tuple[torch.Tensor, ...]) -> int | None:
@@ -107,7 +117,9 @@ def shrink_run(run_dir: str | Path, out: str | Path, force: bool = False, round_
             flops_before=_flops(masked, inputs), flops_after=_flops(shrunk, inputs),
             channels=rep["channels"], channels_removed=rep["channels_removed"], groups=rep["groups"],
             blocked_groups=rep["blocked_groups"], unknown_ops=rep["unknown_ops"], shrink_max_error=rep["max_error"],
-            pt2_max_error=pt2_err,
+            shrink_max_error64=rep["max_error64"], pt2_max_error=pt2_err,
+            constant_channels_folded=rep["constant_channels_folded"],
+            constant_channels_kept=rep["constant_channels_kept"], notes=rep["notes"],
         )
         (tmp / SHRINK_FILE).write_text(summary.model_dump_json(indent=2))
         from strfx.contract import CONTRACT_FILE

@@ -23,7 +23,8 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from strfx.errors import ModelLoadError
+from strfx.errors import ModelLoadError, StrfxError
+from strfx.safeload import load_tensors
 
 TORCHVISION_PREFIX = "torchvision:"
 TIMM_PREFIX = "timm:"
@@ -225,3 +226,33 @@ def load_model(spec: str) -> LoadedModel:
     if spec.startswith(HF_PREFIX):
         return load_from_hf(spec[len(HF_PREFIX):])
     return load_from_file(spec)
+
+
+def load_init(loaded: LoadedModel, path: str | Path) -> None:
+    """``--init`` (train, transform, inspect): load a state dict of MODEL's own model (before STR goes in),
+    strictly, tensors only (``weights_only=True``).
+
+    A dict holding the state dict under ``state_dict`` or ``model`` (common checkpoint layouts) is
+    accepted too. Any missing, unexpected or differently shaped key is one line naming them.
+    """
+    fix = "give a state dict of build_model()'s model, saved with torch.save(model.state_dict(), PATH)"
+    state = load_tensors(path, "--init", fix)
+    if isinstance(state, dict) and not any(isinstance(v, torch.Tensor) for v in state.values()):
+        inner = state.get("state_dict", state.get("model"))
+        state = inner if isinstance(inner, dict) else state
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise StrfxError(f"--init {path} is not a state dict (a dict of tensors); {fix}")
+    own = loaded.model.state_dict()
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    shapes = [f"{k} {tuple(state[k].shape)} vs {tuple(v.shape)}" for k, v in own.items()
+              if k in state and tuple(state[k].shape) != tuple(v.shape)]
+
+    def few(keys: list[str]) -> str:
+        return ", ".join(keys[:3]) + (f" (+{len(keys) - 3} more)" if len(keys) > 3 else "")
+
+    problems = ([f"missing {few(missing)}"] if missing else []) + ([f"unexpected {few(unexpected)}"] if unexpected
+                                                                    else []) + ([f"shape {few(shapes)}"] if shapes else [])
+    if problems:
+        raise StrfxError(f"--init {path} does not fit {loaded.name}: {'; '.join(problems)}; {fix}")
+    loaded.model.load_state_dict(state, strict=True)

@@ -161,8 +161,44 @@ def fold_str(model: nn.Module) -> nn.Module:
 def analyze(model: nn.Module, example_inputs: Any = None) -> tuple[fx.GraphModule, ChannelAnalysis]:
     """Channel groups of ``model`` (STR folded), with the captured ATen graph they refer to."""
     inputs = example_inputs_of(model, example_inputs)
-    gm = capture(fold_str(model), inputs)
-    return gm, analyze_channels(gm)
+    return _capture_analysed(fold_str(model), inputs)
+
+
+def _capture_analysed(plain: nn.Module, inputs: Sequence[Any]) -> tuple[fx.GraphModule, ChannelAnalysis]:
+    """Capture and analyse ``plain`` (a copy strfx owns); bias-less layers that would absorb constant channels
+    get a zero bias first.
+
+    A channel that is a constant (network slimming's γ = 0, β ≠ 0) goes once its consumer adds the constant's
+    contribution to its bias; a conv before a BatchNorm usually has none. A zero bias changes nothing the
+    model computes, so such layers get one and the model is captured again; biases the new graph still does
+    not read (a subclass whose forward ignores ``self.bias``) are taken away again.
+    """
+    gm = capture(plain, inputs)
+    analysis = analyze_channels(gm)
+    given = [name for name in sorted(analysis.bias_wanted) if _give_zero_bias(plain, name)]
+    if not given:
+        return gm, analysis
+    gm = capture(plain, inputs)
+    analysis = analyze_channels(gm)
+    for name in given:
+        if name in analysis.bias_wanted:
+            plain.get_submodule(name.rpartition(".")[0]).register_parameter("bias", None)
+    return gm, analysis
+
+
+def _give_zero_bias(model: nn.Module, weight: str) -> bool:
+    """Give the nn.Linear / nn.Conv*d owning ``weight`` a zero bias, if it has none; whether it did."""
+    owner_name, _, leaf = weight.rpartition(".")
+    try:
+        owner = model.get_submodule(owner_name)
+    except AttributeError:
+        return False
+    if leaf != "weight" or not isinstance(owner, (nn.Linear, nn.modules.conv._ConvNd)) or owner.bias is not None \
+            or getattr(owner, "transposed", False):
+        return False
+    w = owner.weight
+    owner.bias = nn.Parameter(torch.zeros(w.shape[0], dtype=w.dtype, device=w.device), requires_grad=w.requires_grad)
+    return True
 
 
 # Modules whose attributes name channel counts: how to read them back from the cut tensors.
@@ -468,8 +504,7 @@ def _cut_model(model: nn.Module, inputs: Sequence[Any], round_to: int = 1,
     """Fold, capture, analyse and cut ``model``: (eager result, cut graph, analysis, why the eager
     result cannot be used or None). ``dead`` imposes another run's verdicts (same graph, same ids)."""
     plain = fold_str(model)
-    gm = capture(plain, inputs)
-    analysis = analyze_channels(gm)
+    gm, analysis = _capture_analysed(plain, inputs)
     if dead is not None and len(dead) == len(analysis.dead):
         analysis.dead = dead.copy()
     else:

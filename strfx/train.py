@@ -47,9 +47,8 @@ from strfx.checkpoint import CHECKPOINT_DIR, checkpoint_path, latest_checkpoint,
 from strfx.distributed import (DEBUG_ENV, DistEnv, LaunchOptions, from_writer, gather_full_state, init_distributed,
                                launch, local, maybe_inject_fault, shard_model, shutdown)
 from strfx.errors import CheckpointError, DataError, OutputExistsError, StrfxError, TrainError
-from strfx.loader import LoadedModel, load_model
+from strfx.loader import LoadedModel, load_init, load_model  # noqa: F401 - load_init re-exported
 from strfx.rundir import CONFIG_FILE, REPORT_FILE, WEIGHTS_FILE, atomic_torch_save, atomic_write
-from strfx.safeload import load_tensors
 from strfx.train_config import TrainConfig
 
 REWIND_FILE = "rewind_state.pt"  # train.rewind: the earlier state the fine-tuned model is cut from
@@ -128,35 +127,6 @@ def _class_check(loaded: LoadedModel, data: Data) -> None:
     if data.num_classes is not None and out.shape[1] != data.num_classes:
         raise DataError(f"{loaded.name} outputs {out.shape[1]} classes but {data.source} has {data.num_classes} "
                         f"(labels 0..{data.num_classes - 1}); change the model's number of classes or the data")
-
-
-def load_init(loaded: LoadedModel, path: str | Path) -> None:
-    """``--init``: load a state dict of MODEL's own model (before STR goes in), strictly, tensors only.
-
-    A dict holding the state dict under ``state_dict`` or ``model`` (common checkpoint layouts) is
-    accepted too. Any missing, unexpected or differently shaped key is one line naming them.
-    """
-    fix = "give a state dict of build_model()'s model, saved with torch.save(model.state_dict(), PATH)"
-    state = load_tensors(path, "--init", fix)
-    if isinstance(state, dict) and not any(isinstance(v, torch.Tensor) for v in state.values()):
-        inner = state.get("state_dict", state.get("model"))
-        state = inner if isinstance(inner, dict) else state
-    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise StrfxError(f"--init {path} is not a state dict (a dict of tensors); {fix}")
-    own = loaded.model.state_dict()
-    missing = [k for k in own if k not in state]
-    unexpected = [k for k in state if k not in own]
-    shapes = [f"{k} {tuple(state[k].shape)} vs {tuple(v.shape)}" for k, v in own.items()
-              if k in state and tuple(state[k].shape) != tuple(v.shape)]
-
-    def few(keys: list[str]) -> str:
-        return ", ".join(keys[:3]) + (f" (+{len(keys) - 3} more)" if len(keys) > 3 else "")
-
-    problems = ([f"missing {few(missing)}"] if missing else []) + ([f"unexpected {few(unexpected)}"] if unexpected
-                                                                    else []) + ([f"shape {few(shapes)}"] if shapes else [])
-    if problems:
-        raise StrfxError(f"--init {path} does not fit {loaded.name}: {'; '.join(problems)}; {fix}")
-    loaded.model.load_state_dict(state, strict=True)
 
 
 def _latest_checkpoint(run_dir: Path) -> Path | None:

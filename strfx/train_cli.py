@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from strfx.cli import CONFIG, MODE, command, main
+from strfx.cli import CONFIG, INIT, MODE, command, main
 
 
 @command(main, "train")
@@ -19,9 +19,7 @@ from strfx.cli import CONFIG, MODE, command, main
 @click.option("--lr", type=click.FloatRange(0, min_open=True), default=None,
               help="Override train.lr, the peak learning rate (default 0.256 × batch/256).")
 @click.option("--seed", type=int, default=None, help="Override train.seed (initial weights, data order).")
-@click.option("--init", "init", type=click.Path(dir_okay=False), default=None,
-              help="Start from these weights: a state dict of MODEL's build_model() (torch.save(model.state_dict())), "
-              "loaded with weights_only=True; every key must match.")
+@INIT
 @CONFIG
 @click.option("--target-sparsity", type=click.FloatRange(0, 1, min_open=True, max_open=True), default=None,
               help="End the run at this sparsity (unstructured: fraction of weights zero; structured: fraction "

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import os
+import random
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -17,6 +19,15 @@ EXAMPLES = ROOT / "examples"
 
 # Two xdist workers on two cores: one thread each avoids oversubscription.
 torch.set_num_threads(int(os.environ.get("STRFX_TEST_THREADS", "1")))
+
+
+@pytest.fixture(autouse=True)
+def _seeded() -> None:
+    """Every test starts from the same random state, whichever xdist worker runs it and after whatever
+    test: a test that passes once passes on every CI run (an unseeded one flaked 1 run in 16)."""
+    random.seed(0)
+    np.random.seed(0)
+    torch.manual_seed(0)
 
 
 @pytest.fixture

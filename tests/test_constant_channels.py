@@ -90,14 +90,41 @@ def test_constant_summed_over_channels_is_kept():
     assert rep["channels_removed"] == 0 and "sum over channels" in rep["constant_channels_kept"][0]
 
 
-def test_conv_without_bias_keeps_constant_channels():
+def test_conv_without_bias_gets_one_to_absorb_constant_channels():
+    """A conv before a BatchNorm has no bias: strfx gives it one (zero, then the folded constants)."""
+
     class M(Slimmed):
         def __init__(self) -> None:
             super().__init__()
             self.c2 = nn.Conv2d(8, 6, 1, bias=False)
 
-    rep = _check(M().eval(), torch.randn(2, 3, 8, 8))
+    model = M().eval()
+    small = strfx.shrink(model, (torch.randn(2, 3, 8, 8),))
+    rep = small.strfx_shrink
+    assert rep["channels_removed"] == 3 and rep["constant_channels_folded"] == 3 and rep["result"] == "eager"
+    assert rep["max_error64"] is not None and rep["max_error64"] <= 1e-12
+    assert small.c2.in_channels == 5 and small.c2.bias is not None and model.c2.bias is None  # the user's untouched
+    with torch.no_grad():
+        for s in verification_inputs((torch.randn(2, 3, 8, 8),), seed=4):
+            assert max_rel_error(small(*s.inputs), model(*s.inputs)) <= 1e-5, s.kind
+
+
+def test_a_layer_whose_forward_ignores_its_bias_keeps_constant_channels():
+    """A bias slot the forward never reads cannot absorb anything: the channels stay, and no bias is left behind."""
+
+    class NoBiasConv(nn.Conv2d):
+        def forward(self, x):
+            return F.conv2d(x, self.weight)
+
+    class M(Slimmed):
+        def __init__(self) -> None:
+            super().__init__()
+            self.c2 = NoBiasConv(8, 6, 1, bias=False)
+
+    small = strfx.shrink(M().eval(), (torch.randn(2, 3, 8, 8),))
+    rep = small.strfx_shrink
     assert rep["channels_removed"] == 0 and "no bias" in rep["constant_channels_kept"][0]
+    assert small.c2.bias is None
 
 
 def test_sparsify_then_shrink_keeps_the_function_of_a_slimmed_model():
@@ -144,10 +171,9 @@ def test_kill_channels_counts_only_what_shrink_removes(fc2_bias):
     small = strfx.shrink(s, (x,))
     rep = small.strfx_shrink
     assert rep["channels_removed"] == counts["channels"]
-    if fc2_bias:  # the constant b folds into fc2's bias: every zeroed hidden channel goes
-        assert counts["channels"] == counts["zeroed"] and rep["constant_channels_folded"] == counts["zeroed"]
-    else:  # no bias to absorb b: zeroed, not dead, and the report says why
-        assert counts["channels"] == 0 and "no bias" in " ".join(rep["constant_channels_kept"])
+    # the constant b folds into fc2's bias (a bias-less fc2 is given one): every zeroed hidden channel goes
+    assert counts["channels"] == counts["zeroed"] and rep["constant_channels_folded"] == counts["zeroed"]
+    assert rep["constant_channels_kept"] == [] and small.fc2.bias is not None
 
 
 def test_all_zero_filter_with_bias_is_a_constant_channel():

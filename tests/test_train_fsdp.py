@@ -140,13 +140,17 @@ def test_shrink_reads_a_sharded_checkpoint_of_an_unfinished_run(tmp_path: Path, 
     assert (tmp_path / "small" / "model.pt2").is_file()
 
 
-def test_fsdp_trains_a_hf_llama_with_structured_str_and_a_target(tmp_path: Path) -> None:
-    """A two-layer Llama classifier (tests/tiny_llama.py): one FSDP unit per decoder layer, controller on."""
+@pytest.mark.parametrize("mode", ["structured", "unstructured"])
+def test_fsdp_trains_a_hf_llama_with_str_and_a_target(tmp_path: Path, mode: str) -> None:
+    """A two-layer Llama classifier (tests/tiny_llama.py): one FSDP unit per decoder layer, controller on.
+
+    structured: STR-BN-style importance vectors on heads/neurons/hidden; unstructured: STR on every weight.
+    """
     pytest.importorskip("transformers")
     cfg = tmp_path / "llama.yaml"
     cfg.write_text(yaml.safe_dump({"train": {"batch_size": 32, "workers": 0, "deterministic": True,
                                              "strategy": "fsdp", "fsdp": {"wrap": ["LlamaDecoderLayer"]}}}))
-    res = subprocess.run([STRFX, "train", str(Path(__file__).with_name("tiny_llama.py")), "--mode", "structured",
+    res = subprocess.run([STRFX, "train", str(Path(__file__).with_name("tiny_llama.py")), "--mode", mode,
                           "--epochs", "1", "--config", str(cfg), "--target-sparsity", "0.3", "-o", str(tmp_path / "r"),
                           "--nproc-per-node", "2"], capture_output=True, text=True, timeout=600,
                          env={**os.environ, "OMP_NUM_THREADS": "1"})
@@ -156,7 +160,14 @@ def test_fsdp_trains_a_hf_llama_with_structured_str_and_a_target(tmp_path: Path)
     assert summary["world_size"] == 2 and summary["val_top1"] > 0.5  # 4 classes: well above chance
     row = json.loads((tmp_path / "r" / "metrics.jsonl").read_text().splitlines()[-1])
     assert row["threshold_decay"] > 0  # the controller was steering (it reads the gathered model on the writer)
-    assert any(k.endswith("unit.weight") for k in _weights(tmp_path / "r"))  # STR importance vectors were trained
+    trained = _weights(tmp_path / "r")
+    if mode == "structured":
+        assert any(k.endswith("unit.weight") for k in trained)  # STR importance vectors were trained
+    else:
+        thresholds = [v for k, v in trained.items() if k.endswith(".s")]
+        assert len(thresholds) >= 14  # q/k/v/o/gate/up/down of both layers, each with its own threshold
+        assert all(float(t.max()) > -15.0 for t in thresholds)  # ...and each moved up from s_init under decay
+        assert row["sparsity"] > 0  # weights died (8 steps: the schedule towards 30 % has only begun)
 
 
 def test_cpu_offload_needs_fsdp_and_a_gpu(tmp_path: Path) -> None:

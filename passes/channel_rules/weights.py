@@ -57,6 +57,10 @@ def _padding(node: fx.Node) -> Any:
     return arg(node, 4, "padding", 0)
 
 
+# ops whose bias argument a module can fill (nn.Linear / nn.Conv*d with bias=False pass None there)
+BIAS_SLOT = frozenset({"linear", "conv1d", "conv2d", "conv3d", "convolution"})
+
+
 def _fold_site(ctx: Ctx, node: fx.Node, w_node: Any, b_node: Any, in_dim: int, out_dim: int,
                transposed: bool) -> tuple[FoldSite | None, str]:
     """Whether this conv/linear can absorb a constant input channel into its bias exactly, or why not."""
@@ -70,6 +74,8 @@ def _fold_site(ctx: Ctx, node: fx.Node, w_node: Any, b_node: Any, in_dim: int, o
         no_pad = all(int(p) == 0 for p in (pad if isinstance(pad, (list, tuple)) else [pad]))
     if not no_pad:
         return None, f"{where} zero-pads it (a constant channel is not constant at the borders, so no bias can absorb it)"
+    if b_node is None and ctx.param_name(w_node) is not None and short_name(node) in BIAS_SLOT:
+        return FoldSite(node.name, w_node.target, None, in_dim, out_dim), f"{where} has no bias parameter to absorb it"
     if ctx.param_name(w_node) is None or ctx.param_name(b_node) is None:
         return None, f"{where} has no bias parameter to absorb it"
     if len(b_node.users) != 1:
