@@ -633,6 +633,7 @@ def plot_budgets(rows: list[dict[str, Any]], b: Budget, path: Path) -> None:
 def markdown(res: dict[str, Any], plot_name: str) -> str:
     b, env, d = res["budget"], res["env"], res["dense"]
     tok = b["batch"] * b["seq"]
+    ort = any("ort_speedup" in r for r in res["rows"])
     lines = [
         "# Language modelling: structured STR vs uniform magnitude pruning on a byte-level Llama",
         "",
@@ -663,10 +664,11 @@ def markdown(res: dict[str, Any], plot_name: str) -> str:
         "",
         "bpb: validation bits per byte (lower is better). FLOPs: per window, attention matmuls "
         "included (HF eager attention under `torch.utils.flop_counter`). Tokens/s: forward of "
-        f"{b['batch']}×{b['seq']} tokens in torch eager (SDPA) and in onnxruntime {env.get('onnxruntime', '')} "
-        f"(the model exported with `strfx.export`, checked against torch), {env['threads']} thread(s) each, median "
-        f"of {b['throughput_rounds']} rounds interleaving dense and shrunk, eager and onnxruntime; speed-up ÷ FLOPs "
-        "gain is 1.0 when time falls with FLOPs.",
+        f"{b['batch']}×{b['seq']} tokens in torch eager (SDPA)"
+        + (f" and in onnxruntime {env.get('onnxruntime', '')} (the model exported with `strfx.export`, checked "
+           "against torch)" if ort else "") +
+        f", {env['threads']} thread(s), median of {b['throughput_rounds']} rounds interleaving dense and shrunk"
+        + (", eager and onnxruntime" if ort else "") + "; speed-up ÷ FLOPs gain is 1.0 when time falls with FLOPs.",
         "",
         "| method | target | FLOPs removed | bpb after shrink | bpb after fine-tune | params | MFLOPs | tokens/s eager "
         "(dense, same rounds) | speed-up | ÷ FLOPs gain | tokens/s onnxruntime (dense) | speed-up | ÷ FLOPs gain "
