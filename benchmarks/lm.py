@@ -42,8 +42,11 @@ eager path (on CPU, FlopCounterMode does not count SDPA, so a model that trains 
 its attention matmuls); the models train and are timed with SDPA, because HF's eager attention blocks
 the head units in strfx's analysis (see docs/lm.md). The controller targets the FLOPs strfx's meter
 sees (SDPA: without the attention matmuls); the table reports both.
-Tokens/s: forward (prefill) of one batch of windows, torch eager, one thread, measured
-alternating with the dense model (median of the per-round ratios), since the machine is shared.
+Tokens/s: forward (prefill) of one batch of windows, one thread, in torch eager and in onnxruntime (each
+model exported through ``strfx.export``, which checks onnxruntime against torch, and checked again on the
+timed batch), timed in rounds that interleave dense and shrunk, eager and onnxruntime (median per model),
+since the machine is shared; ``--no-ort`` times eager only. ``benchmarks/lm_speed.py`` measures the same
+for the shapes a finished run recorded, without retraining.
 """
 
 from __future__ import annotations
@@ -55,11 +58,13 @@ import math
 import statistics
 import sys
 import sysconfig
+import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -69,10 +74,12 @@ import strfx  # before transformers: strfx installs the torchvision shim transfo
 import strfx.modules
 from strfx.integrations import STRSession, str_optimizer
 from strfx.modules import UnitScale
+from strfx.verify import TOLERANCE
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _env import environment  # noqa: E402
 from baselines import lowest, uniform_counts  # noqa: E402
+from latency import ort_runner, time_interleaved  # noqa: E402
 from lm_data import VAL_EVERY, read_bytes, split_files, stdlib_files, windows  # noqa: E402
 from tp_baseline import TPTimeout, ratio_keeping, tp_prune_llama  # noqa: E402
 
@@ -103,7 +110,7 @@ class Budget:
     str_frac: float = 0.75  # share of each method's token budget STR learns in (the rest fine-tunes the shrunk model)
     rewind_frac: float = 0.5  # the same for the "+rw" methods (the rest retrains the rewound model)
     str_lr_scale: float = 10.0  # lr of STR's thresholds and importance vectors ÷ the weights' lr
-    throughput_rounds: int = 10
+    throughput_rounds: int = 20  # interleaved rounds of eager and onnxruntime, dense and shrunk
 
 
 QUICK = Budget(hidden=64, layers=2, ffn=160, seq=64, batch=8, dense_steps=60, method_steps=48, val_windows=32,
@@ -225,21 +232,97 @@ def params(model: nn.Module) -> int:
                if not n.endswith(".s"))
 
 
-@torch.no_grad()
-def throughput(models: dict[str, nn.Module], b: Budget, rounds: int) -> dict[str, float]:
-    """Tokens/s of each model's forward (one training-sized batch), rounds alternating between models."""
-    x = torch.randint(0, 256, (b.batch, b.seq), generator=torch.Generator().manual_seed(0))
-    times: dict[str, list[float]] = {k: [] for k in models}
-    for m in models.values():
-        m.eval()
-        logits_of(m, x)
-    for _ in range(rounds):
-        for k, m in models.items():
-            t0 = time.perf_counter()
-            logits_of(m, x)
-            logits_of(m, x)
-            times[k].append((time.perf_counter() - t0) / 2)
-    return {k: b.batch * b.seq / statistics.median(v) for k, v in times.items()}
+class _Logits(nn.Module):
+    """The logits alone: the one output the ONNX graph gets (HF returns a ModelOutput)."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return logits_of(self.model, x)
+
+
+def ort_op_share(path: Path, x: np.ndarray, threads: int, runs: int = 3) -> dict[str, float]:
+    """Share of onnxruntime's kernel time per op type (its own profiler, ``runs`` runs on ``x``): where the time goes."""
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads, opts.inter_op_num_threads = threads, 1
+    opts.enable_profiling = True
+    opts.profile_file_prefix = str(path.with_suffix(""))
+    sess = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+    name = sess.get_inputs()[0].name
+    for _ in range(runs):
+        sess.run(None, {name: x})
+    trace = Path(sess.end_profiling())
+    events = json.loads(trace.read_text())
+    trace.unlink()
+    spent: dict[str, float] = {}
+    for e in events:
+        if e.get("cat") == "Node" and e.get("name", "").endswith("_kernel_time"):
+            op = e["args"]["op_name"]
+            spent[op] = spent.get(op, 0.0) + e["dur"]
+    total = sum(spent.values()) or 1.0
+    return {k: v / total for k, v in sorted(spent.items(), key=lambda kv: -kv[1])}
+
+
+class SpeedMeter:
+    """Tokens/s of shrunk models beside the dense one, in torch eager and in onnxruntime, all four timed in the
+    same interleaved rounds (the machine is shared: only ratios taken side by side mean anything).
+
+    Every model goes to ONNX through ``strfx.export`` (torch.export → ONNX; it refuses a file whose
+    onnxruntime outputs differ from torch's on its verification inputs) and is checked once more on the timed
+    batch itself, so a wrong export cannot produce a fast number. The dense model is exported once."""
+
+    def __init__(self, dense: nn.Module, b: Budget, rounds: int, threads: int, ort: bool = True,
+                 profile: bool = False) -> None:
+        self.b, self.rounds, self.threads, self.dense, self.profile = b, rounds, threads, dense.eval(), profile
+        self.x = torch.randint(0, 256, (b.batch, b.seq), generator=torch.Generator().manual_seed(0))
+        self._tmp = tempfile.TemporaryDirectory(prefix="strfx-lm-onnx-")
+        self.dense_ort: tuple[Callable[[], Any], dict[str, Any]] | None = self.export(dense, "dense") if ort else None
+
+    def export(self, model: nn.Module, name: str) -> tuple[Callable[[], Any], dict[str, Any]]:
+        """A verified onnxruntime session of ``model`` (same threads as torch) and what the export reported."""
+        path = Path(self._tmp.name) / f"{name}.onnx"
+        t0 = time.perf_counter()
+        rep = strfx.export(_Logits(model.eval()), path, example_inputs=example(self.b), dynamic_batch=False,
+                           repeats=1, force=True)
+        run = ort_runner(path, self.threads)
+        xa = self.x.numpy()
+        with torch.no_grad():
+            ref = logits_of(model, self.x).numpy()
+        err = float(np.abs(run(xa)[0] - ref).max())
+        rel = err / max(float(np.abs(ref).max()), 1e-12)
+        if not rel <= TOLERANCE:  # strfx.export checked other inputs; this is the batch that is timed
+            raise RuntimeError(f"onnxruntime differs from torch on the timed batch of {name}: max |Δ| {err:.3g}")
+        info = {"exporter": rep.exporter, "export_max_rel_error": rep.onnx_max_error, "timed_max_abs_error": err,
+                "onnx_mb": path.stat().st_size / 2**20, "export_s": time.perf_counter() - t0}
+        if self.profile:
+            info["ort_op_share"] = ort_op_share(path, xa, self.threads)
+        path.unlink()  # onnxruntime has read it
+        return (lambda: run(xa)), info
+
+    @torch.no_grad()
+    def pair(self, small: nn.Module, name: str) -> dict[str, Any]:
+        """Tokens/s of ``small`` and of the dense model in the same rounds: eager, and onnxruntime when on."""
+        x = self.x
+        small.eval()
+        calls: dict[str, Callable[[], Any]] = {"eager/dense": lambda: logits_of(self.dense, x),
+                                               "eager/small": lambda: logits_of(small, x)}
+        info = None
+        if self.dense_ort is not None:
+            small_run, info = self.export(small, name)
+            calls["ort/dense"], calls["ort/small"] = self.dense_ort[0], small_run
+        sec = time_interleaved(calls, self.rounds)
+        tok = self.b.batch * self.b.seq
+        out: dict[str, Any] = {"tokens_s": tok / sec["eager/small"], "dense_tokens_s": tok / sec["eager/dense"],
+                               "speedup": sec["eager/dense"] / sec["eager/small"]}
+        if info is not None:
+            out.update(ort_tokens_s=tok / sec["ort/small"], ort_dense_tokens_s=tok / sec["ort/dense"],
+                       ort_speedup=sec["ort/dense"] / sec["ort/small"], ort=info,
+                       ort_dense=self.dense_ort[1] if self.dense_ort else None)
+        return out
 
 
 # ---------------------------------------------------------------- units
@@ -413,17 +496,21 @@ def run_rewind(dense: nn.Module, variant: str, target: float, dead: dict[str, to
             "wall_s": time.perf_counter() - t0, "model": small}
 
 
-def measure(r: dict[str, Any], dense: nn.Module, dense_row: dict[str, Any], b: Budget) -> None:
-    """Params, FLOPs (with and without attention matmuls) and paired tokens/s of a method's final model."""
+def measure(r: dict[str, Any], dense_row: dict[str, Any], b: Budget, meter: SpeedMeter) -> None:
+    """Params, FLOPs (with and without attention matmuls) and paired tokens/s (eager, onnxruntime) of a method's
+    final model; speed-up ÷ FLOPs gain is 1.0 when time falls as fast as FLOPs."""
     small = r.pop("model")
     r["params"], r["flops"] = params(small), flops(small, b)
     r["flops_removed"] = 1 - r["flops"] / dense_row["flops"]
     r["flops_removed_sdpa"] = 1 - flops(small, b, "sdpa") / dense_row["flops_sdpa"]
-    tps = throughput({"dense": dense, "small": small}, b, b.throughput_rounds)
-    r["tokens_s"], r["dense_tokens_s"] = tps["small"], tps["dense"]
-    r["speedup"] = tps["small"] / tps["dense"]
+    r.update(meter.pair(small, f"{r['method']}-{r['target']:g}"))
+    gain = dense_row["flops"] / r["flops"]
+    r["speedup_per_flops_gain"] = r["speedup"] / gain
+    if "ort_speedup" in r:
+        r["ort_speedup_per_flops_gain"] = r["ort_speedup"] / gain
+    ort = f", onnxruntime {r['ort_speedup']:.2f}" if "ort_speedup" in r else ""
     print(f"  -> {r['method']} bpb {r['bpb']:.3f} (after shrink {r['bpb_before_ft']:.3f}), FLOPs removed "
-          f"{100 * r['flops_removed']:.1f} %, params {r['params']:,}, speed-up {r['speedup']:.2f}, "
+          f"{100 * r['flops_removed']:.1f} %, params {r['params']:,}, speed-up eager {r['speedup']:.2f}{ort}, "
           f"kept {r['kept']}", flush=True)
 
 
@@ -546,6 +633,7 @@ def plot_budgets(rows: list[dict[str, Any]], b: Budget, path: Path) -> None:
 def markdown(res: dict[str, Any], plot_name: str) -> str:
     b, env, d = res["budget"], res["env"], res["dense"]
     tok = b["batch"] * b["seq"]
+    ort = any("ort_speedup" in r for r in res["rows"])
     lines = [
         "# Language modelling: structured STR vs uniform magnitude pruning on a byte-level Llama",
         "",
@@ -576,13 +664,17 @@ def markdown(res: dict[str, Any], plot_name: str) -> str:
         "",
         "bpb: validation bits per byte (lower is better). FLOPs: per window, attention matmuls "
         "included (HF eager attention under `torch.utils.flop_counter`). Tokens/s: forward of "
-        f"{b['batch']}×{b['seq']} tokens in torch eager (SDPA), 1 thread, median of alternating rounds "
-        "with the dense model; speed-up ÷ FLOPs gain is 1.0 when time falls with FLOPs.",
+        f"{b['batch']}×{b['seq']} tokens in torch eager (SDPA)"
+        + (f" and in onnxruntime {env.get('onnxruntime', '')} (the model exported with `strfx.export`, checked "
+           "against torch)" if ort else "") +
+        f", {env['threads']} thread(s), median of {b['throughput_rounds']} rounds interleaving dense and shrunk"
+        + (", eager and onnxruntime" if ort else "") + "; speed-up ÷ FLOPs gain is 1.0 when time falls with FLOPs.",
         "",
-        "| method | target | FLOPs removed | bpb after shrink | bpb after fine-tune | params | MFLOPs | tokens/s "
-        "(dense, same rounds) | speed-up | speed-up ÷ FLOPs gain | kept: q heads / neurons per layer, hidden, branches |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|",
-        f"| dense | | 0 % | | {d['bpb']:.3f} | {d['params']:,} | {d['flops'] / 1e6:.1f} | | 1.00 | "
+        "| method | target | FLOPs removed | bpb after shrink | bpb after fine-tune | params | MFLOPs | tokens/s eager "
+        "(dense, same rounds) | speed-up | ÷ FLOPs gain | tokens/s onnxruntime (dense) | speed-up | ÷ FLOPs gain "
+        "| kept: q heads / neurons per layer, hidden, branches |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|",
+        f"| dense | | 0 % | | {d['bpb']:.3f} | {d['params']:,} | {d['flops'] / 1e6:.1f} | | 1.00 | | | 1.00 | "
         f"| {b['heads']} / {b['ffn']}, {b['hidden']}, {2 * b['layers']} |",
     ]
     for r in res["rows"]:
@@ -593,6 +685,8 @@ def markdown(res: dict[str, Any], plot_name: str) -> str:
             f"| {LABELS[r['method']]}{': ' + '+'.join(r['units']) if r['method'] == 'tp' else ''} | {100 * r['target']:.0f} % | {100 * r['flops_removed']:.1f} % | "
             f"{r['bpb_before_ft']:.3f} | **{r['bpb']:.3f}** | {r['params']:,} | {r['flops'] / 1e6:.1f} | "
             f"{r['tokens_s']:.0f} ({r['dense_tokens_s']:.0f}) | {r['speedup']:.2f} | {r['speedup'] / gain:.2f} | "
+            + (f"{r['ort_tokens_s']:.0f} ({r['ort_dense_tokens_s']:.0f}) | {r['ort_speedup']:.2f} | "
+               f"{r['ort_speedup'] / gain:.2f} | " if "ort_speedup" in r else "| | | ") +
             f"{'-'.join(map(str, k['heads']))} / {'-'.join(map(str, k['neurons']))}, {k['hidden']}, {branches} |")
     lines += ["", f"![units kept per layer]({plot_name})", ""]
     lines += ["Per run: FLOPs removed as strfx's controller measured them (SDPA, attention matmuls not counted), "
@@ -618,6 +712,14 @@ def markdown(res: dict[str, Any], plot_name: str) -> str:
         lines.append(f"- Torch-Pruning with heads (`num_heads`, `prune_num_heads=True`, `head_pruning_ratio`) failed: {err}")
     lines += ["", *res.get("notes", []), ""]
     return "\n".join(lines)
+
+
+def versions() -> dict[str, str]:
+    """The libraries besides torch and strfx that the numbers depend on (for the results file)."""
+    import onnxruntime
+    import transformers
+
+    return {"transformers": transformers.__version__, "onnxruntime": onnxruntime.__version__}
 
 
 def _write(path: Path, text: str) -> None:
@@ -648,6 +750,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--force", action="store_true", help="overwrite existing outputs")
     ap.add_argument("--rewind", action="store_true",
                     help="diagnostic: also cut STR's units from the dense weights and fine-tune for the whole budget")
+    ap.add_argument("--no-ort", action="store_true", help="time torch eager only (no ONNX export, no onnxruntime)")
     ap.add_argument("--replot", type=Path, default=None, help="only rebuild the Markdown and plot from a JSON this wrote")
     args = ap.parse_args(argv)
     if args.replot:
@@ -696,7 +799,10 @@ def main(argv: list[str] | None = None) -> int:
     print(f"dense: bpb {dense_row['bpb']:.3f}, {dense_row['params']:,} params, {dense_row['flops'] / 1e6:.1f} MFLOPs",
           flush=True)
 
-    env = environment(transformers=transformers.__version__)
+    meter = SpeedMeter(dense, b, b.throughput_rounds, args.threads, ort=not args.no_ort)
+    if meter.dense_ort is not None:
+        dense_row["ort"] = meter.dense_ort[1]
+    env = environment(**versions())
     res: dict[str, Any] = {"env": env, "argv": sys.argv[1:] if argv is None else argv, "seed": args.seed,
                            "budget": asdict(b), "dense": dense_row, "rows": [],
                            "data": {"stdlib": sysconfig.get_paths()["stdlib"], "train_files": len(train_files),
@@ -725,12 +831,15 @@ def main(argv: list[str] | None = None) -> int:
             if args.rewind and dead is not None:
                 runs.append(run_rewind(dense, method, target, dead, b, train_stream, val, args.seed))
             for r in runs:
-                measure(r, dense, dense_row, b)
+                measure(r, dense_row, b, meter)
                 res["rows"].append(r)
             _write(out / f"{args.stem}.partial.json", json.dumps(res, indent=1, default=str))
-    dense_row["tokens_s"] = statistics.median([r["dense_tokens_s"] for r in res["rows"]]) if res["rows"] else float("nan")
+    for key, dense_key in (("tokens_s", "dense_tokens_s"), ("ort_tokens_s", "ort_dense_tokens_s")):
+        seen = [r[dense_key] for r in res["rows"] if dense_key in r]
+        if seen:
+            dense_row[key] = statistics.median(seen)
     res["wall_s"] = time.perf_counter() - t_all
-    res["env"] = environment(transformers=transformers.__version__)
+    res["env"] = environment(**versions())
     plot_name = f"{args.stem}_units.png"
     plot_budgets(res["rows"], b, out / plot_name)
     _write(out / f"{args.stem}.json", json.dumps(res, indent=1, default=str))
