@@ -130,6 +130,11 @@ class SparsifyConfig(_Strict):
             data = {**data, "mode": "structured", "ranks": True}
         return data
 
+    @property
+    def label(self) -> str:
+        """The mode as the CLI's --mode names it (``structured+lowrank`` for structured with ranks)."""
+        return "structured+lowrank" if self.ranks else self.mode
+
     @model_validator(mode="after")
     def _ranks_in_structured_mode(self) -> "SparsifyConfig":
         if self.ranks and self.mode != "structured":

@@ -185,11 +185,10 @@ def _runnable(model: nn.Module | torch.export.ExportedProgram) -> nn.Module:
 
 
 def count_params(model: nn.Module | torch.export.ExportedProgram) -> int:
-    """Parameters a deployed model computes with: an STR-parametrized tensor counts as the tensor it
-    computes; thresholds and importance vectors are training state, not weights."""
-    from strfx.report import used_tensors
+    """Parameters a deployed model (or exported program) computes with, as :func:`strfx.report.count_params`."""
+    from strfx.report import count_params as count
 
-    return sum(t.numel() for t in used_tensors(_runnable(model)))
+    return count(_runnable(model))
 
 
 @torch.no_grad()

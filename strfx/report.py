@@ -116,6 +116,12 @@ def _parametrized_tensors(model: nn.Module) -> list[tuple[str, str, nn.Module]]:
     return out
 
 
+def count_params(model: nn.Module) -> int:
+    """Parameters the model computes with (an STR-parametrized tensor counts as the tensor it computes;
+    thresholds, importance vectors and low-rank factors are training state, not weights)."""
+    return sum(t.numel() for t in used_tensors(model))
+
+
 def used_tensors(model: nn.Module) -> list[torch.Tensor]:
     """The tensors the forward pass computes with: thresholded values instead of raw STR parameters;
     thresholds and importance vectors themselves are not counted."""
@@ -142,7 +148,7 @@ def _shrunk_flops(model: nn.Module, inputs: Sequence[Any], dense: int, zeros: bo
     if not zeros:
         return dense  # nothing is dead: shrinking would change nothing
     from strfx.errors import StrfxError
-    from strfx.surgery import count_params, shrink
+    from strfx.surgery import shrink
 
     try:
         small = shrink(model, inputs)

@@ -39,6 +39,7 @@ from strfx.modules import STR_PARAMETRIZATIONS, STRShift, channel_carriers
 from strfx.passes.capture import as_inputs, capture, eval_mode
 from strfx.passes.channel_analysis import META_KEY, ChannelAnalysis, TInfo, analyze_channels
 from strfx.passes.shrink import apply_bias_deltas, cut_tensor, set_tensor, shrink_graph
+from strfx.report import count_params
 from strfx.verify import (NotEquivalentError, _to64, available_memory, check_equivalent, max_rel_error,
                           verification_inputs)
 
@@ -97,14 +98,6 @@ def random_like(inputs: Sequence[Any], seed: int) -> tuple[Any, ...]:
         else:
             out.append(x)
     return tuple(out)
-
-
-def count_params(m: nn.Module) -> int:
-    """Parameters the model computes with (an STR-parametrized tensor counts as the tensor it
-    computes; thresholds, importance vectors and low-rank factors are not counted)."""
-    from strfx.report import used_tensors
-
-    return sum(t.numel() for t in used_tensors(m))
 
 
 def _weight_sparsity(m: nn.Module) -> float:

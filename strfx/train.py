@@ -907,7 +907,7 @@ class Trainer:
         self.maybe_resume()
         tc = self.tc
         if self.start_epoch == 0:
-            self.log.print(f"training {self.loaded.name} ({self.mode} STR) on {self.data.source}: {tc.epochs} epochs × "
+            self.log.print(f"training {self.loaded.name} ({self.cfg.sparsify.label} STR) on {self.data.source}: {tc.epochs} epochs × "
                            f"{self.steps_per_epoch} steps, global batch {tc.batch_size} on {self.env.world_size} "
                            f"process(es) on {self.env.device.type}, lr {tc.peak_lr():g}"
                            + (f"; FSDP: {len(self.fsdp_units)} sharded block(s) + the root" if self.fsdp else ""))
@@ -960,7 +960,7 @@ class Trainer:
         rep = self._report()
         atomic_torch_save(self.view.state_dict(), self.run_dir / WEIGHTS_FILE)
         atomic_write(self.run_dir / REPORT_FILE, rep.model_dump_json(indent=2))
-        plot_budget(rep, self.run_dir / PLOT_FILE, title=f"{self.loaded.name} · {self.mode} STR · layer-wise sparsity")
+        plot_budget(rep, self.run_dir / PLOT_FILE, title=f"{self.loaded.name} · {self.cfg.sparsify.label} STR · layer-wise sparsity")
         b = self.before
         summary: dict[str, Any] = {
             "model": self.loaded.name, "mode": self.mode, "epochs": self.tc.epochs, "data": self.data.source,
@@ -1083,7 +1083,7 @@ class Trainer:
         target = f" (target {s['target_sparsity']:.0%})" if s["target_sparsity"] else ""
         elements = "weights" if self.mode == "unstructured" else "channels"
         lines = [
-            f"[bold]done[/]: {s['model']} {self.mode} STR, {s['epochs']} epochs on {s['data']}",
+            f"[bold]done[/]: {s['model']} {self.cfg.sparsify.label} STR, {s['epochs']} epochs on {s['data']}",
             f"  accuracy   val top-1 {s['val_top1']:.2%}",
             f"  sparsity   {measure:.2%} {what}{target}"
             + (f"; {s['str_zeros']:,} of {s['str_elements']:,} STR {elements} zero ({s['sparsity']:.2%})"
