@@ -108,6 +108,8 @@ GRIDS: dict[str, dict[str, list[float]]] = {
         "str": [1.0, 2.0, 3.0],
         "han": [0.95, 0.98],
         "gmp": [0.95, 0.98],
+        "str-rewind": [0.5, 0.75, 0.9],
+        "slim": [0.5, 0.75, 0.9],
     },
     "lenet5": {
         "dense": [0.0],
