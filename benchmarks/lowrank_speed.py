@@ -55,6 +55,7 @@ from _env import ROOT, environment  # noqa: E402
 from latency import flops, onnx_export, ort_max_error, ort_runner, time_batches  # noqa: E402
 
 import strfx  # noqa: E402
+import strfx.flops  # noqa: E402,F401  (registers the FLOPs formula of CPU attention with torch's counter)
 from strfx._torchvision import torchvision  # noqa: E402
 from strfx.lowrank import lowrank_parametrizations, lowrank_report, ranks  # noqa: E402
 from strfx.modules import channel_carriers  # noqa: E402
@@ -229,10 +230,22 @@ def vit_channel_variant(dense: nn.Module, x1: torch.Tensor, dense_flops: int, fr
 # ---------------------------------------------------------------------------------------------------------
 
 
+def build(name: str, vit_layers: int | None) -> nn.Module:
+    """A torchvision model, random init; a ViT with ``vit_layers`` keeps only that many of its encoder blocks."""
+    model = getattr(torchvision.models, name)(weights=None)
+    if name.startswith("vit") and vit_layers:
+        from torchvision.models.vision_transformer import VisionTransformer
+
+        model = VisionTransformer(image_size=model.image_size, patch_size=model.patch_size, num_layers=vit_layers,
+                                  num_heads=model.encoder.layers[0].num_heads, hidden_dim=model.hidden_dim,
+                                  mlp_dim=model.mlp_dim)
+    return model
+
+
 def run_model(name: str, target: float, batches: list[int], rounds: int, threads: int, tmp: Path, size: int,
-              vit_hidden: float) -> dict[str, Any]:
+              vit_hidden: float, vit_layers: int | None = None) -> dict[str, Any]:
     torch.manual_seed(SEED)
-    base = randomize_(getattr(torchvision.models, name)(weights=None), seed=SEED).eval()
+    base = randomize_(build(name, vit_layers), seed=SEED).eval()
     x1 = torch.randn(1, 3, size, size)
     variants: dict[str, nn.Module] = {}
     info: dict[str, Any] = {}
@@ -289,7 +302,10 @@ def run_model(name: str, target: float, batches: list[int], rounds: int, threads
             rows.append({"model": name, "batch": int(b), "backend": backend, "variant": var, "latency_ms": sec * 1e3,
                          "latency_gain": gain, "flops_gain": info[var]["flops_gain"],
                          "gain_ratio": gain / info[var]["flops_gain"]})
-    return {"model": name, "size": size, "batches": batches, "variants": info, "rows": rows}
+    label = f"{name} ({vit_layers} blocks)" if name.startswith("vit") and vit_layers else name
+    for r in rows:
+        r["model"] = label
+    return {"model": label, "size": size, "batches": batches, "variants": info, "rows": rows}
 
 
 ORDER = {"dense": 0, "dense-mha": 1, "lowrank": 2, "lowrank-round8": 3, "channels": 4, "channels-round8": 5,
@@ -366,6 +382,8 @@ def main() -> None:
     ap.add_argument("--vit-batches", nargs="+", type=int, default=[1, 8], help="batch sizes for ViTs")
     ap.add_argument("--vit-hidden", type=float, default=0.0,
                     help="also a ViT channel variant that cuts this fraction of heads, neurons and hidden size")
+    ap.add_argument("--vit-layers", type=int, default=None,
+                    help="keep only this many of a ViT's (identical) encoder blocks: a layer stack with its shapes")
     ap.add_argument("--size", type=int, default=224)
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--threads", type=int, default=2)
@@ -378,24 +396,30 @@ def main() -> None:
     t_start = time.perf_counter()
     res: dict[str, Any] = {"argv": sys.argv[1:], "size": args.size, "rounds": args.rounds, "target": args.target,
                            "seed": SEED, "load_start": os.getloadavg(), "models": []}
-    earlier: list[dict[str, Any]] = []
-    if args.append:  # models measured by an earlier run (e.g. with other batch sizes) are kept, one entry per model
-        old = json.loads((args.out / f"{args.stem}.json").read_text())
-        earlier = [m | {"env": old["env"], "argv": old["argv"]} if "env" not in m else m for m in old["models"]
-                   if m["model"] not in args.models]
     with tempfile.TemporaryDirectory() as d:
         for name in args.models:
             batches = args.vit_batches if name.startswith("vit") else args.batches
             res["models"].append(run_model(name, args.target, batches, args.rounds, args.threads, Path(d), args.size,
-                                           args.vit_hidden))
-            write(res, earlier, args, t_start)  # after every model: a late failure keeps what was measured
-    print(markdown(write(res, earlier, args, t_start)))
+                                           args.vit_hidden, args.vit_layers))
+            write(res, args, t_start)  # after every model: a late failure keeps what was measured
+    print(markdown(write(res, args, t_start)))
 
 
-def write(res: dict[str, Any], earlier: list[dict[str, Any]], args: argparse.Namespace, t_start: float
-          ) -> dict[str, Any]:
-    """Record the environment now and write ``<stem>.json`` / ``.md`` atomically; returns what was written."""
+def write(res: dict[str, Any], args: argparse.Namespace, t_start: float) -> dict[str, Any]:
+    """Record the environment now and write ``<stem>.json`` / ``.md`` atomically; returns what was written.
+
+    With ``--append`` the other models already in ``<stem>.json`` (read now, so two runs of different models
+    can share one file) are kept, each with the command and environment of the run that measured it.
+    """
     import onnxruntime
+
+    earlier: list[dict[str, Any]] = []
+    path = args.out / f"{args.stem}.json"
+    if args.append and path.exists():
+        old = json.loads(path.read_text())
+        mine = {m["model"] for m in res["models"]}
+        earlier = [m if "env" in m else dict(m, env=old["env"], argv=old["argv"]) for m in old["models"]
+                   if m["model"] not in mine and m["model"].split(" ")[0] not in args.models]
 
     uptime = subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip()
     res["env"] = environment(onnxruntime=onnxruntime.__version__, torchvision=torchvision.__version__, uptime=uptime)
