@@ -337,6 +337,18 @@ def markdown(res: dict[str, Any]) -> str:
         "Gain ratio = latency gain ÷ FLOPs gain (1.0: latency falls as much as FLOPs). Latency gains are against "
         "`dense` in the same backend and batch.",
         "",
+        "Setup (details in the script's docstring): random init, nothing trained. **lowrank**: "
+        "`strfx.sparsify(model, \"lowrank\")`, then in every low-rank layer the smallest singular values are killed "
+        "through STR so that it keeps `round(f · full rank)` of them (`-round8`: rounded up to a multiple of 8), one "
+        "fraction `f` for all layers, bisected until the model's FLOPs halve; `strfx.shrink` factors each layer "
+        "(Linear → Linear(in, r) + Linear(r, out); k×k conv → k×k conv to r channels + 1×1 conv). **channels**: "
+        "ResNet-50 as in [latency.md](latency.md) (1 − 1/√2 of every prunable channel group killed through STR, "
+        "`strfx.shrink`, `-round8`: `round_to=8`); ViT: half of every layer's attention heads and MLP neurons killed "
+        "through their importance vectors, the hidden size (the residual stream) untouched. The ViT variants all use "
+        "an attention with nn.Linear `qkv`/`proj` layers and `F.scaled_dot_product_attention`, numerically equal "
+        "to torchvision's `nn.MultiheadAttention` (whose packed `in_proj_weight` no layer owns, so neither method "
+        "could thin it); `dense-mha` is torchvision's own model, timed for reference.",
+        "",
         "| model | batch | backend | variant | FLOPs gain | latency (ms) | latency gain | gain ÷ FLOPs gain |",
         "|---|---:|---|---|---:|---:|---:|---:|",
     ]
@@ -391,7 +403,11 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=ROOT / "docs")
     ap.add_argument("--append", action="store_true",
                     help="keep the other models of an existing <stem>.json (each with its own run's environment)")
+    ap.add_argument("--render", action="store_true", help="only rewrite <stem>.md from <stem>.json")
     args = ap.parse_args()
+    if args.render:
+        write_markdown(json.loads((args.out / f"{args.stem}.json").read_text()), args.out / f"{args.stem}.md")
+        return
     torch.set_num_threads(args.threads)
     t_start = time.perf_counter()
     res: dict[str, Any] = {"argv": sys.argv[1:], "size": args.size, "rounds": args.rounds, "target": args.target,
@@ -426,12 +442,26 @@ def write(res: dict[str, Any], args: argparse.Namespace, t_start: float) -> dict
     res["wall_min"] = (time.perf_counter() - t_start) / 60
     out = dict(res, models=earlier + res["models"])
     args.out.mkdir(parents=True, exist_ok=True)
-    for suffix, text in ((".json", json.dumps(out, indent=1)), (".md", markdown(out))):
-        path = args.out / f"{args.stem}{suffix}"
-        tmp_path = path.with_name(path.name + ".tmp")
-        tmp_path.write_text(text)
-        tmp_path.replace(path)
+    _atomic(args.out / f"{args.stem}.json", json.dumps(out, indent=1))
+    write_markdown(out, args.out / f"{args.stem}.md")
     return out
+
+
+HAND = "<!-- written by hand below this line; kept when the tables above are regenerated -->"
+
+
+def write_markdown(res: dict[str, Any], path: Path) -> None:
+    """The generated tables, plus whatever the existing file has below the ``HAND`` marker."""
+    text = markdown(res)
+    if path.exists() and HAND in path.read_text():
+        text += "\n" + HAND + path.read_text().split(HAND, 1)[1]
+    _atomic(path, text)
+
+
+def _atomic(path: Path, text: str) -> None:
+    tmp_path = path.with_name(path.name + ".tmp")
+    tmp_path.write_text(text)
+    tmp_path.replace(path)
 
 
 if __name__ == "__main__":
