@@ -1,7 +1,9 @@
 """Does factoring pay? ResNet-50 and ViT-B/16 factored to half the FLOPs beside channel pruning (issue 12).
 
-    python benchmarks/lowrank_speed.py                       # writes docs/lowrank_speed.{json,md}
-    python benchmarks/lowrank_speed.py --models resnet50 --rounds 2 --out /tmp/lrs   # quick look
+    # what wrote docs/lowrank_speed.{json,md} (two runs sharing one file; 1 thread on a loaded 2-core machine):
+    nice -n 19 python benchmarks/lowrank_speed.py --models resnet50 --rounds 5 --threads 1 --append
+    nice -n 19 python benchmarks/lowrank_speed.py --models vit_b_16 --vit-layers 4 --rounds 5 --threads 1 --append
+    python benchmarks/lowrank_speed.py --models resnet50 --batches 1 --size 64 --rounds 1 --out /tmp/lrs  # quick look
 
 Low rank: a randomly initialised model (``strfx.testing.randomize_``, seed 0, nothing downloaded) goes through
 ``strfx.sparsify(model, "lowrank")``; then the end of training is played as ``benchmarks/latency.py`` plays it
