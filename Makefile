@@ -28,6 +28,8 @@ bench: venv
 	$(BIN)/python benchmarks/mnist.py --seeds 3
 	$(BIN)/python benchmarks/train_cost.py --models resnet18 resnet50 --batch 32 16 --rounds 15 --profile resnet18
 	$(BIN)/python benchmarks/latency.py --rounds 5
+	$(BIN)/python benchmarks/lowrank_speed.py --models resnet50 --threads 1 --append
+	$(BIN)/python benchmarks/lowrank_speed.py --models vit_b_16 --vit-layers 4 --threads 1 --append
 	$(BIN)/python benchmarks/zoo.py
 	$(BIN)/python benchmarks/fuzz.py
 	$(BIN)/python benchmarks/lm.py --force  # needs transformers (the test or hf extra)

@@ -236,7 +236,12 @@ def selected_weights(model: nn.Module, config: LowRankConfig | None = None) -> l
     """(module name, module, tensor name) of every weight ``apply_lowrank`` would reparameterise."""
     cfg = config or LowRankConfig()
     picked: list[tuple[str, nn.Module, str]] = []
+    # nn.MultiheadAttention reads out_proj.weight/.bias itself (F.multi_head_attention_forward): a factored
+    # out_proj (two Linears) would break its forward, so it is never selected
+    mha_out = {id(m.out_proj) for m in model.modules() if isinstance(m, nn.MultiheadAttention)}
     for name, mod in model.named_modules():
+        if id(mod) in mha_out:
+            continue
         if isinstance(mod, nn.Linear) or isinstance(mod, CONV_TYPES):
             tnames, groups = ["weight"], getattr(mod, "groups", 1)
         elif cfg.rnn and isinstance(mod, RNN_TYPES):

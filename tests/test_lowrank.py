@@ -292,6 +292,30 @@ def test_fold_back_when_factoring_does_not_pay():
     assert rows["2.weight"].factored and rows["2.weight"].params_after == 3 * (30 + 20)
 
 
+def test_multihead_attention_out_proj_is_left_dense_so_shrink_keeps_its_forward():
+    """nn.MultiheadAttention reads out_proj.weight itself: a factored out_proj (two Linears) broke shrink."""
+    torch.manual_seed(9)
+
+    class Block(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.attn = nn.MultiheadAttention(16, 2, batch_first=True)
+            self.fc = nn.Linear(16, 16)
+
+        def forward(self, x):
+            return self.fc(self.attn(x, x, x, need_weights=False)[0])
+
+    model = Block().double().eval()
+    lr = apply_lowrank(copy.deepcopy(model))
+    assert set(lowrank_parametrizations(lr)) == {"fc.weight"}
+    _kill_ranks(lr, 4)
+    x = torch.randn(2, 5, 16, dtype=torch.float64)
+    ref = copy.deepcopy(lr)
+    out = factor_lowrank(lr, (x,))
+    assert isinstance(out.fc, nn.Sequential) and type(out.attn.out_proj) is not nn.Sequential
+    assert _rel(out(x), ref(x)) < 1e-9
+
+
 def test_report_counts_params_and_flops():
     lin = apply_lowrank(nn.Linear(20, 30))
     _kill_ranks(lin, 3)
