@@ -50,7 +50,6 @@ computes the same λ without communicating (rank 0's value is broadcast anyway a
 from __future__ import annotations
 
 import hashlib
-import math
 from typing import Any, Literal, Sequence
 
 import torch

@@ -33,14 +33,12 @@ failed export leaves nothing behind; an existing file is replaced only with ``fo
 from __future__ import annotations
 
 import contextlib
-import io
 import math
 import os
 import shutil
 import statistics
 import tempfile
 import time
-import warnings
 from pathlib import Path
 from typing import Any, Callable, Iterator, Literal, Sequence
 

@@ -42,11 +42,11 @@ from __future__ import annotations
 import copy
 import fnmatch
 from pathlib import Path
-from typing import Any, Literal, Sequence
+from typing import Any, Sequence
 
 import torch
 import torch.nn.functional as F
-from pydantic import BaseModel, Field
+from pydantic import BaseModel
 from torch import nn
 from torch.nn.utils import parametrize
 from torch.nn.utils.rnn import PackedSequence
@@ -660,14 +660,12 @@ def factor_lowrank(model: nn.Module, example_inputs: Sequence[Any] | torch.Tenso
 
 def plot_ranks(rep: LowRankReport, path: str | Path, title: str | None = None) -> Path:
     """Learned rank per layer (bars, % of full rank; the break-even rank as a tick), written atomically as PNG."""
-    import io
 
     import matplotlib
 
     matplotlib.use("Agg")  # files only, never a window
     import matplotlib.pyplot as plt
 
-    from strfx.rundir import atomic_write
 
     layers = rep.layers
     fig, ax = plt.subplots(figsize=(max(6.0, 0.45 * len(layers) + 2), 4.2))

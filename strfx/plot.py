@@ -13,7 +13,6 @@ from strfx.rundir import atomic_write
 
 def plot_budget(rep: Report, path: str | Path, title: str | None = None) -> Path:
     """Bar per STR layer (sparsity %, size in its label); written atomically as PNG."""
-    import io
 
     import matplotlib
 

@@ -31,7 +31,7 @@ import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -49,6 +49,7 @@ from strfx.distributed import (DEBUG_ENV, DistEnv, LaunchOptions, from_writer, g
 from strfx.errors import CheckpointError, DataError, OutputExistsError, StrfxError, TrainError
 from strfx.loader import LoadedModel, load_init, load_model  # noqa: F401 - load_init re-exported
 from strfx.rundir import CONFIG_FILE, REPORT_FILE, WEIGHTS_FILE, atomic_torch_save, atomic_write
+from strfx.safeload import load_tensors
 from strfx.train_config import TrainConfig
 
 REWIND_FILE = "rewind_state.pt"  # train.rewind: the earlier state the fine-tuned model is cut from
