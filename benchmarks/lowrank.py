@@ -167,7 +167,15 @@ def _truncate(model: nn.Module, ranks: dict[str, int]) -> nn.Module:
 
 
 def _params_at(model: nn.Module, ranks: dict[str, int]) -> int:
-    return n_params(_truncate(copy.deepcopy(model), ranks))
+    """Parameters of ``_truncate(model, ranks)``, counted without building it (the rule of ``factor_dense``)."""
+    total = n_params(model)
+    for name, rank in ranks.items():
+        m = model.get_submodule(name)
+        out, cols = m.weight.shape[0], m.weight[0].numel()
+        r, fact = min(rank, out, cols), min(rank, out, cols) * (getattr(m, "groups", 1) * cols + out)
+        if r >= 1 and fact < out * cols:
+            total -= out * cols - fact
+    return total
 
 
 def _full_ranks(model: nn.Module) -> dict[str, int]:
@@ -369,6 +377,10 @@ def plot_error_vs_params(rows: list[dict[str, Any]], arch: str, epochs: int, pat
         ax.axhline(d["error_mean"], color="k", ls="--", lw=1,
                    label=f"dense ({d['params_mean'] / 1e3:.0f}k params, {d['error_mean']:.2f} %)")
     ax.set_yscale("log")
+    from matplotlib.ticker import FormatStrFormatter
+
+    ax.yaxis.set_major_formatter(FormatStrFormatter("%g"))
+    ax.yaxis.set_minor_formatter(FormatStrFormatter("%g"))
     ax.set_xlabel("parameters after factoring (thousands)")
     ax.set_ylabel("test error (%, log scale)")
     ax.set_title(f"{arch} on MNIST, {epochs} epochs for every method, mean ± std over {n} seed(s)")
