@@ -456,7 +456,13 @@ def main() -> None:
     ap.add_argument("--train-subset", type=int, default=None, help=argparse.SUPPRESS)  # smoke runs only
     ap.add_argument("--replot", default=None, metavar="JSON",
                     help="only redraw the plot and print the table from a JSON this script wrote")
+    ap.add_argument("--merge", nargs="+", default=None, metavar="JSON",
+                    help="join JSONs of one arch and epoch budget written by separate runs (e.g. seeds run in two "
+                    "processes) into --out, with its plot and table")
     args = ap.parse_args()
+    if args.merge:
+        merge(args.merge, Path(args.out) if args.out else None, args.force)
+        return
     if args.replot:
         saved = json.loads(Path(args.replot).read_text())
         plot_error_vs_params(aggregate(saved["runs"]), saved["arch"], saved["epochs"],
@@ -514,6 +520,25 @@ def main() -> None:
     runs.sort(key=lambda r: order.get(r["seed"], 0))
     write_outputs(out, arch, args.epochs, seeds, runs, meta)
     partial.unlink(missing_ok=True)
+
+
+def merge(paths: list[str], out: Path | None, force: bool) -> None:
+    """One JSON (and plot) from several runs of the same arch and epochs; each part's env is kept."""
+    parts = [json.loads(Path(p).read_text()) for p in paths]
+    if out is None:
+        sys.exit("error: --merge needs --out (the joined JSON)")
+    if out.exists() and not force:
+        sys.exit(f"error: {out} exists; pass --force to overwrite it")
+    if len({(d["arch"], d["epochs"]) for d in parts}) != 1:
+        sys.exit(f"error: --merge got different archs/epochs: {[(d['arch'], d['epochs']) for d in parts]}")
+    seeds = [s for d in parts for s in d.get("seeds", [d["seed"]])]
+    if len(set(seeds)) != len(seeds):
+        sys.exit(f"error: --merge got one seed twice: {seeds}")
+    runs = [r for d in parts for r in d["runs"]]
+    meta = {"env": parts[0]["env"], "argv": parts[0].get("argv"), "merged_from": [
+        {"file": Path(p).name, "seeds": d.get("seeds"), "argv": d.get("argv"), "env": d["env"],
+         "env_end": d.get("env_end"), "wall_s": d.get("wall_s")} for p, d in zip(paths, parts)]}
+    write_outputs(out, parts[0]["arch"], parts[0]["epochs"], seeds, runs, meta)
 
 
 def _job_with_spec(spec: dict[str, Any]) -> tuple[dict[str, Any], list[dict[str, Any]]]:
