@@ -492,9 +492,9 @@ def main() -> None:
     runs: list[dict[str, Any]] = []
     if args.resume and partial.exists():
         done = [json.loads(line) for line in partial.read_text().splitlines() if line.strip()]
-        keys = {json.dumps(d["spec"], sort_keys=True) for d in done}
+        keys = {_resume_key(d["spec"]) for d in done}
         runs = [r for d in done for r in d["runs"]]
-        specs = [s for s in specs if json.dumps(s, sort_keys=True) not in keys]
+        specs = [s for s in specs if _resume_key(s) not in keys]
     elif partial.exists():
         partial.unlink()
     specs.sort(key=lambda s: s["what"] != "chain")  # the long chains first, so the workers finish together
@@ -539,6 +539,12 @@ def merge(paths: list[str], out: Path | None, force: bool) -> None:
         {"file": Path(p).name, "seeds": d.get("seeds"), "argv": d.get("argv"), "env": d["env"],
          "env_end": d.get("env_end"), "wall_s": d.get("wall_s")} for p, d in zip(paths, parts)]}
     write_outputs(out, parts[0]["arch"], parts[0]["epochs"], seeds, runs, meta)
+
+
+def _resume_key(spec: dict[str, Any]) -> tuple[Any, ...]:
+    """What identifies a finished job for ``--resume``: a rerun may ask fewer baselines of the jobs still to do."""
+    return (spec["arch"], spec["epochs"], spec["what"], spec["seed"], spec.get("sigma_decay"),
+            tuple(spec.get("orth", ())), spec.get("finetune"))
 
 
 def _job_with_spec(spec: dict[str, Any]) -> tuple[dict[str, Any], list[dict[str, Any]]]:
