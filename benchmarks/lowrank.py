@@ -29,8 +29,10 @@ Methods (same optimizer, peak learning rate, weight decay and number of SGD step
   fewest singular values holding that fraction of its Σσ²), the threshold chosen to match parameters.
 * ``svd-lrstr-ranks`` — a diagnostic: the same again at exactly the ranks one lrstr run learned, to separate
   the rank allocation low-rank STR chooses from the weights it trains.
-* ``scratch-lrstr-ranks`` — the factored net at one lrstr run's ranks, every layer at PyTorch's default
-  init, trained for the whole budget (the "fixed rank from scratch" baseline).
+* ``scratch-lrstr-ranks`` / ``scratch-svd-init`` — the factored net at one lrstr run's ranks trained from a
+  random init for the whole budget (the "fixed rank from scratch" baseline): every factor at PyTorch's default
+  init (``--baselines scratch``), or the rank-r truncated SVD of the dense random init with each layer's
+  Frobenius norm kept (``scratch-svd``).
 
 ``--seeds 0 1 2`` repeats everything per seed (a baseline is matched to the lrstr run of its own seed) and
 aggregates mean ± std (sample std) over seeds; ``--jobs N`` runs N seed × σ-decay chains in parallel
@@ -245,27 +247,42 @@ def run_svd(kind: str, target: int, knob: float, epochs: int, seed: int, data: t
             "ranks": ranks}
 
 
-def run_scratch(ranks: dict[str, int], knob: float, epochs: int, seed: int, data: tuple[torch.Tensor, ...]
-                ) -> dict[str, Any]:
-    """The factored net at the given (low-rank STR's) ranks, every layer re-initialised (PyTorch's default init)
-    and trained from there for the whole budget: the ranks without anything trained before."""
+def run_scratch(ranks: dict[str, int], knob: float, epochs: int, seed: int, data: tuple[torch.Tensor, ...],
+                init: str = "default") -> dict[str, Any]:
+    """The factored net at the given (low-rank STR's) ranks trained from a random init for the whole budget: the
+    ranks without anything trained before.
+
+    ``init="default"``: every layer at PyTorch's default init (the two thin factors' product is then far smaller
+    than a dense layer's init; on LeNet-5 at lr 0.05 it does not train). ``init="svd"``: the rank-r truncated SVD
+    of the dense net's random init, its second factor scaled so each layer keeps the init's Frobenius norm.
+    """
     xtr, ytr, xte, yte = data
     torch.manual_seed(seed)
-    model = _truncate(load_arch(ARCH)(), ranks)
-    for m in model.modules():
-        if isinstance(m, (nn.Linear, *CONV_TYPES)):
-            m.reset_parameters()
+    dense = load_arch(ARCH)()
+    model = _truncate(copy.deepcopy(dense), ranks)
+    for name, r in ranks.items():
+        new = model.get_submodule(name)
+        if not isinstance(new, nn.Sequential):
+            continue  # not factored (no saving at that rank): keeps the dense init
+        if init == "default":
+            for m in new:
+                m.reset_parameters()
+        else:
+            w = dense.get_submodule(name).weight.detach()
+            sv = torch.linalg.svdvals(w.reshape(w.shape[0], -1).double())
+            with torch.no_grad():
+                new[1].weight.mul_(float(sv.norm() / sv[:r].norm()))
     total = epochs * (xtr.shape[0] // 128)
     fit(_Cached(model), [{"params": list(model.parameters()), "weight_decay": WD}], (xtr, ytr), total, seed,
         lambda t: cosine(t, 0, total, LR))
-    return {"method": "scratch-lrstr-ranks", "knob": knob, "error": test_error(model, xte, yte),
-            "params": n_params(model), "ranks": ranks}
+    return {"method": "scratch-lrstr-ranks" if init == "default" else "scratch-svd-init", "knob": knob,
+            "error": test_error(model, xte, yte), "params": n_params(model), "ranks": ranks, "init": init}
 
 
 # ---------------------------------------------------------------------------------------------------------
 # jobs (one seed's dense run, or one seed's chain at one σ decay), aggregation, plot, tables
 
-BASELINES = ("uniform", "energy", "lrstr-ranks", "scratch")
+BASELINES = ("uniform", "energy", "lrstr-ranks", "scratch", "scratch-svd")
 
 
 def _log(r: dict[str, Any], t0: float, seed: int) -> dict[str, Any]:
@@ -303,8 +320,8 @@ def job(spec: dict[str, Any]) -> list[dict[str, Any]]:
             given = {k.rsplit(".", 1)[0]: v[0] for k, v in m["ranks"].items()}
             for kind in spec["baselines"]:
                 t0 = time.perf_counter()
-                if kind == "scratch":
-                    b = run_scratch(given, sd, epochs, seed, data)
+                if kind.startswith("scratch"):
+                    b = run_scratch(given, sd, epochs, seed, data, "svd" if kind == "scratch-svd" else "default")
                 else:
                     b = run_svd(kind, m["params"], sd, epochs, seed, data, given)
                 b["matched"] = m["method"]
@@ -346,9 +363,10 @@ LABELS = {"lrstr-qr": "low-rank STR (qr), factored", "lrstr-qr-ft": "low-rank ST
           "lrstr-penalty": "low-rank STR (penalty)", "lrstr-penalty-ft": "low-rank STR (penalty) + ft",
           "svd-uniform": "truncated SVD, uniform rank + ft", "svd-energy": "truncated SVD, energy threshold + ft",
           "svd-lrstr-ranks": "truncated SVD at STR's ranks + ft",
-          "scratch-lrstr-ranks": "STR's ranks, trained from scratch"}
+          "scratch-lrstr-ranks": "STR's ranks from scratch (default init)",
+          "scratch-svd-init": "STR's ranks from scratch (SVD of a random dense init)"}
 STYLE = {"svd-uniform": ("C1", "s"), "svd-energy": ("C2", "^"), "svd-lrstr-ranks": ("C4", "v"),
-         "scratch-lrstr-ranks": ("C5", "D"), "lrstr-qr": ("C0", "o"), "lrstr-qr-ft": ("C9", "o"),
+         "scratch-lrstr-ranks": ("C5", "D"), "scratch-svd-init": ("C8", "P"), "lrstr-qr": ("C0", "o"), "lrstr-qr-ft": ("C9", "o"),
          "lrstr-none": ("C7", "o"), "lrstr-none-ft": ("C8", "o"), "lrstr-penalty": ("C3", "o"),
          "lrstr-penalty-ft": ("C6", "o")}
 
@@ -395,10 +413,11 @@ def _pm(mean: float, std: float, n: int, fmt: str = ".2f") -> str:
 
 def markdown_table(rows: list[dict[str, Any]]) -> str:
     """One line per low-rank STR run: its error and each baseline's at its parameters (mean ± std over seeds)."""
-    have = [b for b in ("svd-uniform", "svd-energy", "svd-lrstr-ranks", "scratch-lrstr-ranks")
+    have = [b for b in ("svd-uniform", "svd-energy", "svd-lrstr-ranks", "scratch-lrstr-ranks", "scratch-svd-init")
             if any(r["method"] == b for r in rows)]
     head = {"svd-uniform": "SVD uniform + ft", "svd-energy": "SVD energy + ft (ranks)",
-            "svd-lrstr-ranks": "SVD at STR's ranks + ft", "scratch-lrstr-ranks": "STR's ranks from scratch"}
+            "svd-lrstr-ranks": "SVD at STR's ranks + ft", "scratch-lrstr-ranks": "STR's ranks, scratch (default init)",
+            "scratch-svd-init": "STR's ranks, scratch (SVD init)"}
     lines = ["| low-rank STR run | σ decay | params | ranks (mean) | **its error** | " +
              " | ".join(head[b] for b in have) + " |", "|---|---:|---:|---|---:|" + "---:|" * len(have)]
     for r in [r for r in rows if r["method"].startswith("lrstr")]:
@@ -410,7 +429,9 @@ def markdown_table(rows: list[dict[str, Any]]) -> str:
             if not m:
                 cells.append("")
                 continue
-            c = _pm(m[0]["error_mean"], m[0]["error_std"], n)
+            c = _pm(m[0]["error_mean"], m[0]["error_std"], m[0]["n"])
+            if m[0]["n"] != n:
+                c += f" [{m[0]['n']} seed{'s' if m[0]['n'] > 1 else ''}]"
             if b == "svd-energy":
                 c += " (" + ", ".join(f"{v:.0f}" for v in m[0]["ranks_mean"].values()) + ")"
             cells.append(c)
