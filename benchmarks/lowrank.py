@@ -307,6 +307,10 @@ def job(spec: dict[str, Any]) -> list[dict[str, Any]]:
         return [_log(run_dense(epochs, seed, data), t0, seed)]
     sd = spec["sigma_decay"]
     out: list[dict[str, Any]] = []
+    if spec["what"] == "baselines":  # for low-rank STR runs already done (--baselines-for)
+        for m, kinds in spec["matches"]:
+            out += _baselines(m, kinds, sd, epochs, seed, data)
+        return out
     for orth in spec["orth"]:
         t0 = time.perf_counter()
         plot = Path(spec["rank_plot"]) if spec.get("rank_plot") and orth == spec["orth"][0] else None
@@ -317,16 +321,61 @@ def job(spec: dict[str, Any]) -> list[dict[str, Any]]:
                                        finetune=True), t0, seed))
         out += mine
         for m in mine:  # each baseline at the parameters (or the ranks) of each low-rank STR run
-            given = {k.rsplit(".", 1)[0]: v[0] for k, v in m["ranks"].items()}
-            for kind in spec["baselines"]:
-                t0 = time.perf_counter()
-                if kind.startswith("scratch"):
-                    b = run_scratch(given, sd, epochs, seed, data, "svd" if kind == "scratch-svd" else "default")
-                else:
-                    b = run_svd(kind, m["params"], sd, epochs, seed, data, given)
-                b["matched"] = m["method"]
-                out.append(_log(b, t0, seed))
+            out += _baselines(m, spec["baselines"], sd, epochs, seed, data)
     return out
+
+
+KIND_METHOD = {"uniform": "svd-uniform", "energy": "svd-energy", "lrstr-ranks": "svd-lrstr-ranks",
+               "scratch": "scratch-lrstr-ranks", "scratch-svd": "scratch-svd-init"}
+
+
+def _baselines(m: dict[str, Any], kinds: list[str], sd: float, epochs: int, seed: int,
+               data: tuple[torch.Tensor, ...]) -> list[dict[str, Any]]:
+    """Each baseline in ``kinds`` at the parameters (or the ranks) of the low-rank STR run ``m``."""
+    given = {k.rsplit(".", 1)[0]: v[0] for k, v in m["ranks"].items()}
+    out = []
+    for kind in kinds:
+        t0 = time.perf_counter()
+        if kind.startswith("scratch"):
+            b = run_scratch(given, sd, epochs, seed, data, "svd" if kind == "scratch-svd" else "default")
+        else:
+            b = run_svd(kind, m["params"], sd, epochs, seed, data, given)
+        b["matched"] = m["method"]
+        out.append(_log(b, t0, seed))
+    return out
+
+
+def add_baselines(path: Path, kinds: list[str], jobs: int, threads: int, force: bool) -> None:
+    """Run the baselines in ``kinds`` that a saved JSON lacks for its low-rank STR runs, and add them to it."""
+    if not force:
+        sys.exit(f"error: --baselines-for rewrites {path}; pass --force")
+    saved = json.loads(path.read_text())
+    have = {(r["seed"], r["knob"], r.get("matched"), r["method"]) for r in saved["runs"]}
+    specs: dict[tuple[int, float], dict[str, Any]] = {}
+    for m in [r for r in saved["runs"] if r["method"].startswith("lrstr")]:
+        todo = [k for k in kinds if (m["seed"], m["knob"], m["method"], KIND_METHOD[k]) not in have]
+        if todo:
+            spec = specs.setdefault((m["seed"], m["knob"]), {
+                "arch": saved["arch"], "epochs": saved["epochs"], "threads": threads, "what": "baselines",
+                "seed": m["seed"], "sigma_decay": m["knob"], "matches": []})
+            spec["matches"].append((m, todo))
+    print(f"{len(specs)} jobs, {jobs} worker(s)", flush=True)
+    t0, env = time.perf_counter(), environment(uptime=_uptime())
+    runs = list(saved["runs"])
+    if jobs <= 1:
+        for sp in specs.values():
+            runs += job(sp)
+    else:
+        with mp.get_context("spawn").Pool(jobs) as pool:
+            for _, rs in pool.imap_unordered(_job_with_spec, list(specs.values()), chunksize=1):
+                runs += rs
+    added = {"argv": sys.argv[1:], "env": env, "wall_s": round(time.perf_counter() - t0, 1),
+             "env_end": {"date": environment()["date"], "loadavg": os.getloadavg(), "uptime": _uptime()}}
+    meta = {k: v for k, v in saved.items() if k not in ("arch", "epochs", "seed", "seeds", "runs", "rows")}
+    meta["added"] = [*meta.get("added", []), added]
+    order = {s: i for i, s in enumerate(saved["seeds"])}
+    runs.sort(key=lambda r: order.get(r["seed"], 0))
+    write_outputs(path, saved["arch"], saved["epochs"], saved["seeds"], runs, meta)
 
 
 def _ms(vals: list[float]) -> tuple[float, float]:
@@ -480,7 +529,12 @@ def main() -> None:
     ap.add_argument("--merge", nargs="+", default=None, metavar="JSON",
                     help="join JSONs of one arch and epoch budget written by separate runs (e.g. seeds run in two "
                     "processes) into --out, with its plot and table")
+    ap.add_argument("--baselines-for", default=None, metavar="JSON",
+                    help="run the --baselines a JSON this script wrote lacks, for its low-rank STR runs, and add them")
     args = ap.parse_args()
+    if args.baselines_for:
+        add_baselines(Path(args.baselines_for), args.baselines, args.jobs, args.threads, args.force)
+        return
     if args.merge:
         merge(args.merge, Path(args.out) if args.out else None, args.force)
         return
