@@ -573,7 +573,9 @@ def main() -> None:
     elif partial.exists():
         partial.unlink()
     specs.sort(key=lambda s: s["what"] != "chain")  # the long chains first, so the workers finish together
-    meta = {"env": environment(uptime=_uptime()), "argv": sys.argv[1:], "jobs": args.jobs}
+    # env's "threads" is this (driver) process's; each worker runs with --threads
+    meta = {"env": environment(uptime=_uptime()), "argv": sys.argv[1:], "jobs": args.jobs,
+            "threads_per_worker": args.threads}
     print(f"{len(specs)} jobs, {args.jobs} worker(s), {args.threads} thread(s) each", flush=True)
     t0 = time.perf_counter()
 
