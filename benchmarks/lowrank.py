@@ -429,7 +429,7 @@ def plot_error_vs_params(rows: list[dict[str, Any]], arch: str, epochs: int, pat
 
     from strfx.plot import save_figure
 
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    fig, ax = plt.subplots(figsize=(10, 4.5))
     n = max(r["n"] for r in rows)
     for method in [m for m in LABELS if any(r["method"] == m for r in rows)]:
         rs = sorted([r for r in rows if r["method"] == method], key=lambda r: r["params_mean"])
@@ -444,15 +444,16 @@ def plot_error_vs_params(rows: list[dict[str, Any]], arch: str, epochs: int, pat
         ax.axhline(d["error_mean"], color="k", ls="--", lw=1,
                    label=f"dense ({d['params_mean'] / 1e3:.0f}k params, {d['error_mean']:.2f} %)")
     ax.set_yscale("log")
-    from matplotlib.ticker import FormatStrFormatter
+    from matplotlib.ticker import FixedLocator, FormatStrFormatter, NullFormatter
 
+    ax.yaxis.set_major_locator(FixedLocator([0.5, 0.7, 1, 1.5, 2, 3, 5, 10, 20, 50, 100]))
     ax.yaxis.set_major_formatter(FormatStrFormatter("%g"))
-    ax.yaxis.set_minor_formatter(FormatStrFormatter("%g"))
+    ax.yaxis.set_minor_formatter(NullFormatter())
     ax.set_xlabel("parameters after factoring (thousands)")
     ax.set_ylabel("test error (%, log scale)")
     ax.set_title(f"{arch} on MNIST, {epochs} epochs for every method, mean ± std over {n} seed(s)")
     ax.grid(alpha=0.3, which="both")
-    ax.legend(fontsize=7)
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     return save_figure(fig, path)
 
 
