@@ -127,13 +127,14 @@ def truncate(model: nn.Module, ranks: dict[str, int]) -> nn.Module:
             if r * sum(w.shape) >= w.numel():
                 continue
             u, s, vh = torch.linalg.svd(w.double(), full_matrices=False)
-            proj = nn.Linear(mod.input_size, r, bias=False)
-            rnn = nn.LSTM(r, mod.hidden_size, batch_first=mod.batch_first)
+            dd = {"dtype": w.dtype, "device": w.device}
+            proj = nn.Linear(mod.input_size, r, bias=False, **dd)
+            rnn = nn.LSTM(r, mod.hidden_size, bias=mod.bias, batch_first=mod.batch_first, **dd)
             state = mod.state_dict()
-            state["weight_ih_l0"] = (u[:, :r] * s[:r]).float()
+            state["weight_ih_l0"] = (u[:, :r] * s[:r]).to(w.dtype)
             rnn.load_state_dict(state)
             with torch.no_grad():
-                proj.weight.copy_(vh[:r].float())
+                proj.weight.copy_(vh[:r])
             new = FactoredRNN(proj, rnn, mod.input_size)
         else:
             raise ValueError(f"truncate: no rule for {wname} ({type(mod).__name__})")
