@@ -161,14 +161,14 @@ def run_dense(build: Callable[[], nn.Module], steps: int, seed: int, data: tuple
 
 
 def run_lrstr(build: Callable[[], nn.Module], sigma_decay: float, steps: int, seed: int,
-              data: tuple[torch.Tensor, ...]) -> tuple[dict[str, Any], nn.Module]:
+              data: tuple[torch.Tensor, ...], budget: float = BUDGET) -> tuple[dict[str, Any], nn.Module | None]:
     """Low-rank STR through the public API; returns the row and the shrunk (factored) model."""
     xtr, ytr, xte, yte = data
     torch.manual_seed(seed)
     example = (xte[:2],)
     model = strfx.sparsify(build(), "lowrank", example_inputs=example,
                            config={"lowrank": {"s_init": S_INIT, "orthogonality": "qr", "relative_threshold": True}})
-    lam = BUDGET / sum(cosine(t, 0, steps, LR) for t in range(steps))
+    lam = budget / sum(cosine(t, 0, steps, LR) for t in range(steps))
     thresholds, sigmas = lowrank_threshold_parameters(model), lowrank_sigma_parameters(model)
     special = {id(p) for p in thresholds + sigmas}
     rest = [p for p in model.parameters() if id(p) not in special]
@@ -177,11 +177,15 @@ def run_lrstr(build: Callable[[], nn.Module], sigma_decay: float, steps: int, se
     fit(_Cached(model), groups, (xtr, ytr), steps, seed, lambda t: cosine(t, 0, steps, LR))
     err_param = test_error(model, xte, yte)
     rep = lowrank_report(model, example)
+    row: dict[str, Any] = {"method": "lrstr", "error_before_factoring": err_param, "budget": budget,
+                           "ranks": {r.name: [r.rank, r.full_rank] for r in rep.layers}, "threshold_decay": lam}
+    if any(r.rank == 0 for r in rep.layers):  # nn.LSTM has no input_size 0: strfx.shrink cannot factor it
+        row.update(error=err_param, params=None, factored=[], note="a layer lost every rank; not shrunk")
+        return row, None
     small = strfx.shrink(model, example)
     factored = sorted({n for n, m in small.named_modules() if isinstance(m, (FactoredRNN, nn.Sequential))})
-    row = {"method": "lrstr", "error": test_error(small, xte, yte), "error_before_factoring": err_param,
-           "params": n_params(small), "ranks": {r.name: [r.rank, r.full_rank] for r in rep.layers},
-           "factored": factored, "threshold_decay": lam, "shrink_max_error": small.strfx_shrink["max_error"]}
+    row.update(error=test_error(small, xte, yte), params=n_params(small), factored=factored,
+               shrink_max_error=small.strfx_shrink["max_error"])
     return row, small
 
 
@@ -214,6 +218,7 @@ def main() -> None:
     ap.add_argument("--seeds", nargs="+", type=int, default=[0])
     ap.add_argument("--sigma-decays", nargs="+", type=float, default=[2e-3, 5e-3],
                     help="the knob: weight decay on the raw singular values σ")
+    ap.add_argument("--budget", type=float, default=BUDGET, help="threshold-decay budget D (λ_s·Σ lr)")
     ap.add_argument("--methods", nargs="+", default=["dense", "lrstr", "fixed", "svd"])
     ap.add_argument("--train-limit", type=int, default=0, help="use only the first N training images (smoke runs)")
     ap.add_argument("--threads", type=int, default=1)
@@ -235,8 +240,9 @@ def main() -> None:
     def log(r: dict[str, Any], t0: float, seed: int, sd: float | None) -> None:
         r.update(seed=seed, sigma_decay=sd, train_s=round(time.perf_counter() - t0, 1))
         runs.append(r)
-        print(f"seed {seed} {r['method']:6s} σ-decay={sd!s:6s} error {r['error']:.2f}%  params {r['params']:,}  "
-              f"({r['train_s']} s) {r.get('ranks', '')} {r.get('factored', '')}", flush=True)
+        print(f"seed {seed} {r['method']:6s} σ-decay={sd!s:6s} error {r['error']:.2f}%  params {r['params'] or 0:,}  "
+              f"({r['train_s']} s) {r.get('ranks', '')} {r.get('factored', '')} "
+              f"{r.get('error_before_factoring', '')}", flush=True)
 
     for seed in args.seeds:
         if "dense" in args.methods:
@@ -244,8 +250,10 @@ def main() -> None:
             log(run_dense(build, steps, seed, data), t0, seed, None)
         for sd in args.sigma_decays:
             t0 = time.perf_counter()
-            row, small = run_lrstr(build, sd, steps, seed, data)
+            row, small = run_lrstr(build, sd, steps, seed, data, args.budget)
             log(row, t0, seed, sd)
+            if small is None:
+                continue
             if "fixed" in args.methods:
                 t0 = time.perf_counter()
                 log(run_fixed(build, small, steps, seed, data), t0, seed, sd)
