@@ -161,13 +161,14 @@ def run_dense(build: Callable[[], nn.Module], steps: int, seed: int, data: tuple
 
 
 def run_lrstr(build: Callable[[], nn.Module], sigma_decay: float, steps: int, seed: int,
-              data: tuple[torch.Tensor, ...], budget: float = BUDGET) -> tuple[dict[str, Any], nn.Module | None]:
+              data: tuple[torch.Tensor, ...], budget: float = BUDGET,
+              orth: str = "qr") -> tuple[dict[str, Any], nn.Module | None]:
     """Low-rank STR through the public API; returns the row and the shrunk (factored) model."""
     xtr, ytr, xte, yte = data
     torch.manual_seed(seed)
     example = (xte[:2],)
     model = strfx.sparsify(build(), "lowrank", example_inputs=example,
-                           config={"lowrank": {"s_init": S_INIT, "orthogonality": "qr", "relative_threshold": True}})
+                           config={"lowrank": {"s_init": S_INIT, "orthogonality": orth, "relative_threshold": True}})
     lam = budget / sum(cosine(t, 0, steps, LR) for t in range(steps))
     thresholds, sigmas = lowrank_threshold_parameters(model), lowrank_sigma_parameters(model)
     special = {id(p) for p in thresholds + sigmas}
@@ -177,7 +178,7 @@ def run_lrstr(build: Callable[[], nn.Module], sigma_decay: float, steps: int, se
     fit(_Cached(model), groups, (xtr, ytr), steps, seed, lambda t: cosine(t, 0, steps, LR))
     err_param = test_error(model, xte, yte)
     rep = lowrank_report(model, example)
-    row: dict[str, Any] = {"method": "lrstr", "error_before_factoring": err_param, "budget": budget,
+    row: dict[str, Any] = {"method": "lrstr", "error_before_factoring": err_param, "budget": budget, "orth": orth,
                            "ranks": {r.name: [r.rank, r.full_rank] for r in rep.layers}, "threshold_decay": lam}
     if any(r.rank == 0 for r in rep.layers):  # nn.LSTM has no input_size 0: strfx.shrink cannot factor it
         row.update(error=err_param, params=None, factored=[], note="a layer lost every rank; not shrunk")
@@ -210,6 +211,22 @@ def run_svd(build: Callable[[], nn.Module], ranks: dict[str, int], steps: int, s
     return {"method": "svd", "error": test_error(model, xte, yte), "params": n_params(model)}
 
 
+def table(doc: dict[str, Any]) -> str:
+    """The docs' markdown table: one line per method and σ decay, errors per seed and their mean."""
+    lines = ["| method | σ decay | params | ranks (per seed) | error per seed, % | mean error, % |",
+             "|---|---:|---:|---|---|---:|"]
+    keys: dict[tuple[str, Any], list[dict[str, Any]]] = {}
+    for r in doc["runs"]:
+        keys.setdefault((r["method"], r["sigma_decay"]), []).append(r)
+    for (method, sd), rows in keys.items():
+        params = sorted({r["params"] for r in rows if r["params"]})
+        ranks = "; ".join(", ".join(f"{v[0]}/{v[1]}" for v in r["ranks"].values()) for r in rows if "ranks" in r)
+        errs = [r["error"] for r in rows]
+        lines.append(f"| {method} | {sd if sd is not None else '—'} | {' / '.join(f'{p:,}' for p in params)} | "
+                     f"{ranks} | {', '.join(f'{e:.2f}' for e in errs)} | {statistics.mean(errs):.2f} |")
+    return "\n".join(lines)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--arch", choices=["lstm", "fastgrnn"], default="lstm")
@@ -219,12 +236,17 @@ def main() -> None:
     ap.add_argument("--sigma-decays", nargs="+", type=float, default=[2e-3, 5e-3],
                     help="the knob: weight decay on the raw singular values σ")
     ap.add_argument("--budget", type=float, default=BUDGET, help="threshold-decay budget D (λ_s·Σ lr)")
+    ap.add_argument("--orth", default="qr", choices=["qr", "none"], help="orthogonality of U, V (lrstr)")
     ap.add_argument("--methods", nargs="+", default=["dense", "lrstr", "fixed", "svd"])
     ap.add_argument("--train-limit", type=int, default=0, help="use only the first N training images (smoke runs)")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--out", default=None, help="default docs/lowrank_rnn_<arch>.json")
     ap.add_argument("--force", action="store_true", help="overwrite --out")
+    ap.add_argument("--table", metavar="JSON", help="print the markdown table of a results file and exit")
     args = ap.parse_args()
+    if args.table:
+        print(table(json.loads(Path(args.table).read_text())))
+        return
     out = Path(args.out or DOCS / f"lowrank_rnn_{args.arch}.json")
     if out.exists() and not args.force:
         sys.exit(f"error: {out} exists; pass --force to overwrite it or --out to write elsewhere")
@@ -250,7 +272,7 @@ def main() -> None:
             log(run_dense(build, steps, seed, data), t0, seed, None)
         for sd in args.sigma_decays:
             t0 = time.perf_counter()
-            row, small = run_lrstr(build, sd, steps, seed, data, args.budget)
+            row, small = run_lrstr(build, sd, steps, seed, data, args.budget, args.orth)
             log(row, t0, seed, sd)
             if small is None:
                 continue
@@ -265,7 +287,7 @@ def main() -> None:
         summary.setdefault(f"{r['method']}@{r['sigma_decay']}", []).append(r["error"])
     summary = {k: {"mean": statistics.mean(v), "n": len(v), "errors": v} for k, v in summary.items()}
     doc = {"env": environment(), "arch": args.arch, "hidden": args.hidden if args.arch == "lstm" else 64,
-           "epochs": args.epochs, "steps": steps, "seeds": args.seeds, "train_limit": args.train_limit,
+           "epochs": args.epochs, "steps": steps, "budget": args.budget, "orth": args.orth, "seeds": args.seeds, "train_limit": args.train_limit,
            "runs": runs, "summary": summary}
     tmp = out.with_suffix(".json.tmp")
     tmp.write_text(json.dumps(doc, indent=2))
