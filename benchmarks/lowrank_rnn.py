@@ -219,10 +219,10 @@ def table(doc: dict[str, Any]) -> str:
     for r in doc["runs"]:
         keys.setdefault((r["method"], r["sigma_decay"]), []).append(r)
     for (method, sd), rows in keys.items():
-        params = sorted({r["params"] for r in rows if r["params"]})
+        params = [r["params"] for r in rows]
         ranks = "; ".join(", ".join(f"{v[0]}/{v[1]}" for v in r["ranks"].values()) for r in rows if "ranks" in r)
         errs = [r["error"] for r in rows]
-        lines.append(f"| {method} | {sd if sd is not None else '—'} | {' / '.join(f'{p:,}' for p in params)} | "
+        lines.append(f"| {method} | {sd if sd is not None else '—'} | {' / '.join(f'{p:,}' if p else '—' for p in params)} | "
                      f"{ranks} | {', '.join(f'{e:.2f}' for e in errs)} | {statistics.mean(errs):.2f} |")
     return "\n".join(lines)
 
