@@ -227,6 +227,31 @@ def table(doc: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def plot(docs: list[dict[str, Any]], path: Path) -> None:
+    """Error vs parameters, one panel per results file, one marker per method (every seed a point)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(docs), figsize=(5.5 * len(docs), 4), squeeze=False)
+    style = {"dense": ("k", "s"), "lrstr": ("C0", "o"), "fixed": ("C1", "^"), "svd": ("C2", "v")}
+    for ax, doc in zip(axes[0], docs):
+        for method, (color, marker) in style.items():
+            pts = [(r["params"], r["error"]) for r in doc["runs"] if r["method"] == method and r["params"]]
+            if pts:
+                ax.scatter(*zip(*pts), c=color, marker=marker, label=method, alpha=0.8)
+        ax.set_yscale("log")
+        ax.set_xlabel("parameters")
+        ax.set_ylabel("test error, %")
+        ax.set_title(f"{doc['arch']}, {doc['epochs']} epochs, D={doc.get('budget', BUDGET):g}, seeds {doc['seeds']}")
+        ax.legend()
+    fig.tight_layout()
+    tmp = path.with_suffix(".tmp.png")
+    fig.savefig(tmp, dpi=110)
+    tmp.replace(path)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--arch", choices=["lstm", "fastgrnn"], default="lstm")
@@ -243,7 +268,15 @@ def main() -> None:
     ap.add_argument("--out", default=None, help="default docs/lowrank_rnn_<arch>.json")
     ap.add_argument("--force", action="store_true", help="overwrite --out")
     ap.add_argument("--table", metavar="JSON", help="print the markdown table of a results file and exit")
+    ap.add_argument("--plot", nargs="+", metavar="PATH",
+                    help="OUT.png JSON...: plot error vs parameters of results files and exit")
     args = ap.parse_args()
+    if args.plot:
+        out_png = Path(args.plot[0])
+        if out_png.exists() and not args.force:
+            sys.exit(f"error: {out_png} exists; pass --force to overwrite it")
+        plot([json.loads(Path(p).read_text()) for p in args.plot[1:]], out_png)
+        return
     if args.table:
         print(table(json.loads(Path(args.table).read_text())))
         return
