@@ -1,16 +1,23 @@
 """Low-rank STR on sequential-MNIST RNNs (nn.LSTM and the FastGRNN-style cell) vs full rank vs fixed rank.
 
-    python benchmarks/lowrank_rnn.py --arch lstm --epochs 2 --seeds 0            # docs/lowrank_rnn.md
-    python benchmarks/lowrank_rnn.py --arch fastgrnn --epochs 3 --seeds 0 1 2
+    python benchmarks/lowrank_rnn.py --arch fastgrnn --epochs 3 --seeds 0 1 2 --budget 8 --sigma-decays 2e-3 5e-3
+    python benchmarks/lowrank_rnn.py --arch lstm --epochs 2 --seeds 0 1 2 --budget 0.5 --sigma-decays 2e-3 5e-3 1e-2 \
+        --out docs/lowrank_rnn_lstm_budget05.json
+    python benchmarks/lowrank_rnn.py --table docs/lowrank_rnn_fastgrnn.json          # the markdown table
+    python benchmarks/lowrank_rnn.py --plot docs/lowrank_rnn.png docs/lowrank_rnn_fastgrnn.json \
+        docs/lowrank_rnn_lstm_budget05.json
+
+(what docs/lowrank_rnn.md reports; each method's run takes 10-80 s on one thread).
 
 Each 28×28 image is read as 28 steps of 28 pixels (the shared MNIST file). Methods, all with the same
 optimizer, peak learning rate, weight decay and number of SGD steps (benchmarks/mnist.py's ``fit``):
 
 * ``dense``      — full rank (reference error and parameters).
 * ``lrstr``      — ``strfx.sparsify(model, "lowrank")`` (qr orthogonality, relative thresholds), trained
-  for all the steps with weight decay λ_s on the thresholds (budget D = λ_s·Σ lr = 8, as
-  benchmarks/lowrank.py) and the knob, weight decay on the raw singular values σ; then ``strfx.shrink``
-  factors it (exactly, no fine-tuning). For the LSTM only the input-to-hidden matrix ``weight_ih_l0``
+  for all the steps with weight decay λ_s on the thresholds (budget D = λ_s·Σ lr, ``--budget``,
+  8 as benchmarks/lowrank.py; the LSTM needs a lower one, see the docs) and the knob, weight decay on the
+  raw singular values σ; then ``strfx.shrink`` factors it (exactly, no fine-tuning). For the LSTM only the
+  input-to-hidden matrix ``weight_ih_l0``
   (4H × 28) and the classifier can be factored: ``FactoredRNN`` = ``Linear(28, r)`` → ``LSTM(r, H)``.
 * ``fixed``      — the architecture ``lrstr`` ended with (same modules, same ranks, so exactly its
   parameter count) re-initialised with PyTorch's default init and trained from scratch for all the steps.
@@ -120,7 +127,13 @@ def truncate(model: nn.Module, ranks: dict[str, int]) -> nn.Module:
     for wname, r in ranks.items():
         mname, _, tname = wname.rpartition(".")
         mod = model.get_submodule(mname)
-        if isinstance(mod, nn.Linear):
+        if isinstance(mod, nn.Linear) and r == 0:  # what strfx.shrink builds for a rank-0 layer: a zero map
+            new = nn.Sequential(nn.Linear(mod.in_features, 0, bias=False),
+                                nn.Linear(0, mod.out_features, bias=mod.bias is not None))
+            if mod.bias is not None:
+                with torch.no_grad():
+                    new[1].bias.copy_(mod.bias)
+        elif isinstance(mod, nn.Linear):
             new = factor_dense(mod, r)
         elif isinstance(mod, nn.LSTM) and tname == "weight_ih_l0" and mod.num_layers == 1 and not mod.bidirectional:
             w = mod.weight_ih_l0.detach()
@@ -222,7 +235,8 @@ def table(doc: dict[str, Any]) -> str:
         params = [r["params"] for r in rows]
         ranks = "; ".join(", ".join(f"{v[0]}/{v[1]}" for v in r["ranks"].values()) for r in rows if "ranks" in r)
         errs = [r["error"] for r in rows]
-        lines.append(f"| {method} | {sd if sd is not None else '—'} | {' / '.join(f'{p:,}' if p else '—' for p in params)} | "
+        shown = " / ".join(f"{p:,}" if p else "—" for p in params)
+        lines.append(f"| {method} | {sd if sd is not None else '—'} | {shown} | "
                      f"{ranks} | {', '.join(f'{e:.2f}' for e in errs)} | {statistics.mean(errs):.2f} |")
     return "\n".join(lines)
 
@@ -320,7 +334,8 @@ def main() -> None:
         summary.setdefault(f"{r['method']}@{r['sigma_decay']}", []).append(r["error"])
     summary = {k: {"mean": statistics.mean(v), "n": len(v), "errors": v} for k, v in summary.items()}
     doc = {"env": environment(), "arch": args.arch, "hidden": args.hidden if args.arch == "lstm" else 64,
-           "epochs": args.epochs, "steps": steps, "budget": args.budget, "orth": args.orth, "seeds": args.seeds, "train_limit": args.train_limit,
+           "epochs": args.epochs, "steps": steps, "budget": args.budget, "orth": args.orth, "seeds": args.seeds,
+           "train_limit": args.train_limit,
            "runs": runs, "summary": summary}
     tmp = out.with_suffix(".json.tmp")
     tmp.write_text(json.dumps(doc, indent=2))

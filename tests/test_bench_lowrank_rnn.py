@@ -63,3 +63,11 @@ def test_truncate_lstm_input_projection_is_exact_at_its_rank(rank):
     cut = truncate(model, {"lstm.weight_ih_l0": rank})
     assert isinstance(cut.lstm, FactoredRNN) and cut.lstm.rnn.input_size == rank
     assert (cut(x) - ref).abs().max() < 1e-10
+
+
+def test_truncate_rank_zero_linear_is_the_zero_map_plus_bias():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 4))
+    bias = model[0].bias.detach().clone()
+    cut = truncate(model, {"0.weight": 0})  # in place
+    assert n_params(cut) == 4 and torch.equal(cut(torch.randn(3, 6)), bias.expand(3, 4))
