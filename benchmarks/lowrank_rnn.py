@@ -17,8 +17,8 @@ optimizer, peak learning rate, weight decay and number of SGD steps (benchmarks/
   for all the steps with weight decay λ_s on the thresholds (budget D = λ_s·Σ lr, ``--budget``,
   8 as benchmarks/lowrank.py; the LSTM needs a lower one, see the docs) and the knob, weight decay on the
   raw singular values σ; then ``strfx.shrink`` factors it (exactly, no fine-tuning). For the LSTM only the
-  input-to-hidden matrix ``weight_ih_l0``
-  (4H × 28) and the classifier can be factored: ``FactoredRNN`` = ``Linear(28, r)`` → ``LSTM(r, H)``.
+  input-to-hidden matrix ``weight_ih_l0`` (4H × 28) and the classifier can be factored:
+  ``FactoredRNN`` = ``Linear(28, r)`` → ``LSTM(r, H)``.
 * ``fixed``      — the architecture ``lrstr`` ended with (same modules, same ranks, so exactly its
   parameter count) re-initialised with PyTorch's default init and trained from scratch for all the steps.
 * ``svd``        — dense for half the steps, truncated SVD at exactly ``lrstr``'s ranks, fine-tuned for
