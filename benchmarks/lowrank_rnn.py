@@ -193,7 +193,9 @@ def run_lrstr(build: Callable[[], nn.Module], sigma_decay: float, steps: int, se
     rep = lowrank_report(model, example)
     row: dict[str, Any] = {"method": "lrstr", "error_before_factoring": err_param, "budget": budget, "orth": orth,
                            "ranks": {r.name: [r.rank, r.full_rank] for r in rep.layers}, "threshold_decay": lam}
-    if any(r.rank == 0 for r in rep.layers):  # nn.LSTM has no input_size 0: strfx.shrink cannot factor it
+    rnns = (nn.LSTM, nn.GRU, nn.RNN)
+    if any(r.rank == 0 and isinstance(model.get_submodule(r.name.rpartition(".")[0]), rnns) for r in rep.layers):
+        # nn.LSTM has no input_size 0: strfx.shrink cannot factor it (a rank-0 Linear it can)
         row.update(error=err_param, params=None, factored=[], note="a layer lost every rank; not shrunk")
         return row, None
     small = strfx.shrink(model, example)
