@@ -590,13 +590,16 @@ def _factor_rnn(mod: nn.Module, name: str) -> nn.Module:
         kwargs["proj_size"] = mod.proj_size
     if isinstance(mod, nn.RNN):
         kwargs["nonlinearity"] = mod.nonlinearity
-    new_rnn = type(mod)(r_total, mod.hidden_size, **kwargs, **dd)
+    # every rank dead: the input adds nothing, but an RNN needs input_size ≥ 1 — one zero column keeps it exact
+    width = max(r_total, 1)
+    new_rnn = type(mod)(width, mod.hidden_size, **kwargs, **dd)
     state = {k: v for k, v in mod.state_dict().items() if k not in tnames}
     col = 0
-    proj = nn.Linear(mod.input_size, r_total, bias=False, **dd)
+    proj = nn.Linear(mod.input_size, width, bias=False, **dd)
+    proj.weight.data.zero_()
     for t, (us, v) in zip(tnames, parts):
         r = us.shape[1]
-        w = torch.zeros(us.shape[0], r_total, **dd)
+        w = torch.zeros(us.shape[0], width, **dd)
         w[:, col:col + r] = us
         state[t] = w
         proj.weight.data[col:col + r] = v.T

@@ -276,6 +276,21 @@ def test_factored_lstm_keeps_call_signature():
     assert not inner.factored and "inner" in inner.note
 
 
+@pytest.mark.parametrize("kind", [nn.LSTM, nn.GRU])
+def test_rnn_whose_input_projection_lost_every_rank_still_factors_exactly(kind):
+    """Rank 0: the input adds nothing, yet an RNN needs input_size ≥ 1 — one zero column (was a raw ValueError)."""
+    torch.manual_seed(9)
+    rnn = kind(6, 5, batch_first=True).double()
+    lr = apply_lowrank(rnn)
+    _kill_ranks(lr, 0)
+    ref = copy.deepcopy(lr)
+    out = factor_lowrank(lr)
+    assert isinstance(out, FactoredRNN) and out.rnn.input_size == 1
+    assert not out.proj.weight.any() and not out.rnn.weight_ih_l0.any()
+    x = torch.randn(2, 4, 6, dtype=torch.float64)
+    assert _rel(out(x)[0], ref(x)[0]) < 1e-12
+
+
 def test_fold_back_when_factoring_does_not_pay():
     torch.manual_seed(8)
     lin = nn.Sequential(nn.Linear(20, 30), nn.ReLU(), nn.Linear(30, 20)).double()
