@@ -40,10 +40,10 @@ from typing import Any, Callable
 
 import torch
 from torch import nn
-from torch.nn.utils import parametrize
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _env import environment  # noqa: E402
+from lowrank import _Cached, n_params  # noqa: E402 - the same helpers as the feed-forward study
 from mnist import LR, WD, cosine, fit, load_arch, load_mnist, test_error  # noqa: E402
 
 import strfx  # noqa: E402
@@ -78,22 +78,6 @@ class LSTMClassifier(nn.Module):
 
 def builder(arch: str, hidden: int = LSTM_HIDDEN) -> Callable[[], nn.Module]:
     return (lambda: LSTMClassifier(hidden)) if arch == "lstm" else load_arch("fastgrnn")
-
-
-class _Cached(nn.Module):
-    """Builds each low-rank weight once per forward (the FastGRNN cell reads W and U at all 28 steps)."""
-
-    def __init__(self, model: nn.Module) -> None:
-        super().__init__()
-        self.model = model
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        with parametrize.cached():
-            return self.model(x)
-
-
-def n_params(model: nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters())
 
 
 def reinit(shrunk: nn.Module, fresh: nn.Module) -> nn.Module:
