@@ -17,12 +17,18 @@ shrink's own float64 error must be ≤ 1e-9. Outcomes:
 
     python benchmarks/fuzz.py                # 10,000 cases
     python benchmarks/fuzz.py -n 500 --workers 2 --out /tmp/fuzz.md
+    python benchmarks/fuzz.py --resume       # continue: seeds already in docs/fuzz.partial.jsonl are kept
+
+Every case is appended to a JSON-lines log (``--log``, default docs/fuzz.partial.jsonl, with the commit it ran
+on) as it finishes, so a long run can stop and continue (``--resume``) on the same or another machine; the
+report counts every case in the log and names the commits and the wall time of each run.
 """
 
 from __future__ import annotations
 
 import argparse
 import collections
+import json
 import multiprocessing as mp
 import platform
 import sys
@@ -83,7 +89,7 @@ def run_case(seed: int) -> dict[str, Any]:
 
 
 def render(results: list[dict[str, Any]], wall: float, workers: int, requested: int | None = None,
-           note: str = "") -> str:
+           note: str = "", runs: list[dict[str, Any]] | None = None) -> str:
     counts = collections.Counter(r["outcome"] for r in results)
     exact = [r for r in results if r["outcome"] == "exact"]
     shrunk = [r for r in exact if r["after"] < r["before"]]
@@ -123,6 +129,14 @@ def render(results: list[dict[str, Any]], wall: float, workers: int, requested: 
         f"(load average at the end {env['loadavg'][0]:.1f})",
         "",
     ]
+    if runs and len(runs) > 1:
+        lines[-2] = f"- {len(runs)} runs continued from one log (`--resume`); the wall time above is the last run's"
+        lines += ["| run | cases | seeds | strfx commit | finished | wall s | workers | load at end |",
+                  "|---|---|---|---|---|---|---|---|"]
+        for i, run in enumerate(runs, 1):
+            lines.append(f"| {i} | {run['cases']:,} | {run['seeds']} | {run['commit']} | {run['date']} | "
+                         f"{run['wall']:.0f} | {run['workers']} | {run['load']:.1f} |")
+        lines.append("")
     bad = [r for r in results if r["outcome"] in ("refused", "SILENT MISMATCH", "CRASH")]
     if bad:
         lines += ["## Cases that were not exact", "", "| seed | outcome | detail |", "|---|---|---|"]
@@ -141,17 +155,37 @@ def main() -> int:
     ap.add_argument("--note", default="", help="a paragraph to put under the title (e.g. why a run is short)")
     ap.add_argument("--time-budget", type=float, default=None,
                     help="stop after this many seconds and report the cases done (the report says so)")
+    ap.add_argument("--log", default=str(Path(__file__).resolve().parent.parent / "docs" / "fuzz.partial.jsonl"),
+                    help="JSON-lines log every case is appended to (default docs/fuzz.partial.jsonl)")
+    ap.add_argument("--resume", action="store_true",
+                    help="keep the cases already in --log and run only the missing seeds")
     args = ap.parse_args()
     from strfx.rundir import atomic_write
 
-    seeds = range(args.start, args.start + args.n)
-    t0 = time.perf_counter()
+    log = Path(args.log)
     results: list[dict[str, Any]] = []
+    runs: list[dict[str, Any]] = []
+    if args.resume and log.exists():
+        for line in log.read_text().splitlines():
+            rec = json.loads(line)
+            (runs if "run" in rec else results).append(rec.get("run", rec))
+    elif log.exists():
+        log.unlink()  # a fresh run starts a fresh log
+    done = {r["seed"] for r in results}
+    seeds = [s for s in range(args.start, args.start + args.n) if s not in done]
+    commit = environment()["commit"]
+    print(f"{len(done):,} cases from the log, {len(seeds):,} to run", flush=True)
+    t0 = time.perf_counter()
+    first = len(results)
+    log.parent.mkdir(parents=True, exist_ok=True)
+    logf = log.open("a")
 
     def progress(i: int) -> bool:
-        """Print and save partial results every 500 cases; False once the time budget is spent."""
+        """Log the case; print and save the report every 500 cases; False once the time budget is spent."""
+        logf.write(json.dumps({**results[-1], "commit": commit}) + "\n")
+        logf.flush()
         if (i + 1) % 500 == 0:
-            print(f"{i + 1}/{args.n} {collections.Counter(x['outcome'] for x in results)}", flush=True)
+            print(f"{i + 1}/{len(seeds)} {collections.Counter(x['outcome'] for x in results)}", flush=True)
             atomic_write(args.out, render(sorted(results, key=lambda r: r["seed"]), time.perf_counter() - t0,
                                           args.workers, args.n, args.note))
         return args.time_budget is None or time.perf_counter() - t0 < args.time_budget
@@ -168,8 +202,17 @@ def main() -> int:
             results.append(run_case(seed))
             if not progress(i):
                 break
+    wall = time.perf_counter() - t0
+    mine = results[first:]
+    if mine:
+        env = environment()
+        runs.append({"cases": len(mine), "seeds": f"{min(r['seed'] for r in mine)}–{max(r['seed'] for r in mine)}",
+                     "commit": commit, "date": env["date"], "wall": wall, "workers": args.workers,
+                     "load": env["loadavg"][0]})
+        logf.write(json.dumps({"run": runs[-1]}) + "\n")
+    logf.close()
     results.sort(key=lambda r: r["seed"])
-    text = render(results, time.perf_counter() - t0, args.workers, args.n, args.note)
+    text = render(results, wall, args.workers, args.n, args.note, runs)
     atomic_write(args.out, text)
     print(text)
     counts = collections.Counter(r["outcome"] for r in results)

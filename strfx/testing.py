@@ -59,7 +59,7 @@ def kill_channels(
     from strfx.surgery import analyze
 
     rng = np.random.default_rng(seed)
-    _, analysis = analyze(model, example_inputs)
+    gm, analysis = analyze(model, example_inputs)
     roots = analysis.roots
     entries_of = _carrier_entries(model)
     carriers: dict[int, list[tuple[str, Any, int]]] = {}  # channel -> (kind, carrier, index)
@@ -105,8 +105,31 @@ def kill_channels(
     n_depth = int(round(depth * len(gates)))
     for k in rng.choice(len(gates), size=n_depth, replace=False).tolist() if n_depth else []:
         gates[k].raw.zero_()
-    _, after = analyze(model, example_inputs)
+    after = _reanalyze(gm, model)
+    if after.bias_wanted:  # constant channels a bias-less layer could absorb: capture again with zero biases
+        _, after = analyze(model, example_inputs)
     return {"groups": touched, "zeroed": zeroed, "channels": after.dead_channels(), "carriers": entries}
+
+
+@torch.no_grad()
+def _reanalyze(gm: torch.fx.GraphModule, model: nn.Module) -> Any:
+    """The channel analysis of ``model`` on ``gm``, captured from it before only its parameter values changed.
+
+    Killing channels changes values, not the graph: the folded values are copied into the graph's own tensors
+    and the rules run again, which is what a fresh capture would give at a fifth of the cost (unless a layer
+    without a bias would now absorb a constant channel: the caller captures again then).
+    """
+    from strfx.passes.channel_analysis import META_KEY, analyze_channels
+    from strfx.surgery import fold_str
+
+    plain = fold_str(model)
+    new = {**dict(plain.named_parameters()), **dict(plain.named_buffers())}
+    for name, t in [*gm.named_parameters(), *gm.named_buffers()]:
+        if name in new:  # a zero bias strfx gave a bias-less layer stays zero
+            t.copy_(new[name])
+    for node in gm.graph.nodes:
+        node.meta.pop(META_KEY, None)
+    return analyze_channels(gm)
 
 
 @torch.no_grad()
