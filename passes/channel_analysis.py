@@ -364,6 +364,7 @@ class ChannelAnalysis:
     folds: list[tuple[FoldSite, np.ndarray, np.ndarray, np.ndarray]] = field(default_factory=list)
     const_kept: list[tuple[np.ndarray, str]] = field(default_factory=list)
     bias_wanted: set[str] = field(default_factory=set)  # weights whose bias-less layer keeps constant channels
+    biases_given: list[str] = field(default_factory=list)  # zero biases the caller gave bias-less layers (names)
     bias_deltas: dict[str, Any] = field(default_factory=dict)  # set by the shrink pass: what it added to biases
     # set by the shrink pass: (module path, kind, original width, kept width) of statistics over cut channels
     width_fixes: list[tuple[str, str, int, int]] = field(default_factory=list)

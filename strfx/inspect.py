@@ -90,5 +90,11 @@ def channel_groups(model: nn.Module, example_inputs: Sequence[Any]) -> list[Grou
     from strfx.surgery import analyze
 
     _, analysis = analyze(model, example_inputs)
-    return [GroupRow(group=g.id, channels=g.channels, dead=g.dead, members=g.members, blocked_by=g.blocked_by)
-            for g in analysis.groups]
+    given = {f"{b} (parameter)" for b in analysis.biases_given}  # not the user's: shrink adds it (zero + constants)
+
+    def member(m: str) -> str:
+        return m.replace("(parameter)", "(parameter strfx adds: a zero bias that absorbs constant channels)") \
+            if m in given else m
+
+    return [GroupRow(group=g.id, channels=g.channels, dead=g.dead, members=[member(m) for m in g.members],
+                     blocked_by=g.blocked_by) for g in analysis.groups]

@@ -174,8 +174,11 @@ def _capture_analysed(plain: nn.Module, inputs: Sequence[Any]) -> tuple[fx.Graph
     gm = capture(plain, inputs)
     analysis = analyze_channels(gm)
     for name in given:
+        owner = name.rpartition(".")[0]
         if name in analysis.bias_wanted:
-            plain.get_submodule(name.rpartition(".")[0]).register_parameter("bias", None)
+            plain.get_submodule(owner).register_parameter("bias", None)
+        else:
+            analysis.biases_given.append(f"{owner}.bias" if owner else "bias")
     return gm, analysis
 
 

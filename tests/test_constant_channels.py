@@ -107,6 +107,12 @@ def test_conv_without_bias_gets_one_to_absorb_constant_channels():
     with torch.no_grad():
         for s in verification_inputs((torch.randn(2, 3, 8, 8),), seed=4):
             assert max_rel_error(small(*s.inputs), model(*s.inputs)) <= 1e-5, s.kind
+    # `strfx inspect --groups` names the bias as strfx's, not as one of the user's parameters
+    from strfx.inspect import channel_groups
+
+    members = [m for row in channel_groups(model, (torch.randn(2, 3, 8, 8),)) for m in row.members]
+    assert [m for m in members if m.startswith("c2.bias")] == \
+        ["c2.bias (parameter strfx adds: a zero bias that absorbs constant channels)"]
 
 
 def test_a_layer_whose_forward_ignores_its_bias_keeps_constant_channels():
