@@ -147,7 +147,7 @@ class RewindSchedule:
     """STR picks the units, an earlier state of the weights minus those units is retrained (issue 14).
 
     Fractions are of the whole step budget ``total``: the weights are recorded at ``rewind_at`` (0: right
-    after sparsify), strfx's FLOPs controller ramps between ``ramp_start`` and ``ramp_end`` (held to
+    after sparsify; ``search_end``: no rewind, the searched weights themselves), strfx's FLOPs controller ramps between ``ramp_start`` and ``ramp_end`` (held to
     ``search_end``), the dead units are read off at ``search_end``, and the shrunk model trains for the
     remaining ``total - search_end`` steps, so every schedule spends the same number of SGD steps.
     ``search_lr``: ``own`` — a cosine over the search alone (a short ``strfx train`` run), ``global`` — the
@@ -164,8 +164,10 @@ class RewindSchedule:
     retrain_lr: Literal["restart", "continue"] = "restart"
 
     def __post_init__(self) -> None:
-        if not 0 <= self.rewind_at <= self.ramp_start < self.ramp_end <= self.search_end < 1:
-            raise ValueError(f"need 0 <= rewind_at <= ramp_start < ramp_end <= search_end < 1, got {self}")
+        ok = 0 <= self.ramp_start < self.ramp_end <= self.search_end < 1
+        if not ok or not (0 <= self.rewind_at <= self.ramp_start or self.rewind_at == self.search_end):
+            raise ValueError(f"need 0 <= rewind_at <= ramp_start < ramp_end <= search_end < 1 (or rewind_at = "
+                             f"search_end: no rewind, the searched weights are retrained), got {self}")
 
     def steps(self, total: int) -> tuple[int, int]:
         """(step whose start state is rewound to, step at which the search stops); the rest retrains."""

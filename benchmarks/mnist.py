@@ -20,6 +20,8 @@ the weights, same number of SGD steps; each has one sparsity knob that is swept)
   units in part of the budget, :func:`strfx.rewind` loads an earlier state with exactly those units dead,
   :func:`strfx.shrink` cuts them, and the plain shrunk model trains for the remaining steps
   (:data:`REWIND`, a :class:`baselines.RewindSchedule`); knob = fraction of FLOPs removed.
+* ``str-rewind-cost`` — ``str-rewind`` with a resource-aware decay: each carrier's threshold and norm decay
+  is scaled by its FLOPs per channel over the mean (:func:`cost_scaled_groups`), so expensive channels go first.
 * ``han``         — Han et al. 2015: train dense for half the steps, then 3 rounds of global magnitude
   pruning + retraining (lr restarted at 1/10 of the peak); knob = final sparsity.
 * ``gmp``         — Zhu & Gupta 2017: uniform per-layer magnitude pruning on the cubic schedule from
@@ -109,6 +111,7 @@ GRIDS: dict[str, dict[str, list[float]]] = {
         "han": [0.95, 0.98],
         "gmp": [0.95, 0.98],
         "str-rewind": [0.5, 0.75, 0.9],
+        "str-rewind-cost": [0.5, 0.75, 0.9],
         "slim": [0.5, 0.75, 0.9],
     },
     "lenet5": {
@@ -120,6 +123,7 @@ GRIDS: dict[str, dict[str, list[float]]] = {
         "str-struct-ft": [0.1, 0.25],
         "str-target": [0.55, 0.7],
         "str-rewind": [0.45, 0.6, 0.75],
+        "str-rewind-cost": [0.45, 0.6, 0.75],
         "slim": [0.5, 0.75, 0.9],
     },
 }
@@ -266,8 +270,33 @@ def gate_widths(gm: nn.Module) -> list[int]:
 
 # ---------------------------------------------------------------- methods
 
+def cost_scaled_groups(gm: nn.Module, groups: list[dict[str, Any]], meter: Any) -> list[dict[str, Any]]:
+    """Split the threshold and norm groups per carrier, each with ``scale`` = its FLOPs per channel over the mean.
+
+    A resource-aware decay (MorphNet's FLOP regulariser, on STR's thresholds): a channel that costs more FLOPs
+    is pushed harder, so a FLOPs target is reached by removing expensive channels first.
+    """
+    from strfx.modules import channel_carriers
+
+    carriers = channel_carriers(gm)
+    per = {name: meter.flops.get(name, 0.0) / max(c.raw.numel(), 1) for name, c in carriers.items()}
+    n = {name: c.raw.numel() for name, c in carriers.items()}
+    mean = sum(per[k] * n[k] for k in per) / max(sum(n.values()), 1)
+    special = {"thresholds", "norms"}
+    out = [g for g in groups if g["name"] not in special]
+    base = {g["name"]: g["weight_decay"] for g in groups}
+    for name, c in carriers.items():
+        scale = per[name] / mean if mean > 0 else 1.0
+        s = c.threshold.__self__.s
+        out.append({"name": "thresholds", "params": [s], "weight_decay": base.get("thresholds", 0.0) * scale,
+                    "scale": scale})
+        out.append({"name": "norms", "params": [c.raw], "weight_decay": base.get("norms", 0.0) * scale,
+                    "scale": scale})
+    return out
+
+
 def run_rewind(arch: str, knob: float, seed: int, epochs: int, sched: RewindSchedule = REWIND,
-               threads: int = 1) -> RunResult:
+               threads: int = 1, cost_aware: bool = False) -> RunResult:
     """``str-rewind``: strfx's FLOPs controller picks the units, an earlier state minus them is retrained.
 
     The search is ``str-target``'s (same groups, controller defaults but the ramp of ``sched``); at
@@ -293,6 +322,8 @@ def run_rewind(arch: str, knob: float, seed: int, epochs: int, sched: RewindSche
     ccfg = ControllerConfig(ramp_start=sched.ramp_start * total / stop, ramp_end=sched.ramp_end * total / stop)
     ctrl = ThresholdDecayController(knob, stop, ccfg, WD, MOMENTUM)  # the search is the controller's whole run
     meter = SparsityMeter(gm, "structured", example)
+    if cost_aware:
+        groups = cost_scaled_groups(gm, groups, meter)
     saved: dict[str, Any] = {}
 
     def lr_search(step: int) -> float:
@@ -307,9 +338,11 @@ def run_rewind(arch: str, knob: float, seed: int, epochs: int, sched: RewindSche
             decay = ctrl.update(step + 1, meter(), lr_search(step + 1))
             for g in groups:
                 if g["name"] in ("thresholds", "norms"):
-                    g["weight_decay"] = decay
+                    g["weight_decay"] = decay * g.get("scale", 1.0)
 
     fit(gm, groups, (xtr, ytr), stop, seed, lr_search, before_step=record, after_step=steer)
+    if rewind_step >= stop:  # no rewind: the searched weights are retrained
+        saved.update(copy.deepcopy(gm.state_dict()))
     search_error = test_error(gm, xte, yte)
     widths = gate_widths(gm)
     info = strfx.rewind(gm, saved)
@@ -321,7 +354,7 @@ def run_rewind(arch: str, knob: float, seed: int, epochs: int, sched: RewindSche
     extra = {"schedule": asdict(sched), "search_error": search_error, "rewind": info,
              "search_steps": stop, "retrain_steps": total - stop, "rewind_step": rewind_step}
     per = {n: float((u.effective_weight() == 0).float().mean()) for n, u in str_units(gm).items()}
-    res = RunResult(arch=arch, method="str-rewind", knob=knob, seed=seed, epochs=epochs, error=err, sparsity=0.0,
+    res = RunResult(arch=arch, method="str-rewind-cost" if cost_aware else "str-rewind", knob=knob, seed=seed, epochs=epochs, error=err, sparsity=0.0,
                     layer_sparsity=per, widths=widths, train_s=time.perf_counter() - t0, extra=extra)
     res.dense_flops = shrunk_flops(arch, dense_widths(arch))
     res.flops = shrunk_flops(arch, widths)
@@ -329,8 +362,8 @@ def run_rewind(arch: str, knob: float, seed: int, epochs: int, sched: RewindSche
 
 
 def run_one(arch: str, method: str, knob: float, seed: int, epochs: int, threads: int = 1) -> RunResult:
-    if method == "str-rewind":
-        return run_rewind(arch, knob, seed, epochs, REWIND, threads)
+    if method in ("str-rewind", "str-rewind-cost"):
+        return run_rewind(arch, knob, seed, epochs, REWIND, threads, cost_aware=method == "str-rewind-cost")
     torch.set_num_threads(threads)
     torch.manual_seed(seed)
     xtr, ytr, xte, yte = load_mnist()
@@ -556,7 +589,7 @@ def plot(rows: list[dict[str, Any]], runs: list[dict[str, Any]], out: Path, stem
 
     written = []
     colors = {"str": "C0", "han": "C1", "gmp": "C2", "dense": "k", "str-struct": "C0", "str-struct-ft": "C9",
-              "str-target": "C6", "str-rewind": "C8", "slim": "C3"}
+              "str-target": "C6", "str-rewind": "C8", "str-rewind-cost": "C4", "slim": "C3"}
     for arch in sorted({r["arch"] for r in rows}):
         dense = [r for r in rows if r["arch"] == arch and r["method"] == "dense"]
         # error vs sparsity (unstructured)
@@ -591,6 +624,7 @@ def plot(rows: list[dict[str, Any]], runs: list[dict[str, Any]], out: Path, stem
                               ("str-struct-ft", "STR structured + fine-tune (strfx)"),
                               ("str-target", "STR structured, strfx defaults (target FLOPs)"),
                               ("str-rewind", "STR picks the units, rewound weights retrained"),
+                              ("str-rewind-cost", "as str-rewind, threshold decay × FLOPs per channel"),
                               ("slim", "network slimming (Liu)")):
             rs = [r for r in rows if r["arch"] == arch and r["method"] == method]
             pts = [(100 * r2["flops"] / r2["dense_flops"], r2["error"]) for r2 in runs

@@ -1,6 +1,7 @@
 """Why structured STR loses to network slimming on LeNet-5-Caffe, one change at a time (issue 14).
 
     nice -n 19 python benchmarks/struct_study.py NAME [--seed 0] [--epochs 6] [--set key=value ...]
+    nice -n 19 python benchmarks/struct_study.py NAME --arch lenet300 --rewind --set target=0.58 rewind_at=0.45 ...
 
 Every variant trains LeNet-5-Caffe from scratch on MNIST with benchmarks/mnist.py's optimizer, learning
 rate schedule, weight decay and step budget; only how the gates after conv1/conv2/fc1 are pushed to
@@ -25,12 +26,15 @@ Knobs (``--set``), each one candidate of issue 14:
   above its full-effort decay (~0.01 at the peak learning rate), so in these runs it acts nearly on/off;
   benchmarks/mnist.py's ``str-target`` uses strfx train's floor (the weight decay) instead.
 * ``--rewind`` — STR as a unit search only (benchmarks/mnist.py's ``str-rewind``): ``--set`` takes
-  ``target`` (FLOPs removed) and the fields of :class:`baselines.RewindSchedule` (``rewind_at``,
-  ``ramp_start``, ``ramp_end``, ``search_end``, ``search_lr``, ``retrain_lr``).
+  ``target`` (FLOPs removed), ``cost=1`` (benchmarks/mnist.py's ``str-rewind-cost``: the decay of each
+  carrier × its FLOPs per channel) and the fields of :class:`baselines.RewindSchedule` (``rewind_at``,
+  ``ramp_start``, ``ramp_end``, ``search_end``, ``search_lr``, ``retrain_lr``). ``--rewind`` and ``--slim``
+  take ``--arch lenet300`` too (the other variants are LeNet-5-Caffe's gates only).
 * ``--widths C1 C2 F1`` — a plain LeNet-5-Caffe of those widths trained from scratch, same steps: tells
   whether an STR run's error comes from the widths it chose or from its weights.
 
-Every run of issue 14 is in docs/struct_study.jsonl; docs/results.md tabulates them.
+Every run of issue 14 is in docs/struct_study.jsonl (with its arch, commit, date and load average since the
+LeNet-300-100 runs); docs/results.md tabulates them.
 """
 
 from __future__ import annotations
@@ -47,6 +51,7 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import mnist as M  # noqa: E402
+from _env import environment  # noqa: E402
 
 import strfx  # noqa: E402
 from strfx.controller import SparsityMeter, ThresholdDecayController  # noqa: E402
@@ -165,8 +170,8 @@ def run(opts: dict[str, Any], seed: int, epochs: int) -> dict[str, Any]:
             "train_s": time.perf_counter() - t0}
 
 
-def run_slim(knob: float, seed: int, epochs: int) -> dict[str, Any]:
-    r = M.run_one("lenet5", "slim", knob, seed, epochs)
+def run_slim(knob: float, seed: int, epochs: int, arch: str = "lenet5") -> dict[str, Any]:
+    r = M.run_one(arch, "slim", knob, seed, epochs)
     return {"error": r.error, "widths": r.widths, "flops": r.flops / r.dense_flops, "seed": seed, "epochs": epochs,
             "train_s": r.train_s}
 
@@ -186,12 +191,13 @@ def run_widths(widths: list[int], seed: int, epochs: int) -> dict[str, Any]:
             "train_s": time.perf_counter() - t0}
 
 
-def run_rewind(opts: dict[str, str], seed: int, epochs: int) -> dict[str, Any]:
+def run_rewind(opts: dict[str, str], seed: int, epochs: int, arch: str = "lenet5") -> dict[str, Any]:
     """One ``str-rewind`` run with the schedule given as ``--set`` strings (``target`` = FLOPs removed)."""
     fields = {f: opts[f] if f in ("search_lr", "retrain_lr") else float(opts[f])
               for f in RewindSchedule.__dataclass_fields__ if f in opts}
     sched = RewindSchedule(**fields)
-    r = M.run_rewind("lenet5", float(opts.get("target", 0.55)), seed, epochs, sched)
+    r = M.run_rewind(arch, float(opts.get("target", 0.55)), seed, epochs, sched,
+                     cost_aware=bool(float(opts.get("cost", 0))))
     return {"error": r.error, "widths": r.widths, "flops": r.flops / r.dense_flops, "seed": seed, "epochs": epochs,
             "search_error": r.extra["search_error"], "train_s": r.train_s}
 
@@ -205,11 +211,17 @@ def main() -> None:
     ap.add_argument("--widths", type=int, nargs=3, default=None, help="train this plain architecture from scratch")
     ap.add_argument("--rewind", action="store_true", help="STR searches the units, an earlier state is retrained")
     ap.add_argument("--set", nargs="*", default=[])
+    ap.add_argument("--arch", default="lenet5", choices=["lenet5", "lenet300"],
+                    help="with --rewind or --slim: the network (the other variants are LeNet-5-Caffe's)")
     a = ap.parse_args()
+    env = environment()
+    stamp = {"arch": a.arch, "commit": env["commit"], "date": env["date"], "load": round(env["loadavg"][0], 1)}
+    if a.arch != "lenet5" and not (a.rewind or a.slim is not None):
+        ap.error("--arch lenet300 needs --rewind or --slim")
     if a.rewind:
         raw = dict(kv.split("=", 1) for kv in a.set)
         sched = {k: v for k, v in raw.items()}
-        res = {"name": a.name, "opts": {"rewind": sched}, **run_rewind(raw, a.seed, a.epochs)}
+        res = {"name": a.name, "opts": {"rewind": sched}, **run_rewind(raw, a.seed, a.epochs, a.arch), **stamp}
         with OUT.open("a") as f:
             f.write(json.dumps(res) + "\n")
         print(json.dumps(res), flush=True)
@@ -221,7 +233,7 @@ def main() -> None:
     if a.widths:
         res = {"name": a.name, "opts": {"from_scratch": a.widths}, **run_widths(a.widths, a.seed, a.epochs)}
     elif a.slim is not None:
-        res = {"name": a.name, "opts": {"slim": a.slim}, **run_slim(a.slim, a.seed, a.epochs)}
+        res = {"name": a.name, "opts": {"slim": a.slim}, **run_slim(a.slim, a.seed, a.epochs, a.arch), **stamp}
     else:
         res = {"name": a.name, "opts": opts, **run(opts, a.seed, a.epochs)}
     with OUT.open("a") as f:
