@@ -37,7 +37,6 @@ from typing import Any, Callable
 
 import numpy as np
 import torch
-import torch.fx as fx
 from torch import nn
 from torch.nn.utils import parametrize
 from torch.utils.flop_counter import FlopCounterMode

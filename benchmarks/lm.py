@@ -81,7 +81,7 @@ from _env import environment  # noqa: E402
 from baselines import lowest, uniform_counts  # noqa: E402
 from latency import ort_runner, time_interleaved  # noqa: E402
 from lm_data import VAL_EVERY, read_bytes, split_files, stdlib_files, windows  # noqa: E402
-from tp_baseline import TPTimeout, ratio_keeping, tp_prune_llama  # noqa: E402
+from tp_baseline import ratio_keeping, tp_prune_llama  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCS = ROOT / "docs"

@@ -115,7 +115,6 @@ def run(opts: dict[str, Any], seed: int, epochs: int) -> dict[str, Any]:
     spent = sum(lr_at(t) for t in range(learn))
     lam_s, lam_u = opts["D"] / spent, opts["N"] / spent
     groups = strfx.param_groups(gm, weight_decay=M.WD, threshold_decay=lam_s, norm_decay=opts["wd_gates"])
-    gates = [u.weight for u in units]
     state = {"lam_u": lam_u, "lam_s": lam_s, "frozen": False}
 
     def penalty() -> torch.Tensor:

@@ -41,7 +41,6 @@ from __future__ import annotations
 
 import argparse
 import collections
-import datetime as _dt
 import functools
 import json
 import os

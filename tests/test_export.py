@@ -19,7 +19,7 @@ from torch import nn
 import strfx
 from strfx.errors import OutputExistsError, VerificationError
 from strfx.loader import load_model
-from strfx.modules import channel_carriers, threshold_parameters
+from strfx.modules import channel_carriers
 from strfx.testing import kill_channels
 from strfx.verify import max_rel_error
 
