@@ -339,3 +339,48 @@ def test_a_norm_after_a_cut_norm_is_cut_too():
     small = strfx.shrink(sparse, (x,))
     rep = small.strfx_shrink
     assert rep["result"] == "exported" and rep["channels_removed"] == 5 and rep["max_error64"] <= 1e-9
+
+
+class BiasedAttention(nn.Module):
+    """Two attention layers sharing one per-head bias table (T5's relative position bias): the mask has a
+    slice per head. ``table=False``: the per-head mask is a buffer strfx cannot cut."""
+
+    def __init__(self, dim: int = 24, heads: int = 4, n: int = 5, table: bool = True) -> None:
+        super().__init__()
+        self.heads, self.head_dim, self.table = heads, dim // heads, table
+        self.bias = nn.Embedding(2 * n - 1, heads)
+        self.register_buffer("fixed", torch.randn(1, heads, n, n))
+        self.register_buffer("pos", (torch.arange(n)[None, :] - torch.arange(n)[:, None]) + n - 1)
+        self.qkv = nn.ModuleList(nn.Linear(dim, 3 * dim) for _ in range(2))
+        self.o = nn.ModuleList(nn.Linear(dim, dim) for _ in range(2))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, n, _ = x.shape
+        mask = self.bias(self.pos).permute(2, 0, 1)[None] if self.table else self.fixed  # (1, heads, n, n)
+        for qkv, o in zip(self.qkv, self.o):
+            q, k, v = qkv(x).view(b, n, 3, -1, self.head_dim).permute(2, 0, 3, 1, 4)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+            x = x + o(y.transpose(1, 2).reshape(b, n, -1))
+        return x
+
+
+def test_a_per_head_attention_bias_goes_with_its_head_in_every_layer_it_feeds():
+    """The shared bias table couples head h of both layers; cutting a head slices the table's column h."""
+    torch.manual_seed(0)
+    model, x = BiasedAttention().eval(), torch.randn(2, 5, 24)
+    _, analysis = analyze(model, (x,))
+    heads = [g for g in analysis.groups if g.channels == 4]
+    assert len(heads) == 1 and heads[0].prunable and any("bias.weight" in m for m in heads[0].members)
+    sparse = strfx.sparsify(model, "structured", example_inputs=(x,))
+    kill_channels(sparse, 0.5, example_inputs=(x,))
+    small = strfx.shrink(sparse, (x,))
+    rep = small.strfx_shrink
+    assert rep["result"] == "eager" and small.bias.weight.shape[1] == 2 and small.qkv[1].out_features == 3 * 12
+    assert rep["max_error64"] <= 1e-9
+
+
+def test_a_per_head_mask_strfx_cannot_cut_keeps_every_head():
+    model, x = BiasedAttention(table=False).eval(), torch.randn(2, 5, 24)
+    _, analysis = analyze(model, (x,))
+    assert not any(g.channels == 4 and g.prunable for g in analysis.groups)
+    assert any("one slice per head" in r for g in analysis.groups for r in g.blocked_by)

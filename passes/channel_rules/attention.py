@@ -21,15 +21,21 @@ def _sdpa(ctx: Ctx, node: fx.Node) -> Any:
     (with grouped-query attention, repeat_kv has already made each key/value head's id the id of the
     query heads sharing it: a kv head goes only with all of them) and a head is zero where v's is.
     The per-head dims of q and k are contracted together (both must be zero to go); v's pass to the
-    output. A mask or sequence dim carrying channels blocks them.
+    output. A sequence dim carrying channels blocks them. A mask with one slice per head (T5's relative
+    position bias, an ALiBi table) is read by its head only: its head dim is coupled with the heads, so a
+    head goes with its slice of the mask (and of the parameters that made it); a per-head mask strfx cannot
+    cut (its head dim carries no ids) keeps every head, and any other channel-carrying dim of a mask blocks.
     """
     q, k, v = (ctx.info(a) for a in node.args[:3])
     shape = ctx.shape(node)
     if q is None or k is None or v is None or shape is None or q.ndim < 3 or arg(node, 7, "enable_gqa", False):
         return _unknown(ctx, node)
     R = q.ndim
-    for extra in infos_of((node.args[3:], node.kwargs), ctx):
-        ctx.block(extra, f"attention mask or argument carrying channels ({node.name})")
+    mask_node = arg(node, 3, "attn_mask")
+    mask = ctx.info(mask_node) if isinstance(mask_node, fx.Node) else None
+    rest = {k: a for k, a in node.kwargs.items() if k != "attn_mask"}
+    for extra in infos_of((node.args[4:], rest), ctx):
+        ctx.block(extra, f"attention argument carrying channels ({node.name})")
     out = TInfo(shape)
     head = R - 3
     for t in (q, k, v):
@@ -46,6 +52,8 @@ def _sdpa(ctx: Ctx, node: fx.Node) -> Any:
             ctx.uf.union_arrays(ids, k.labels[head])
             ctx.uf.union_arrays(ids, v.labels[head])
             out.set(head, ids, v.zero[head].copy())
+    if mask is not None:
+        _sdpa_mask(ctx, node, mask, out.labels.get(head), head - (R - mask.ndim))
     for t in (q, k):  # the default scale 1/√d is written out when d is cut (_sdpa_shrink)
         if R - 1 in t.labels:
             ctx.sink(t, R - 1)
@@ -58,6 +66,18 @@ def _sdpa(ctx: Ctx, node: fx.Node) -> Any:
     if R - 1 in v.labels:
         out.set(R - 1, v.labels[R - 1], v.zero[R - 1])
     return out
+
+
+def _sdpa_mask(ctx: Ctx, node: fx.Node, mask: TInfo, heads: Any, mhead: int) -> None:
+    """Couple a per-head mask's head dim (``mhead``, after broadcasting) with the ``heads`` ids; block the rest."""
+    per_head = 0 <= mhead < mask.ndim and mask.shape[mhead] > 1
+    for d, ids in mask.labels.items():
+        if d == mhead and heads is not None and len(ids) == len(heads):
+            ctx.uf.union_arrays(heads, ids)
+        else:
+            ctx.block_ids(ids, f"attention mask carrying channels ({node.name})")
+    if heads is not None and per_head and mhead not in mask.labels:
+        ctx.block_ids(heads, f"attention mask with one slice per head strfx cannot cut ({node.name})")
 
 
 def _sdpa_shrink(s: Any, node: fx.Node) -> None:
