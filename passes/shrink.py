@@ -81,11 +81,21 @@ def keep_masks(analysis: ChannelAnalysis) -> dict[str, dict[int, np.ndarray]]:
 
 
 def cut_tensor(t: torch.Tensor, keeps: dict[int, np.ndarray]) -> torch.Tensor:
-    """``t`` restricted to the kept indices of each dim (a new tensor; ``t`` is untouched)."""
+    """``t`` restricted to the kept indices of each dim (a new tensor; ``t`` is untouched), in ``t``'s memory
+    format: a channels-last weight stays channels-last, so the layer's outputs keep the layout the model's
+    own ``view`` calls were written for."""
     out = t.detach()
     for d, keep in keeps.items():
         out = out.index_select(d, torch.as_tensor(np.nonzero(keep)[0], device=out.device))
-    return out.clone().contiguous()
+    return out.clone(memory_format=_memory_format(t))
+
+
+def _memory_format(t: torch.Tensor) -> torch.memory_format:
+    if t.dim() == 4 and not t.is_contiguous() and t.is_contiguous(memory_format=torch.channels_last):
+        return torch.channels_last
+    if t.dim() == 5 and not t.is_contiguous() and t.is_contiguous(memory_format=torch.channels_last_3d):
+        return torch.channels_last_3d
+    return torch.contiguous_format
 
 
 def set_tensor(root: nn.Module, name: str, value: torch.Tensor) -> None:
@@ -175,6 +185,12 @@ def drop_zero_terms(gm: fx.GraphModule) -> set[str]:
     return unused
 
 
+# A view of the cut graph becomes a reshape (a view wherever the strides allow, else a copy): cutting can
+# change the layout a kernel returns (CPU attention picks its output layout by head size), and a view that
+# was legal on the original strides would fail. The graph is functional, so a copy computes the same values.
+_VIEWS = {torch.ops.aten.view.default, torch.ops.aten._unsafe_view.default}
+
+
 def shrink_graph(gm: fx.GraphModule, analysis: ChannelAnalysis) -> dict[str, dict[int, np.ndarray]]:
     """Cut the dead channels of ``analysis`` out of ``gm`` (in place); returns the keep masks.
 
@@ -194,6 +210,8 @@ def shrink_graph(gm: fx.GraphModule, analysis: ChannelAnalysis) -> dict[str, dic
         rule = lookup(node)
         if rule is not None and rule.shrink is not None:
             rule.shrink(ctx, node)
+        if node.target in _VIEWS:  # see _VIEWS
+            node.target = torch.ops.aten.reshape.default
     analysis.removed = drop_zero_terms(gm)
     gm.graph.lint()
     gm.recompile()
