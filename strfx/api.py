@@ -29,10 +29,22 @@ def deepcopy_model(model: nn.Module) -> nn.Module:
     """``copy.deepcopy`` that also copies tensors a forward pass left on modules (attention-bias caches
     computed with gradients on: non-leaf tensors refuse deepcopy), as detached tensors."""
     memo: dict[int, Any] = {}
+
+    def visit(value: Any, depth: int = 0) -> None:  # caches are often dicts (timm's LeViT: device → bias table)
+        if isinstance(value, torch.Tensor):
+            if value.grad_fn is not None:
+                memo[id(value)] = value.detach().clone()
+        elif depth < 3 and isinstance(value, dict):
+            for v in value.values():
+                visit(v, depth + 1)
+        elif depth < 3 and isinstance(value, (list, tuple)):
+            for v in value:
+                visit(v, depth + 1)
+
     for mod in model.modules():
         for value in vars(mod).values():
-            if isinstance(value, torch.Tensor) and value.grad_fn is not None:
-                memo[id(value)] = value.detach().clone()
+            if not isinstance(value, nn.Module):
+                visit(value)
     return copy.deepcopy(model, memo)
 
 

@@ -206,8 +206,17 @@ class CachesABias(nn.Module):
         return self.fc(self.a(x).mean((2, 3))) + self.cache[:3]
 
 
-def test_models_holding_forward_caches_can_be_sparsified():
-    model = CachesABias()
+class CachesInADict(CachesABias):
+    """timm's LeViT/EfficientViT keep their cache in a dict keyed by device."""
+
+    def forward(self, x):
+        self.cache = {str(x.device): self.bias_table * 2}
+        return self.fc(self.a(x).mean((2, 3))) + self.cache[str(x.device)][:3]
+
+
+@pytest.mark.parametrize("cls", [CachesABias, CachesInADict])
+def test_models_holding_forward_caches_can_be_sparsified(cls):
+    model = cls()
     model(torch.randn(2, 3, 4, 4))  # with gradients on: the cache is a non-leaf tensor (deepcopy refuses it)
     sparse = strfx.sparsify(model, "structured", example_inputs=(torch.randn(2, 3, 4, 4),))
     assert strfx.shrink(sparse).strfx_shrink["max_error"] <= 1e-4
