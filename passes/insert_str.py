@@ -21,6 +21,7 @@ value) and :func:`strfx.sparsify` checks it on the example inputs.
 
 from __future__ import annotations
 
+import dataclasses
 import fnmatch
 import operator
 import numpy as np
@@ -132,14 +133,28 @@ def _covered(w: Writer, norm_nodes: set[fx.Node]) -> bool:
     return bool(users) and all(u in norm_nodes or (u.target is operator.getitem and u.args[1] != 0) for u in users)
 
 
+def _owned(model: nn.Module) -> set[str]:
+    """Qualified names of the model's own parameters and buffers (tied ones under every name; a parametrized
+    tensor under its plain name), as opposed to constants torch.export lifted from a forward's caches."""
+    names = set()
+    for n, _ in [*model.named_parameters(remove_duplicate=False), *model.named_buffers(remove_duplicate=False)]:
+        n = ("." + n).replace(".parametrizations.", ".")[1:]
+        names.add(n.removesuffix(".original"))
+    return names
+
+
 def insert_structured(model: nn.Module, analysis: ChannelAnalysis, config: SparsifyConfig) -> int:
     norm_nodes = {w.node for w in analysis.writers if w.kind in ("batch_norm", "norm")}
     # a norm's input may pass through getitem-free ops only in the ATen graph; its users are direct
-    writers = [w for w in analysis.writers if analysis.prunable(w.ids)]
+    # only the model's own parameters carry STR: a tensor torch.export lifted as a constant (a bias table a
+    # forward cached on the module, e.g. timm's EfficientFormerV2) is cut in the graph but gated nowhere
+    owned = _owned(model)
+    writers = [dataclasses.replace(w, params=[p for p in w.params if p[0] in owned])
+               for w in analysis.writers if analysis.prunable(w.ids)]
     covered = {id(w) for w in writers if w.kind not in ("batch_norm", "norm") and _covered(w, norm_nodes)}
     producers: dict[fx.Node, list[str]] = {}
     for w in writers:
-        if id(w) in covered:
+        if id(w) in covered and w.params:
             for u in w.node.users:
                 producers.setdefault(u, []).append(_owner(w.params[0][0])[0])
     names = [w.params[0][0] if w.params else "" for w in writers]
@@ -261,9 +276,11 @@ def insert_depth(model: nn.Module, gm: fx.GraphModule, analysis: ChannelAnalysis
     """A scalar STR gate on each residual branch's last conv/linear (its weight and bias): the branch
     is the identity's partner ``x + g'·f(x)``; at g' = 0 it is exactly zero and shrink removes it."""
     count = 0
+    owned = _owned(model)
     for _, last, inside in residual_branches(gm, analysis):
         owners = [_owner(w.params[0][0])[0] for w in inside if w.params]
-        if not last.params or any(_excluded(o, config.exclude) for o in owners):
+        if not last.params or any(_excluded(o, config.exclude) for o in owners) \
+                or any(name not in owned for name, _ in last.params):  # a lifted constant cannot be gated
             continue
         unit = STRUnit(1, config.s_init, config.threshold_fn)
         unit.kind, unit.producers = "depth", owners

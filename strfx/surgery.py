@@ -40,7 +40,7 @@ from strfx.passes.capture import as_inputs, capture, eval_mode
 from strfx.passes.channel_analysis import META_KEY, ChannelAnalysis, TInfo, analyze_channels
 from strfx.passes.shrink import apply_bias_deltas, cut_tensor, set_tensor, shrink_graph
 from strfx.report import count_params
-from strfx.verify import (NotEquivalentError, _to64, available_memory, check_equivalent, max_rel_error,
+from strfx.verify import (NotEquivalentError, _to64, available_memory, check_equivalent, to_float64, max_rel_error,
                           verification_inputs)
 
 TOLERANCE = 1e-4
@@ -589,7 +589,7 @@ def _float64_reference(model: nn.Module) -> nn.Module | str:
     if free is not None and need > free:
         return f"float64 check skipped: it needs {need / 2**30:.1f} GiB, {free / 2**30:.1f} GiB is available"
     try:
-        return copy.deepcopy(model).double()
+        return to_float64(copy.deepcopy(model))
     except Exception as err:  # noqa: BLE001
         return f"float64 check skipped: the model cannot be copied to float64 ({_first_line(err)})"
 

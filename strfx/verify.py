@@ -268,6 +268,25 @@ def _to64(inputs: tuple[Any, ...]) -> tuple[Any, ...]:
                           else x, inputs))
 
 
+def to_float64(model: nn.Module) -> nn.Module:
+    """``model.double()``, and floating tensors a forward cached in the modules' dicts/lists too (timm's
+    attention-bias caches), which ``.double()`` does not reach: a float32 cache would stop a float64 run."""
+    model.double()
+
+    def cast(value: Any, depth: int = 0) -> Any:
+        if isinstance(value, torch.Tensor) and not isinstance(value, nn.Parameter) and value.is_floating_point():
+            return value.to(torch.float64)
+        if depth < 3 and isinstance(value, dict):
+            return type(value)((k, cast(v, depth + 1)) for k, v in value.items()) if type(value) is dict else value
+        return value
+
+    for mod in model.modules():
+        for key, value in list(vars(mod).items()):
+            if isinstance(value, dict) and not key.startswith("_"):
+                setattr(mod, key, cast(value))
+    return model
+
+
 def available_memory() -> int | None:
     """Bytes of memory available to this process now (psutil if installed, else /proc/meminfo)."""
     try:
@@ -294,7 +313,7 @@ def _float64_copies(candidate: nn.Module, reference: nn.Module) -> tuple[nn.Modu
         return (f"float64 check skipped: the two models need {f64 / 2**30:.1f} GiB in float64, "
                 f"{free / 2**30:.1f} GiB is available")
     try:
-        return copy.deepcopy(candidate).double(), copy.deepcopy(reference).double()
+        return to_float64(copy.deepcopy(candidate)), to_float64(copy.deepcopy(reference))
     except Exception as err:  # noqa: BLE001 - a model that cannot be deep-copied or cast
         return f"float64 check skipped: the models cannot be copied to float64 ({_first_line(err)})"
 

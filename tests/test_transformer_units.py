@@ -384,3 +384,4 @@ def test_a_per_head_mask_strfx_cannot_cut_keeps_every_head():
     _, analysis = analyze(model, (x,))
     assert not any(g.channels == 4 and g.prunable for g in analysis.groups)
     assert any("one slice per head" in r for g in analysis.groups for r in g.blocked_by)
+
