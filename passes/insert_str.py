@@ -24,6 +24,7 @@ from __future__ import annotations
 import dataclasses
 import fnmatch
 import operator
+import re
 import numpy as np
 import torch
 import torch.fx as fx
@@ -139,7 +140,7 @@ def _owned(model: nn.Module) -> set[str]:
     names = set()
     for n, _ in [*model.named_parameters(remove_duplicate=False), *model.named_buffers(remove_duplicate=False)]:
         n = ("." + n).replace(".parametrizations.", ".")[1:]
-        names.add(n.removesuffix(".original"))
+        names.add(re.sub(r"\.original\d*$", "", n))  # original, or original0/1 of a two-tensor parametrization
     return names
 
 
