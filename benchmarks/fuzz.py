@@ -43,18 +43,13 @@ from _env import environment  # noqa: E402
 
 
 def _own_rounding(model: torch.nn.Module, inputs: tuple[Any, ...]) -> float:
-    """How far ``model``'s float32 output is from its float64 one on ``inputs`` (shrink's own criterion for
-    a float32 gap that float64 proves exact: within 4× of this is the model's conditioning, not the cut)."""
+    """``model``'s own float32 rounding on ``inputs`` (shrink's rule: a float32 gap within 4× of it that float64
+    proves exact is the model's conditioning, not the cut)."""
     import copy
 
-    from strfx.verify import Float64Everywhere, _to64, compare_outputs, to_float64
+    from strfx.verify import float32_rounding, to_float64
 
-    m64 = to_float64(copy.deepcopy(model)).eval()
-    with Float64Everywhere():
-        ref64 = m64(*[t.clone() for t in _to64(inputs)])
-    ref32 = model(*[t.clone() for t in inputs])
-    got = compare_outputs(_to64((ref32,)), (ref64,))
-    return got.error if got.reason is None else 0.0
+    return float32_rounding(model, to_float64(copy.deepcopy(model)), inputs) or 0.0
 
 
 def run_case(seed: int) -> dict[str, Any]:

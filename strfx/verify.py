@@ -452,18 +452,22 @@ def _float32_rounding(reference: nn.Module, models64: tuple[nn.Module, nn.Module
         return None
     if c32.error <= tol32 or not c64.ok(tol64):
         return None
+    own = float32_rounding(reference, models64[1], s.inputs)
+    return own if own is not None and c32.error <= 4 * own else None
+
+
+def float32_rounding(model: nn.Module, model64: nn.Module, inputs: tuple[Any, ...]) -> float | None:
+    """Relative distance between ``model``'s float32 output and its float64 copy's (``model64``) on ``inputs``:
+    the model's own float32 rounding there; None if either fails or the outputs cannot be compared."""
     try:
-        with torch.no_grad(), eval_mode(reference, models64[1]):
-            ref32 = reference(*clone_inputs(s.inputs))
+        with torch.no_grad(), eval_mode(model, model64):
+            out32 = model(*clone_inputs(inputs))
             with Float64Everywhere():
-                ref64 = models64[1](*clone_inputs(_to64(s.inputs)))
-    except Exception:  # noqa: BLE001 - no evidence: the float32 failure stands
+                out64 = model64(*clone_inputs(_to64(inputs)))
+    except Exception:  # noqa: BLE001 - no evidence either way
         return None
-    own = compare_outputs(_to64(ref32 if isinstance(ref32, tuple) else (ref32,)),
-                          ref64 if isinstance(ref64, tuple) else (ref64,))
-    if own.reason is not None or c32.error > 4 * own.error:
-        return None
-    return own.error
+    got = compare_outputs(_to64((out32,)), (out64,))
+    return got.error if got.reason is None else None
 
 
 def _judge(run32: _Run, run64: _Run | None, s: InputSet, result: Equivalence, what: str, against: str) -> None:
@@ -505,5 +509,5 @@ def _judge(run32: _Run, run64: _Run | None, s: InputSet, result: Equivalence, wh
 
 
 __all__ = ["Comparison", "Equivalence", "INPUT_KINDS", "InputSet", "NotEquivalentError", "TOLERANCE", "TOLERANCE64",
-           "check_equivalent", "clone_inputs", "compare_outputs", "eval_mode", "flatten_outputs", "max_rel_error",
-           "verification_inputs"]
+           "check_equivalent", "clone_inputs", "compare_outputs", "eval_mode", "flatten_outputs", "float32_rounding",
+           "max_rel_error", "to_float64", "verification_inputs"]
