@@ -20,6 +20,10 @@ the weights, same number of SGD steps; each has one sparsity knob that is swept)
   units in part of the budget, :func:`strfx.rewind` loads an earlier state with exactly those units dead,
   :func:`strfx.shrink` cuts them, and the plain shrunk model trains for the remaining steps
   (:data:`REWIND`, a :class:`baselines.RewindSchedule`); knob = fraction of FLOPs removed.
+* ``str-rewind-u`` — ``str-rewind`` for unstructured STR, as `strfx train --mode unstructured --target-sparsity X
+  --rewind ramp --finetune-epochs N` runs it: the controller finds the weights, the state at ``rewind_at`` is
+  loaded with exactly those weights at zero, and the plain model retrains with its zeros kept (their
+  gradient masked); knob = fraction of conv/linear weights removed.
 * ``str-rewind-cost`` — ``str-rewind`` with a resource-aware decay: each carrier's threshold and norm decay
   is scaled by its FLOPs per channel over the mean (:func:`cost_scaled_groups`), so expensive channels go first.
 * ``han``         — Han et al. 2015: train dense for half the steps, then 3 rounds of global magnitude
@@ -112,6 +116,7 @@ GRIDS: dict[str, dict[str, list[float]]] = {
         "gmp": [0.95, 0.98],
         "str-rewind": [0.5, 0.75, 0.9],
         "str-rewind-cost": [0.5, 0.75, 0.9],
+        "str-rewind-u": [0.95, 0.98],
         "slim": [0.5, 0.75, 0.9],
     },
     "lenet5": {
@@ -124,6 +129,7 @@ GRIDS: dict[str, dict[str, list[float]]] = {
         "str-target": [0.55, 0.7],
         "str-rewind": [0.45, 0.6, 0.75],
         "str-rewind-cost": [0.45, 0.6, 0.75],
+        "str-rewind-u": [0.95, 0.99],
         "slim": [0.5, 0.75, 0.9],
     },
 }
@@ -296,13 +302,14 @@ def cost_scaled_groups(gm: nn.Module, groups: list[dict[str, Any]], meter: Any) 
 
 
 def run_rewind(arch: str, knob: float, seed: int, epochs: int, sched: RewindSchedule = REWIND,
-               threads: int = 1, cost_aware: bool = False) -> RunResult:
+               threads: int = 1, cost_aware: bool = False, mode: str = "structured") -> RunResult:
     """``str-rewind``: strfx's FLOPs controller picks the units, an earlier state minus them is retrained.
 
     The search is ``str-target``'s (same groups, controller defaults but the ramp of ``sched``); at
     ``sched.search_end`` the dead units are read off, the state recorded at ``sched.rewind_at`` is loaded
     with exactly those units at zero (:func:`strfx.rewind`), :func:`strfx.shrink` cuts them, and the plain
-    shrunk model trains with this file's SGD and weight decay for the remaining steps.
+    shrunk model trains with this file's SGD and weight decay for the remaining steps. ``mode="unstructured"``:
+    the controller targets the fraction of zero weights, and the retraining keeps every zero at zero.
     """
     import copy
 
@@ -316,12 +323,12 @@ def run_rewind(arch: str, knob: float, seed: int, epochs: int, sched: RewindSche
     total = epochs * (xtr.shape[0] // BATCH)
     rewind_step, stop = sched.steps(total)
     t0 = time.perf_counter()
-    gm = strfx.sparsify(load_arch(arch)(), "structured", config={"s_init": S_INIT}, verify=False,
+    gm = strfx.sparsify(load_arch(arch)(), mode, config={"s_init": S_INIT}, verify=False,
                         example_inputs=example)
     groups = strfx.param_groups(gm, weight_decay=WD)
     ccfg = ControllerConfig(ramp_start=sched.ramp_start * total / stop, ramp_end=sched.ramp_end * total / stop)
     ctrl = ThresholdDecayController(knob, stop, ccfg, WD, MOMENTUM)  # the search is the controller's whole run
-    meter = SparsityMeter(gm, "structured", example)
+    meter = SparsityMeter(gm, mode, example)
     if cost_aware:
         groups = cost_scaled_groups(gm, groups, meter)
     saved: dict[str, Any] = {}
@@ -344,26 +351,45 @@ def run_rewind(arch: str, knob: float, seed: int, epochs: int, sched: RewindSche
     if rewind_step >= stop:  # no rewind: the searched weights are retrained
         saved.update(copy.deepcopy(gm.state_dict()))
     search_error = test_error(gm, xte, yte)
-    widths = gate_widths(gm)
+    structured = mode == "structured"
+    search_sparsity = None if structured else strfx.report(gm, example).sparsity
+    widths = gate_widths(gm) if structured else None
     info = strfx.rewind(gm, saved)
-    assert gate_widths(gm) == widths, "rewind changed the set of alive units"
+    assert not structured or gate_widths(gm) == widths, "rewind changed the set of alive units"
     shrunk = strfx.shrink(gm.eval(), example)
+    if not structured:  # the pruned weights stay zero: no gradient reaches them (strfx.finetune's keep_zeros)
+        for p in shrunk.parameters():
+            if p.dim() >= 2:
+                p.register_hook(lambda grad, alive=(p != 0).to(p.dtype): grad * alive)
     fit(shrunk, [{"params": list(shrunk.parameters()), "weight_decay": WD}], (xtr, ytr), total - stop, seed + 1000,
         lambda k: sched.retrain_lr_at(k, total, LR))
     err = test_error(shrunk, xte, yte)
     extra = {"schedule": asdict(sched), "search_error": search_error, "rewind": info,
              "search_steps": stop, "retrain_steps": total - stop, "rewind_step": rewind_step}
-    per = {n: float((u.effective_weight() == 0).float().mean()) for n, u in str_units(gm).items()}
-    res = RunResult(arch=arch, method="str-rewind-cost" if cost_aware else "str-rewind", knob=knob, seed=seed, epochs=epochs, error=err, sparsity=0.0,
+    if search_sparsity is not None:
+        extra["search_sparsity"] = search_sparsity
+    method = "str-rewind-cost" if cost_aware else "str-rewind" if structured else "str-rewind-u"
+    if structured:
+        sp, per = 0.0, {n: float((u.effective_weight() == 0).float().mean()) for n, u in str_units(gm).items()}
+    else:
+        # of the dense model's weights: shrink also cuts rows and columns that died whole
+        dense = {n: p.numel() for n, p in load_arch(arch)().named_parameters() if p.dim() >= 2}
+        alive = {n: int((p != 0).sum()) for n, p in shrunk.named_parameters() if p.dim() >= 2}
+        sp = 1 - sum(alive.values()) / sum(dense.values())
+        per = {n.rsplit(".", 1)[0]: 1 - alive.get(n, 0) / size for n, size in dense.items()}
+    res = RunResult(arch=arch, method=method, knob=knob, seed=seed, epochs=epochs, error=err, sparsity=sp,
                     layer_sparsity=per, widths=widths, train_s=time.perf_counter() - t0, extra=extra)
     res.dense_flops = shrunk_flops(arch, dense_widths(arch))
-    res.flops = shrunk_flops(arch, widths)
+    if widths is not None:
+        res.flops = shrunk_flops(arch, widths)
     return res
 
 
 def run_one(arch: str, method: str, knob: float, seed: int, epochs: int, threads: int = 1) -> RunResult:
     if method in ("str-rewind", "str-rewind-cost"):
         return run_rewind(arch, knob, seed, epochs, REWIND, threads, cost_aware=method == "str-rewind-cost")
+    if method == "str-rewind-u":
+        return run_rewind(arch, knob, seed, epochs, REWIND, threads, mode="unstructured")
     torch.set_num_threads(threads)
     torch.manual_seed(seed)
     xtr, ytr, xte, yte = load_mnist()
@@ -589,12 +615,14 @@ def plot(rows: list[dict[str, Any]], runs: list[dict[str, Any]], out: Path, stem
 
     written = []
     colors = {"str": "C0", "han": "C1", "gmp": "C2", "dense": "k", "str-struct": "C0", "str-struct-ft": "C9",
-              "str-target": "C6", "str-rewind": "C8", "str-rewind-cost": "C4", "slim": "C3"}
+              "str-target": "C6", "str-rewind": "C8", "str-rewind-cost": "C4", "slim": "C3",
+              "str-rewind-u": "C8"}
     for arch in sorted({r["arch"] for r in rows}):
         dense = [r for r in rows if r["arch"] == arch and r["method"] == "dense"]
         # error vs sparsity (unstructured)
         fig, ax = plt.subplots(figsize=(6, 4))
-        for method, label in (("str", "STR (strfx)"), ("han", "global magnitude + retrain (Han)"),
+        for method, label in (("str", "STR (strfx)"), ("str-rewind-u", "STR picks the weights, rewound and retrained"),
+                              ("han", "global magnitude + retrain (Han)"),
                               ("gmp", "GMP uniform (Zhu & Gupta)")):
             rs = sorted([r for r in rows if r["arch"] == arch and r["method"] == method], key=lambda r: r["sparsity_mean"])
             if rs:

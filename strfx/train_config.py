@@ -30,7 +30,7 @@ class ControllerConfig(_Strict):
     max_step_rate: float = Field(0.02, gt=0, description="Cap on that pace per optimizer step (momentum makes the "
                                  "response lag ~1/(1-μ) steps, so very short runs must not move faster).")
     proportional: float = Field(10.0, ge=0, description="Effort per unit of relative sparsity error "
-                                "((schedule - measured) / target): 10% behind the schedule = full effort.")
+                                "((schedule - measured) / min(target, 1 - target)): 10% of that behind the schedule = full effort.")
     integral: float = Field(0.05, ge=0, description="Integral gain per unit relative error per percent of training.")
     max_reverse: float = Field(0.5, ge=0, le=1, description="Largest negative effort when ahead of the schedule: the "
                                "decay then turns negative and lowers thresholds (pruned weights keep their values, "

@@ -26,6 +26,24 @@ def test_no_push_once_the_target_is_reached_even_with_a_wound_up_integral() -> N
     assert 0 < c.effort < 0.3
 
 
+def test_high_targets_measure_the_error_in_the_density_left() -> None:
+    """At 99 % a run at 96.6 % keeps 3.4× the weights asked for: that is far behind, not 2.4 % of the target."""
+    cfg = ControllerConfig(interval_steps=1)
+    high = ThresholdDecayController(0.99, 1000, cfg, base_decay=1e-5, momentum=0.875)
+    high.update(650, measured=0.966, lr=0.1)  # hold phase, no integral yet
+    assert high.effort == 1.0
+    # below 50 % the error stays relative to the target: the same absolute gap at 30 % is a proportional push
+    low = ThresholdDecayController(0.3, 1000, cfg, base_decay=1e-5, momentum=0.875)
+    low.update(650, measured=0.3 - 0.024 * 0.3 / 0.99, lr=0.1)
+    assert 0 < low.effort < 0.5
+    # and the same density ratio reads the same at 90 % and 99 %
+    e90 = ThresholdDecayController(0.9, 1000, cfg, 1e-5, 0.875)
+    e99 = ThresholdDecayController(0.99, 1000, cfg, 1e-5, 0.875)
+    e90.update(650, measured=1 - 0.1 * 1.05, lr=0.1)
+    e99.update(650, measured=1 - 0.01 * 1.05, lr=0.1)
+    assert e90.effort == pytest.approx(e99.effort) and 0.5 <= e99.effort < 1  # Kp·5 % plus the integral
+
+
 @pytest.mark.parametrize("mode, target", [("unstructured", 0.7), ("structured", 0.5)])
 def test_demo_run_lands_within_one_point_of_its_target(mode: str, target: float, tmp_path: Path) -> None:
     """A fast version of the README's table: LeNet-300-100 on the demo data, 3 epochs at batch 64 (186 steps)."""
