@@ -135,6 +135,8 @@ def finetune_and_export(shrunk: nn.Module, data: Any, example_inputs: tuple[torc
             "val_loss": rows[-1]["val_loss"], "history": rows, "params": rep.model.params, "flops": rep.model.flops,
             "onnx": str(final / "model.onnx"), "pt2": str(final / "model.pt2"), "exporter": rep.exporter,
             "onnx_max_error": rep.onnx_max_error, "pt2_max_error": rep.pt2_max_error, "tolerance": rep.tolerance,
+            # weight matrices/kernels: an unstructured run's sparsity survives the retraining (keep_zeros)
+            "weights_nonzero": sum(int((p != 0).sum()) for p in shrunk.parameters() if p.dim() >= 2),
         }
         (staged / FINETUNE_FILE).write_text(json.dumps(summary, indent=2))
         if final.exists():  # a resumed run's earlier fine-tune: replaced as a whole

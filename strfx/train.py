@@ -89,8 +89,10 @@ def resolve_config(loaded: LoadedModel, mode: str | None, config: StrfxConfig | 
         raise StrfxError("--cpu-offload only applies to sharded training; add --strategy fsdp")
     tc = resolved.train
     if tc.rewind == "auto":
-        structured = resolved.sparsify.mode == "structured" and not resolved.sparsify.ranks
-        data["train"]["rewind"] = "ramp" if structured and tc.target_sparsity is not None and finetune_epochs else "off"
+        # STR picks the units or weights, the weights before the search are retrained: it beat STR's own weights
+        # (and network slimming, and Han et al. at 95-99 %) on LeNet-5 (docs/results.md); low-rank cannot rewind
+        searchable = resolved.sparsify.mode in ("structured", "unstructured") and not resolved.sparsify.ranks
+        data["train"]["rewind"] = "ramp" if searchable and tc.target_sparsity is not None and finetune_epochs else "off"
         resolved = parse_config(data, "(resolved)")
     user_controller = cfg.train.controller.model_fields_set if cfg.train else set()
     if resolved.train.rewind == "ramp" and not {"ramp_start", "ramp_end"} & user_controller:

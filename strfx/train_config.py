@@ -99,8 +99,8 @@ class TrainConfig(_Strict):
         "with the units (or weights) STR killed kept dead (strfx.rewind): 'start' the weights the run started from "
         "(the --init weights, or the initialisation); 'ramp' those when the target schedule started rising "
         "(controller.ramp_start, by default 60 % of the run; needs target_sparsity); 'off' fine-tunes STR's own "
-        "weights. 'auto': 'ramp' for structured runs with a target and --finetune-epochs (it beat network slimming "
-        "on LeNet-5, docs/results.md), else 'off'. STR then only picks the units; the rising thresholds never "
+        "weights. 'auto': 'ramp' for structured and unstructured runs with a target and --finetune-epochs (on "
+        "LeNet-5 it beat network slimming, and Han et al. at 95-99 % sparsity, docs/results.md), else 'off'. STR then only picks the units; the rising thresholds never "
         "touch the weights kept.")
     seed: int = 0
     strategy: Literal["ddp", "fsdp"] = Field("ddp", description="With several processes: ddp replicates the model "

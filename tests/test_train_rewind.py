@@ -24,10 +24,10 @@ ROOT = Path(__file__).resolve().parents[1]
 LENET300 = str(ROOT / "examples" / "lenet300.py")
 
 
-def _train(tmp: Path, *extra: str) -> CliRunner:
+def _train(tmp: Path, *extra: str, mode: str = "structured") -> CliRunner:
     cfg = tmp / "cfg.yaml"  # an early ramp: 120 steps are too few for the rewind default (60 → 90 %) to land 50 %
     cfg.write_text("train: {batch_size: 64, max_steps_per_epoch: 40, controller: {ramp_start: 0.05, ramp_end: 0.6}}\n")
-    return CliRunner().invoke(main, ["train", LENET300, "--mode", "structured", "--data", "demo", "--epochs", "3",
+    return CliRunner().invoke(main, ["train", LENET300, "--mode", mode, "--data", "demo", "--epochs", "3",
                                      "--config", str(cfg), "-o", str(tmp / "run"), "--target-sparsity", "0.5",
                                      "--finetune-epochs", "1", *extra])
 
@@ -59,6 +59,19 @@ def test_rewound_model_is_strs_units_cut_from_the_saved_earlier_weights(ramp_run
     before = evaluate_module(small, data, torch.device("cpu"))["val_top1"]
     assert before == pytest.approx(ft["val_top1_before"], abs=1e-9)
     assert ft["val_top1"] > 0.5  # the rewound model trains (10 classes)
+
+
+def test_unstructured_rewind_keeps_strs_zeros_through_the_retraining(tmp_path: Path) -> None:
+    """The default for an unstructured run with a target and a retraining: STR's zeros, the earlier weights."""
+    res = _train(tmp_path, mode="unstructured")  # rewind: auto
+    assert res.exit_code == 0, res.output
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    ft = summary["finetune"]
+    rw = ft["rewind"]
+    assert rw["to"] == "ramp" and rw["dead"] == summary["str_zeros"] > 0.4 * rw["entries"]
+    assert rw["shrink_max_error64"] < 1e-12
+    assert 0 < ft["weights_nonzero"] <= rw["entries"] - rw["dead"]  # nothing STR killed came back
+    assert ft["val_top1"] > 0.5
 
 
 def test_rewind_ramp_trains_unpushed_for_most_of_the_run_unless_told_otherwise() -> None:
@@ -94,10 +107,10 @@ def test_rewind_refuses_what_it_cannot_do(tmp_path: Path, extra: list[str], mess
     assert not (tmp_path / "r").exists()
 
 
-def test_rewind_auto_is_ramp_for_structured_runs_with_a_target_and_a_retraining() -> None:
+def test_rewind_auto_is_ramp_for_runs_with_a_target_and_a_retraining() -> None:
     loaded = load_model(LENET300)
     auto = {(mode, target, ft): resolve_config(loaded, mode, {}, ft, target_sparsity=target).train.rewind
             for mode in ("structured", "unstructured", "structured+lowrank") for target in (None, 0.5) for ft in (0, 2)}
-    assert [k for k, v in auto.items() if v == "ramp"] == [("structured", 0.5, 2)]
+    assert [k for k, v in auto.items() if v == "ramp"] == [("structured", 0.5, 2), ("unstructured", 0.5, 2)]
     assert set(auto.values()) == {"ramp", "off"}
     assert resolve_config(loaded, "structured", {}, 2, target_sparsity=0.5, rewind="off").train.rewind == "off"
