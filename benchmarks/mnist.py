@@ -46,6 +46,7 @@ import importlib.util
 import json
 import math
 import multiprocessing as mp
+import os
 import statistics
 import sys
 import time
@@ -301,6 +302,12 @@ def cost_scaled_groups(gm: nn.Module, groups: list[dict[str, Any]], meter: Any) 
     return out
 
 
+def controller_overrides() -> dict[str, float]:
+    """``--controller KEY=VALUE``: ControllerConfig fields for every controlled method (set in the parent, read by
+    the spawned workers through the environment)."""
+    return json.loads(os.environ.get("MNIST_CONTROLLER", "{}"))
+
+
 def run_rewind(arch: str, knob: float, seed: int, epochs: int, sched: RewindSchedule = REWIND,
                threads: int = 1, cost_aware: bool = False, mode: str = "structured") -> RunResult:
     """``str-rewind``: strfx's FLOPs controller picks the units, an earlier state minus them is retrained.
@@ -326,7 +333,8 @@ def run_rewind(arch: str, knob: float, seed: int, epochs: int, sched: RewindSche
     gm = strfx.sparsify(load_arch(arch)(), mode, config={"s_init": S_INIT}, verify=False,
                         example_inputs=example)
     groups = strfx.param_groups(gm, weight_decay=WD)
-    ccfg = ControllerConfig(ramp_start=sched.ramp_start * total / stop, ramp_end=sched.ramp_end * total / stop)
+    ccfg = ControllerConfig(ramp_start=sched.ramp_start * total / stop, ramp_end=sched.ramp_end * total / stop,
+                            **controller_overrides())
     ctrl = ThresholdDecayController(knob, stop, ccfg, WD, MOMENTUM)  # the search is the controller's whole run
     meter = SparsityMeter(gm, mode, example)
     if cost_aware:
@@ -462,7 +470,7 @@ def run_one(arch: str, method: str, knob: float, seed: int, epochs: int, threads
 
         gm = strfx.sparsify(model, "structured", config={"s_init": S_INIT}, verify=False, example_inputs=example)
         groups = strfx.param_groups(gm, weight_decay=WD)  # thresholds and gates start with WD, as in strfx train
-        ctrl = ThresholdDecayController(knob, total, ControllerConfig(), WD, MOMENTUM)
+        ctrl = ThresholdDecayController(knob, total, ControllerConfig(**controller_overrides()), WD, MOMENTUM)
         meter = SparsityMeter(gm, "structured", example)
 
         def steer(step: int) -> None:  # after optimizer step ``step``
@@ -762,6 +770,8 @@ def main() -> None:
     ap.add_argument("--arch", nargs="+", default=["lenet300", "lenet5"])
     ap.add_argument("--methods", nargs="+", default=None, help="subset of methods")
     ap.add_argument("--knobs", nargs="+", type=float, default=None, help="replace the knob grid of --methods")
+    ap.add_argument("--controller", nargs="+", default=[], metavar="KEY=VALUE",
+                    help="override strfx.train_config.ControllerConfig fields for the controlled methods")
     ap.add_argument("--jobs", type=int, default=2, help="parallel worker processes (1 thread each)")
     ap.add_argument("--out", type=Path, default=DOCS)
     ap.add_argument("--stem", default="mnist")
@@ -770,6 +780,8 @@ def main() -> None:
     ap.add_argument("--resume", type=Path, default=None,
                     help="JSON-lines file of finished runs (a .partial.jsonl): those jobs are not run again")
     args = ap.parse_args()
+    if args.controller:
+        os.environ["MNIST_CONTROLLER"] = json.dumps({k: float(v) for k, v in (kv.split("=", 1) for kv in args.controller)})
     if args.replot:
         saved = json.loads(args.replot.read_text())
         args.seeds_list, args.epochs_map, args.jobs = saved["seeds"], saved["epochs"], saved.get("jobs", "?")
