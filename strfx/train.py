@@ -1100,7 +1100,9 @@ class Trainer:
                          + (", dead channels removed" if self.mode == "structured" else "") + ")")
         ex = s.get("export")
         if ex:
-            lines.append(f"  shrink     {ex['channels_removed']:,} of {s['str_elements']:,} STR channels removed: params "
+            cut = (f"{ex['channels_removed']:,} of {s['str_elements']:,} STR channels removed" if self.mode == "structured"
+                   else f"{ex['channels_removed']:,} channels removed whole (every weight of theirs zero)")
+            lines.append(f"  shrink     {cut}: params "
                          f"{ex['params_before']:,} → {ex['params_after']:,}"
                          + (f", FLOPs {ex['flops_before'] / 1e6:,.2f}M → {ex['flops_after'] / 1e6:,.2f}M"
                             if ex["flops_before"] and ex["flops_after"] else ""))

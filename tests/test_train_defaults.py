@@ -145,8 +145,10 @@ def test_summary_states_each_number_once_with_one_denominator(tmp_path: Path) ->
     cfg.write_text("train: {batch_size: 64, max_steps_per_epoch: 3}\n")
     lenet300 = str(ROOT / "examples" / "lenet300.py")
     res = CliRunner().invoke(main, ["train", lenet300, "--mode", "unstructured", "--data", "demo", "--epochs", "1",
-                                    "--config", str(cfg), "-o", str(tmp_path / "u")])
+                                    "--config", str(cfg), "-o", str(tmp_path / "u"), "--export"])
     assert res.exit_code == 0, res.output
+    # unstructured: the channels shrink removes are not counted against the STR weights (266,200 "channels")
+    assert "STR channels removed" not in res.output and "channels removed whole" in res.output
     line = next(ln for ln in res.output.splitlines() if ln.strip().startswith("sparsity"))
     summary = json.loads((tmp_path / "u" / "summary.json").read_text())
     assert line.count(f"{summary['sparsity']:.2%}") == 1, line  # was printed twice on one line
