@@ -62,6 +62,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 import strfx
 from _env import environment
+from strfx.finetune import keep_zeros_
 from strfx.modules import str_units
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -365,10 +366,8 @@ def run_rewind(arch: str, knob: float, seed: int, epochs: int, sched: RewindSche
     info = strfx.rewind(gm, saved)
     assert not structured or gate_widths(gm) == widths, "rewind changed the set of alive units"
     shrunk = strfx.shrink(gm.eval(), example)
-    if not structured:  # the pruned weights stay zero: no gradient reaches them (strfx.finetune's keep_zeros)
-        for p in shrunk.parameters():
-            if p.dim() >= 2:
-                p.register_hook(lambda grad, alive=(p != 0).to(p.dtype): grad * alive)
+    if not structured:  # the pruned weights stay zero, as in `strfx train`'s retraining
+        keep_zeros_(shrunk)
     fit(shrunk, [{"params": list(shrunk.parameters()), "weight_decay": WD}], (xtr, ytr), total - stop, seed + 1000,
         lambda k: sched.retrain_lr_at(k, total, LR))
     err = test_error(shrunk, xte, yte)

@@ -29,7 +29,8 @@ Controller (documented in the README, "Target sparsity"):
   ``u = clip(Kp·e + I, -max_reverse, 1)``, ``I += Ki·e·Δt``, with ``e = (schedule - measured) / min(X, 1 - X)``
   (relative to the target, or above 50 % to the density it leaves: at X = 99 % a run at 96.6 % keeps 3.4× the
   weights asked for, which ``/ X`` called 2.4 % behind, and the run ended there) and Δt the fraction of
-  training since the last update, in percent (so it is indifferent to run length); the integral only moves while the effort is not saturated (anti-windup).
+  training since the last update, in percent (so it is indifferent to run length); the integral only moves
+  while the effort is not saturated (anti-windup).
 
 Stopping at the target: once the measured sparsity reaches the final target X, the integral is
 cleared of any positive part and the effort is capped at 0, so the decay stops pushing (it may still

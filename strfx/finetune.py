@@ -57,6 +57,14 @@ def evaluate_module(model: nn.Module, data: Any, device: torch.device, batch_siz
     return {"val_loss": loss_sum / max(seen, 1), "val_top1": correct / max(seen, 1)}
 
 
+def keep_zeros_(model: nn.Module) -> None:
+    """Mask the gradient of every zero in a weight matrix/kernel: with no gradient, SGD's momentum and weight
+    decay leave a zero at zero, so training a shrunk unstructured model does not undo its sparsity."""
+    for p in model.parameters():
+        if p.dim() >= 2 and p.requires_grad and bool((p == 0).any()):
+            p.register_hook(lambda grad, alive=(p != 0).to(p.dtype): grad * alive)
+
+
 def finetune(model: nn.Module, data: Any, *, epochs: int, batch_size: int, lr: float, momentum: float,
              weight_decay: float, label_smoothing: float, grad_clip_norm: float | None, device: torch.device,
              seed: int = 0, max_steps_per_epoch: int | None = None, keep_zeros: bool = False,
@@ -73,10 +81,7 @@ def finetune(model: nn.Module, data: Any, *, epochs: int, batch_size: int, lr: f
     torch.manual_seed(seed)
     model.to(device)
     if keep_zeros:
-        for p in model.parameters():
-            if p.dim() >= 2 and p.requires_grad and bool((p == 0).any()):
-                alive = (p != 0).to(p.dtype)
-                p.register_hook(lambda grad, alive=alive: grad * alive)
+        keep_zeros_(model)
     loader = _batches(data.train, data.batched, batch_size, shuffle=True, seed=seed)
     steps = len(loader) if max_steps_per_epoch is None else min(len(loader), max_steps_per_epoch)
     if steps == 0:

@@ -102,8 +102,8 @@ class TrainConfig(_Strict):
         "(the --init weights, or the initialisation); 'ramp' those when the target schedule started rising "
         "(controller.ramp_start, by default 60 % of the run; needs target_sparsity); 'off' fine-tunes STR's own "
         "weights. 'auto': 'ramp' for structured and unstructured runs with a target and --finetune-epochs (on "
-        "LeNet-5 it beat network slimming, and Han et al. at 95-99 % sparsity, docs/results.md), else 'off'. STR then only picks the units; the rising thresholds never "
-        "touch the weights kept.")
+        "LeNet-5 it beat network slimming, and Han et al. at 95-99 % sparsity, docs/results.md), else 'off'. STR "
+        "then only picks the units; the rising thresholds never touch the weights kept.")
     seed: int = 0
     strategy: Literal["ddp", "fsdp"] = Field("ddp", description="With several processes: ddp replicates the model "
                                              "on every rank; fsdp shards parameters, gradients and optimizer state "
