@@ -32,6 +32,12 @@ Controller (documented in the README, "Target sparsity"):
   training since the last update, in percent (so it is indifferent to run length); the integral only moves
   while the effort is not saturated (anti-windup).
 
+Pace: the cap per step is what keeps short runs from lurching (momentum answers ~1/(1-μ) steps late),
+but on a high target the thresholds' own gradient can hold a run below it at full effort for good
+(LeNet-300-100, 700 steps, 98.2 %: stuck at 96.4 %). So while the effort is at full and the run is still
+behind, the pace doubles every ``boost_doubling`` percent of training, up to ``max_boost`` times the cap;
+it drops back to 1× as soon as the run is at or ahead of its schedule.
+
 Stopping at the target: once the measured sparsity reaches the final target X, the integral is
 cleared of any positive part and the effort is capped at 0, so the decay stops pushing (it may still
 turn negative and bring elements back). Without this rule, the integral wound up while the run was
@@ -209,6 +215,8 @@ class ThresholdDecayController:
         self.integral = 0.0
         self.decay = self.base_decay
         self.effort = 0.0
+        self.boost = 1.0  # pace multiple earned by lagging at full effort (see "Pace" above)
+        self.lagging = False  # whether the last update was at full effort and behind
         self.last_step = 0
         self.last_measured = 0.0
 
@@ -240,8 +248,14 @@ class ThresholdDecayController:
         self.effort = min(max(cfg.proportional * err + self.integral, -cfg.max_reverse), 1.0)
         if measured >= self.target:
             self.effort = min(self.effort, 0.0)
+        lagging = self.effort >= 1.0 and err > 0
+        if lagging and self.lagging:  # full effort since the last update was not enough: the thresholds' gradient holds them back
+            self.boost = min(self.boost * 2.0 ** (dt / cfg.boost_doubling), cfg.max_boost)
+        elif err <= 0 or measured >= self.target:
+            self.boost = 1.0
+        self.lagging = lagging
         lr_eff = lr / (1.0 - self.momentum)  # SGD with momentum moves a parameter lr/(1-μ) per unit gradient
-        self.decay = self.effort * self.max_rate / max(lr_eff, 1e-12)
+        self.decay = self.effort * self.max_rate * self.boost / max(lr_eff, 1e-12)
         if self.effort > 0:
             self.decay = max(self.decay, self.base_decay)
         self.decay = min(max(self.decay, -cfg.max_decay), cfg.max_decay)  # lr → 0 at the end must not blow λ up
@@ -249,11 +263,13 @@ class ThresholdDecayController:
 
     def state_dict(self) -> dict[str, float]:
         return {"integral": self.integral, "decay": self.decay, "effort": self.effort, "last_step": self.last_step,
-                "last_measured": self.last_measured, "target": self.target}
+                "last_measured": self.last_measured, "target": self.target, "boost": self.boost, "lagging": float(self.lagging)}
 
     def load_state_dict(self, state: dict[str, float]) -> None:
         self.integral, self.decay, self.effort = float(state["integral"]), float(state["decay"]), float(state["effort"])
         self.last_step, self.last_measured = int(state["last_step"]), float(state["last_measured"])
+        self.boost = float(state.get("boost", 1.0))  # checkpoints from before the adaptive pace have none
+        self.lagging = bool(state.get("lagging", 0.0))
 
 
 # ------------------------------------------------------------------------ one update, for any training loop
