@@ -439,6 +439,30 @@ def test_adding_a_broadcast_tensor_keeps_zero_channels_alive():
     assert sub(shrink_checked(m, torch.randn(2, 3, 4, 4)), "c").in_channels == 4
 
 
+@pytest.mark.parametrize("low,removed", [(-float("inf"), 2), (0.5, 0)])
+def test_clamp_by_scalar_buffers_is_judged_on_their_values(low, removed):
+    """timm's Gemma4ClippableLinear clamps with ±inf buffers: zero stays zero, so dead channels go.
+
+    With a finite lower bound above zero a dead channel becomes 0.5 everywhere: a constant, not zero
+    (absorbed by the next layer's bias, so the shrunk model still agrees).
+    """
+
+    class Clipped(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a, self.c = conv_bn(3, 4), nn.Conv2d(4, 2, 1)
+            self.register_buffer("lo", torch.tensor(low))
+            self.register_buffer("hi", torch.tensor(float("inf")))
+
+        def forward(self, x):
+            return self.c(torch.clamp(self.a(x), self.lo, self.hi)).mean((2, 3))
+
+    m = Clipped().eval()
+    kill_bn(m.a[1], [1, 3])
+    small = shrink_checked(m, torch.randn(2, 3, 4, 4))
+    assert sub(small, "c").in_channels == 4 - removed
+
+
 def test_a_dimension_never_loses_every_channel():
     m = Chain().eval()
     kill_bn(m.a[1], list(range(8)))  # everything dead: one channel stays so the model keeps its shape

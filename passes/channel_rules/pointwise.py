@@ -28,12 +28,17 @@ def _zero_image(ctx: Ctx, node: fx.Node, zero_operands: set[int]) -> bool:
     Asked of the op itself, never assumed: it runs on one-element tensors, zeros at those operands
     and several non-zero values at the other tensor operands, with the node's constant arguments
     (``hardtanh(x, 0.5, 2.0)`` maps 0 to 0.5, so it is not zero-preserving; ``mul`` is whatever the
-    other factor is).
+    other factor is). A one-element constant operand keeps its value (``clamp(x, min_buf, max_buf)``
+    with buffers at ±inf is zero-preserving; with buffers at 0.5 it is not).
     """
+    def other(a: fx.Node, trial: int) -> torch.Tensor:
+        t = ctx.tensor(a)
+        return t.detach().reshape(()) if t is not None and t.numel() == 1 else _sample(a.meta["val"], trial)
+
     for trial in range(4):
-        args = [(torch.zeros((), dtype=a.meta["val"].dtype) if k in zero_operands else _sample(a.meta["val"], trial))
+        args = [(torch.zeros((), dtype=a.meta["val"].dtype) if k in zero_operands else other(a, trial))
                 if _is_tensor_node(a) else a for k, a in enumerate(node.args)]
-        kwargs = {key: _sample(a.meta["val"], trial) if _is_tensor_node(a) else a for key, a in node.kwargs.items()}
+        kwargs = {key: other(a, trial) if _is_tensor_node(a) else a for key, a in node.kwargs.items()}
         try:
             with torch.no_grad():
                 out = node.target(*args, **kwargs)
