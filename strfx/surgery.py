@@ -10,9 +10,10 @@ The pipeline, on one IR:
    channel counts (``in_channels``, ``num_features``, ``normalized_shape``, ...), so the result is
    still the user's own class (its methods, ``generate``, ``save_pretrained`` keep working);
 5. verify the eager result against the masked model; where the model's own forward hard-codes a
-   size no attribute carries, the eager copy fails that check and the cut ATen graph (a plain
-   ``GraphModule`` that ``torch.export`` captures again for deployment) is the result instead, and
-   the report says so in one line.
+   size no attribute carries, the eager copy fails that check (in float32, or only in float64: a
+   default attention scale taken from a cut head size moves near-uniform attention by 1e-6) and the
+   cut ATen graph (a plain ``GraphModule`` that ``torch.export`` captures again for deployment) is the
+   result instead, and the report says so in one line.
 
 Verification is part of shrinking (:mod:`strfx.verify`): the result is compared with the masked
 model on the example, random, large-magnitude and non-negative inputs, over the whole output
@@ -637,7 +638,7 @@ def shrink(model: nn.Module, example_inputs: Sequence[torch.Tensor] | torch.Tens
     result: nn.Module = plain if note is None else gm
     notes: list[str] = []
     ref64 = _float64_reference(model)
-    cand64 = None
+    cand64 = gm64 = None
     if isinstance(ref64, str):
         notes.append(ref64)
         ref64 = None
@@ -650,9 +651,23 @@ def shrink(model: nn.Module, example_inputs: Sequence[torch.Tensor] | torch.Tens
         except Exception as err:  # noqa: BLE001 - e.g. a dtype baked into the model
             notes.append(f"float64 check skipped: the model does not run in float64 ({_first_line(err)})")
             ref64 = None
+
+    def judge(candidate: nn.Module, candidate64: nn.Module | None) -> Any:
+        return check_equivalent(candidate, model, sets, what="the shrunk model", against="the masked model",
+                                float64=candidate64 is not None, candidate64=candidate64, reference64=ref64)
+
     try:
-        eq = check_equivalent(result, model, sets, what="the shrunk model", against="the masked model",
-                              float64=cand64 is not None, candidate64=cand64, reference64=ref64)
+        try:
+            eq = judge(result, cand64)
+        except NotEquivalentError as err:
+            if result is not plain or gm64 is None:
+                raise
+            # the eager class agrees in float32 only: its forward recomputes something from a cut size that no
+            # attribute carries (timm iFormer's F.scaled_dot_product_attention takes its default 1/sqrt(d) from
+            # the cut q), which the cut graph writes out; the graph is the exact result
+            note = f"the eager model differs after the cut in float64 ({str(err)[:160]})"
+            result = gm
+            eq = judge(result, gm64)
     except NotEquivalentError as err:
         where = _first_divergence(gm, model, err.inputs, analysis) if result is gm else None
         raise VerificationError(f"{err}; first diverging node: {where}" if where else str(err)) from err

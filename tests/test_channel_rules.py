@@ -463,6 +463,36 @@ def test_clamp_by_scalar_buffers_is_judged_on_their_values(low, removed):
     assert sub(small, "c").in_channels == 4 - removed
 
 
+def test_eager_model_agreeing_in_float32_only_gives_way_to_the_cut_graph():
+    """timm iFormer: F.scaled_dot_product_attention takes its default scale 1/√d from the cut q.
+
+    The cut graph writes the original scale out; the eager class cannot. With near-uniform attention the
+    eager model is within float32 tolerance (1.7e-7) but float64 shows the difference (4e-8 ≫ 1e-9):
+    shrink delivers the cut graph, verified exact, and says why.
+    """
+
+    class Attn(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.q, self.k = nn.Linear(8, 4, bias=False), nn.Linear(8, 4, bias=False)
+            self.v, self.o = nn.Linear(8, 4), nn.Linear(4, 2)
+
+        def forward(self, x):
+            y = F.scaled_dot_product_attention(self.q(x)[:, None], self.k(x)[:, None], self.v(x)[:, None])
+            return self.o(y[:, 0])
+
+    torch.manual_seed(0)
+    m = Attn().eval()
+    with torch.no_grad():
+        m.q.weight.mul_(1e-6)  # logits ~1e-6: the scale changes the output below float32's tolerance
+        m.q.weight[1] = 0.0
+        m.k.weight[1] = 0.0
+    small = shrink_checked(m, torch.randn(2, 5, 8))
+    rep = small.strfx_shrink
+    assert rep["channels_removed"] == 1 and rep["result"] == "exported"
+    assert rep["note"].startswith("the eager model differs after the cut in float64") and rep["max_error64"] < 1e-12
+
+
 def test_a_dimension_never_loses_every_channel():
     m = Chain().eval()
     kill_bn(m.a[1], list(range(8)))  # everything dead: one channel stays so the model keeps its shape
