@@ -622,7 +622,7 @@ def _set_header(set_name: str, all_rows: list[dict[str, Any]], meta: dict[str, A
     lines = [
         f"- Run: {meta['date']}; strfx commit {meta.get('commit', 'unknown')}; machine: {meta['machine']}"
         + (f", load average at start {', '.join(f'{x:.1f}' for x in env['loadavg'])}" if env.get("loadavg") else "")
-        + f"; torch threads per model: {meta['threads']}; seed {meta.get('seed', SEED)}; `nice -n 19`, one model at a time.",
+        + f"; torch threads per model: {meta['threads']}; seed {meta.get('seed', SEED)}; one model at a time per benchmark process.",
         f"- Versions: {', '.join(f'{k} {v}' for k, v in meta['versions'].items())}.",
         *([f"- Note: {meta['note']}."] if meta.get("note") else []),
         f"- **{len(exact)}/{n}** exact (fewer parameters, verified in float32 ≤ 1e-4 and float64), "
