@@ -336,7 +336,7 @@ def run_rewind(arch: str, knob: float, seed: int, epochs: int, sched: RewindSche
     groups = strfx.param_groups(gm, weight_decay=WD)
     ccfg = ControllerConfig(ramp_start=sched.ramp_start * total / stop, ramp_end=sched.ramp_end * total / stop,
                             **controller_overrides())
-    ctrl = ThresholdDecayController(knob, stop, ccfg, WD, MOMENTUM)  # the search is the controller's whole run
+    ctrl = ThresholdDecayController(knob, stop, ccfg, WD, MOMENTUM, mode=mode)  # the search is the controller's whole run
     meter = SparsityMeter(gm, mode, example)
     if cost_aware:
         groups = cost_scaled_groups(gm, groups, meter)

@@ -34,9 +34,12 @@ Controller (documented in the README, "Target sparsity"):
 
 Pace: the cap per step is what keeps short runs from lurching (momentum answers ~1/(1-μ) steps late),
 but on a high target the thresholds' own gradient can hold a run below it at full effort for good
-(LeNet-300-100, 700 steps, 98.2 %: stuck at 96.4 %). So while the effort is at full and the run is still
-behind, the pace doubles every ``boost_doubling`` percent of training, up to ``max_boost`` times the cap;
-it drops back to 1× as soon as the run is at or ahead of its schedule.
+(LeNet-300-100, 700 steps, 98.2 %: stuck at 96.4 %). So while the schedule holds the target and the run is
+still behind it at full effort, the pace doubles every ``boost_doubling`` percent of training (never faster
+than every 4/(1-μ) steps), up to ``max_boost`` times the cap; it drops back to 1× as soon as the run is at
+or ahead of its schedule. Behind on the ramp is left alone: there the lag is transient, and a pace raised
+then overshoots. By default only unstructured runs get it: structured mode decays γ with the thresholds, and
+a raised pace on both pruned short runs to nothing (100 steps, target 50 %: every unit).
 
 Stopping at the target: once the measured sparsity reaches the final target X, the integral is
 cleared of any positive part and the effort is capped at 0, so the decay stops pushing (it may still
@@ -202,8 +205,10 @@ def _per_module_params(model: nn.Module) -> tuple[int, dict[str, int]]:
 class ThresholdDecayController:
     """Sets the thresholds' weight decay from the sparsity error; see the module docstring."""
 
-    def __init__(self, target: float, total_steps: int, config: ControllerConfig, base_decay: float, momentum: float):
+    def __init__(self, target: float, total_steps: int, config: ControllerConfig, base_decay: float, momentum: float,
+                 mode: str | None = None):
         self.target, self.total_steps, self.cfg = float(target), max(int(total_steps), 1), config
+        self.max_boost = config.max_boost if config.max_boost is not None else 4.0 if mode == "unstructured" else 1.0
         self.base_decay, self.momentum = float(base_decay), float(momentum)
         self.interval = config.interval_steps or max(1, self.total_steps // 400)
         ramp_steps = max((config.ramp_end - config.ramp_start) * self.total_steps, 1.0)
@@ -233,7 +238,8 @@ class ThresholdDecayController:
     def update(self, step: int, measured: float, lr: float) -> float:
         """Feed the sparsity measured after ``step`` steps and the current lr; returns the new decay."""
         cfg = self.cfg
-        dt = 100.0 * (step - self.last_step) / self.total_steps  # percent of training since the last update
+        steps = step - self.last_step
+        dt = 100.0 * steps / self.total_steps  # percent of training since the last update
         self.last_step, self.last_measured = step, measured
         if step < cfg.ramp_start * self.total_steps:
             self.decay = self.base_decay
@@ -248,9 +254,13 @@ class ThresholdDecayController:
         self.effort = min(max(cfg.proportional * err + self.integral, -cfg.max_reverse), 1.0)
         if measured >= self.target:
             self.effort = min(self.effort, 0.0)
-        lagging = self.effort >= 1.0 and err > 0
-        if lagging and self.lagging:  # full effort since the last update was not enough: the thresholds' gradient holds them back
-            self.boost = min(self.boost * 2.0 ** (dt / cfg.boost_doubling), cfg.max_boost)
+        # full effort through the hold phase and still behind: the thresholds' gradient holds them back. Only
+        # there (behind on the ramp is transient), and never doubling faster than 4 momentum lags
+        holding = step >= cfg.ramp_end * self.total_steps
+        lagging = holding and self.effort >= 1.0 and err > 0
+        if lagging and self.lagging:
+            doubling = max(cfg.boost_doubling / 100.0 * self.total_steps, 4.0 / (1.0 - self.momentum))
+            self.boost = min(self.boost * 2.0 ** (steps / doubling), self.max_boost)
         elif err <= 0 or measured >= self.target:
             self.boost = 1.0
         self.lagging = lagging

@@ -542,7 +542,7 @@ class Trainer:
             if thr_group is None:
                 raise TrainError("--target-sparsity needs STR thresholds in the model, and there are none")
             self.controller = ThresholdDecayController(tc.target_sparsity, self.total_steps, tc.controller,
-                                                       thr_group["weight_decay"], tc.momentum)
+                                                       thr_group["weight_decay"], tc.momentum, mode=self.mode)
 
         # train.rewind: the state the fine-tuned model is cut from, saved after this many optimizer steps
         self.rewind_step: int | None = None

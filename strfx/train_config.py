@@ -31,12 +31,14 @@ class ControllerConfig(_Strict):
                             "LeNet-5 search at 98 % of a 99.2 % target (docs/results.md).")
     max_step_rate: float = Field(0.02, gt=0, description="Cap on that pace per optimizer step (momentum makes the "
                                  "response lag ~1/(1-μ) steps, so very short runs must not move faster).")
-    max_boost: float = Field(4.0, ge=1, description="When the effort has been at full and the run is still behind "
-                             "its schedule, the pace may grow past max_step_rate, doubling every boost_doubling percent "
-                             "of training, up to this multiple; it falls back to 1× once the run catches up. 1 disables. "
+    max_boost: float | None = Field(None, ge=1, description="When the schedule holds the target (after ramp_end) and the run "
+                             "is still behind it at full effort, the pace may grow past max_step_rate, doubling every "
+                             "boost_doubling percent of training, up to this multiple; it falls back to 1× once the run "
+                             "catches up. 1 disables; None: 4 in unstructured mode, 1 otherwise (a raised pace on γ and thresholds "
+                             "together prunes a short structured run to nothing). "
                              "The 2 %/step cap alone kept a 700-step 98.2 % search at 96.4 % (docs/results.md).")
     boost_doubling: float = Field(5.0, gt=0, description="Percent of training over which a saturated, lagging run's "
-                                  "pace doubles (see max_boost); slower than momentum's lag, so it cannot lurch.")
+                                  "pace doubles (see max_boost); never faster than every 4/(1-momentum) steps.")
     proportional: float = Field(10.0, ge=0, description="Effort per unit of relative sparsity error "
                                 "((schedule - measured) / min(target, 1 - target)): 10% of that behind the schedule = full effort.")
     integral: float = Field(0.05, ge=0, description="Integral gain per unit relative error per percent of training.")

@@ -47,29 +47,38 @@ def test_high_targets_measure_the_error_in_the_density_left() -> None:
 def test_a_run_held_back_at_full_effort_earns_a_faster_pace_and_loses_it_on_catching_up() -> None:
     """The 2 %/step cap kept a 700-step 98.2 % LeNet-300 search at 96.4 %: lagging at full effort raises the pace."""
     cfg = ControllerConfig(interval_steps=1)
-    c = ThresholdDecayController(0.98, 1000, cfg, base_decay=1e-5, momentum=0.875)
+    c = ThresholdDecayController(0.98, 1000, cfg, base_decay=1e-5, momentum=0.875, mode="unstructured")
+    assert c.max_boost == 4.0
     first = c.update(600, measured=0.9, lr=0.1)  # hold phase, far behind: full effort at the capped pace
     assert c.effort == 1.0 and first == pytest.approx(c.max_rate / (0.1 / 0.125))
-    for step in range(601, 626):  # 2.5 % of training later: one doubling (boost_doubling = 5 %) has half passed
+    for step in range(601, 626):  # 2.5 % of training later: half a doubling (boost_doubling = 5 % > 4 lags of 8 steps)
         c.update(step, measured=0.9, lr=0.1)
     assert c.boost == pytest.approx(2.0 ** 0.5) and c.decay == pytest.approx(first * 2.0 ** 0.5)
     for step in range(626, 800):  # and it stops at max_boost
         c.update(step, measured=0.9, lr=0.1)
-    assert c.boost == cfg.max_boost and c.decay == pytest.approx(first * cfg.max_boost)
+    assert c.boost == 4.0 and c.decay == pytest.approx(first * 4.0)
     state = c.state_dict()
     c.update(800, measured=0.981, lr=0.1)  # caught up: back to the capped pace, and no push past the target
     assert c.boost == 1.0 and c.decay <= 0
-    resumed = ThresholdDecayController(0.98, 1000, cfg, base_decay=1e-5, momentum=0.875)
+    resumed = ThresholdDecayController(0.98, 1000, cfg, base_decay=1e-5, momentum=0.875, mode="unstructured")
     resumed.load_state_dict(state)
-    assert resumed.boost == cfg.max_boost
+    assert resumed.boost == 4.0
     del state["boost"]  # a checkpoint from before the adaptive pace resumes at 1×
     resumed.load_state_dict(state)
     assert resumed.boost == 1.0
-    # max_boost = 1 is the fixed cap
-    fixed = ThresholdDecayController(0.98, 1000, ControllerConfig(interval_steps=1, max_boost=1), 1e-5, 0.875)
+    # max_boost = 1 is the fixed cap, and structured runs keep it unless asked (γ decays with the thresholds)
+    fixed = ThresholdDecayController(0.98, 1000, ControllerConfig(interval_steps=1, max_boost=1), 1e-5, 0.875,
+                                     mode="unstructured")
+    structured = ThresholdDecayController(0.98, 1000, cfg, 1e-5, 0.875, mode="structured")
     for step in range(600, 800):
         fixed.update(step, measured=0.9, lr=0.1)
-    assert fixed.decay == pytest.approx(first)
+        structured.update(step, measured=0.9, lr=0.1)
+    assert fixed.decay == pytest.approx(first) and structured.decay == pytest.approx(first)
+    # behind on the ramp (the schedule still rising) is transient: no boost there
+    ramp = ThresholdDecayController(0.98, 1000, cfg, 1e-5, 0.875, mode="unstructured")
+    for step in range(300, 500):
+        ramp.update(step, measured=0.1, lr=0.1)
+    assert ramp.effort == 1.0 and ramp.boost == 1.0
 
 
 @pytest.mark.parametrize("mode, target", [("unstructured", 0.7), ("structured", 0.5)])

@@ -161,7 +161,7 @@ class STRSession:
                 # usual small lr the default clamp (1) would stall the controller
                 cfg = cfg.model_copy(update={"max_decay": DECOUPLED_MAX_DECAY})
             self.controller = ThresholdDecayController(self.target, int(total_steps), cfg, thresholds["weight_decay"],
-                                                       momentum)
+                                                       momentum, mode=self.mode)
         if self.rewind != "off":
             self.rewind_step = 0 if self.rewind == "start" else math.ceil(
                 self.controller_config.ramp_start * int(total_steps))
