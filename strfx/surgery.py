@@ -241,6 +241,11 @@ def _fix_prelu(m: nn.PReLU) -> None:
     m.num_parameters = m.weight.numel()
 
 
+def _fix_rnn(m: nn.RNNBase) -> None:
+    m.input_size = m.weight_ih_l0.shape[1]
+    m._init_flat_weights()  # the fused kernels read this list, not the attributes
+
+
 ATTRIBUTE_FIXES: list[tuple[type[nn.Module], Any]] = [
     (nn.modules.conv._ConvNd, _fix_conv),
     (nn.Linear, _fix_linear),
@@ -250,6 +255,7 @@ ATTRIBUTE_FIXES: list[tuple[type[nn.Module], Any]] = [
     (nn.RMSNorm, _fix_shape),
     (nn.Embedding, _fix_embedding),
     (nn.PReLU, _fix_prelu),
+    (nn.RNNBase, _fix_rnn),
 ]
 
 

@@ -493,6 +493,36 @@ def test_eager_model_agreeing_in_float32_only_gives_way_to_the_cut_graph():
     assert rep["note"].startswith("the eager model differs after the cut in float64") and rep["max_error64"] < 1e-12
 
 
+@pytest.mark.parametrize("rnn", [nn.LSTM, nn.GRU, nn.RNN])
+@pytest.mark.parametrize("bidirectional", [False, True])
+def test_recurrent_layers_drop_the_columns_of_dead_input_features(rnn, bidirectional):
+    """timm's Sequencer2d feeds its residual stream to LSTMs: a dead feature goes with the first layer's
+    weight_ih columns (each direction); the hidden units stay, and a constant feature stays too."""
+
+    class Seq(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a, self.b = nn.Linear(4, 8, bias=False), nn.Linear(4, 8)
+            self.rnn = rnn(16, 5, num_layers=2, bidirectional=bidirectional, batch_first=True)
+            self.fc = nn.Linear(10 if bidirectional else 5, 3)
+
+        def forward(self, x):
+            y, _ = self.rnn(torch.cat([self.a(x), self.b(x)], -1))
+            return self.fc(y[:, -1])
+
+    torch.manual_seed(0)
+    m = Seq().eval()
+    with torch.no_grad():
+        m.a.weight[[1, 6]] = 0.0  # dead: no bias
+        m.b.weight[[0, 3]] = 0.0  # constant (its bias): the recurrent layer cannot absorb it
+    small = shrink_checked(m, torch.randn(2, 7, 4))
+    assert small.strfx_shrink["result"] == "eager" and small.strfx_shrink["max_error64"] < 1e-12
+    assert small.rnn.input_size == 14 and small.a.out_features == 6 and small.b.out_features == 8
+    assert small.rnn.weight_ih_l0.shape[1] == 14 and small.rnn.weight_ih_l1.shape[1] == m.rnn.weight_ih_l1.shape[1]
+    if bidirectional:
+        assert small.rnn.weight_ih_l0_reverse.shape[1] == 14
+
+
 def test_a_dimension_never_loses_every_channel():
     m = Chain().eval()
     kill_bn(m.a[1], list(range(8)))  # everything dead: one channel stays so the model keeps its shape

@@ -38,7 +38,7 @@ from strfx.passes.channel_rules.reductions import (
     _all_but_two, _fixed, _pad_dims, _pad_zp, _reduce, _roll_dims, _softmax, _spatial, _vector_norm
 )
 from strfx.passes.channel_rules.attention import _sdpa, _sdpa_shrink, mark_head_splits
-from strfx.passes.channel_rules.weights import _conv, _conv_shrink, _embedding, _linear, _matmul
+from strfx.passes.channel_rules.weights import _conv, _conv_shrink, _embedding, _linear, _matmul, _rnn
 from strfx.passes.channel_rules.norms import (
     NORMS, _group_norm_shrink, _last_dims_norm, _last_dims_norm_shrink, _mean_shrink, _norm, _prelu
 )
@@ -131,6 +131,8 @@ for _k, _names in ((1, ("max_pool1d", "avg_pool1d", "adaptive_avg_pool1d", "adap
 # rule still asks the op itself whether it maps zeros to zeros.
 for _op in (aten.hardswish,):
     RULES[_op] = R_POINTWISE
+for _op in (aten.lstm.input, aten.gru.input, aten.rnn_tanh.input, aten.rnn_relu.input):  # not the packed-sequence
+    RULES[_op] = Rule("rnn", _rnn)  # overloads (``.data``), whose arguments differ
 RULES[aten.linalg_vector_norm] = Rule("vector_norm", _vector_norm)
 RULES[aten.var] = Rule("var", _reduce("var"))
 RULES[aten.std] = Rule("std", _reduce("std"))

@@ -321,3 +321,35 @@ def _embedding(ctx: Ctx, node: fx.Node) -> Any:
     out.set(len(shape) - 1, ids, ~_nz_along(w, 1) if w is not None else None)
     ctx.writers.append(Writer(node, "embedding", ids, [(w_node.target, 1)]))
     return out
+
+
+def _rnn(ctx: Ctx, node: fx.Node) -> Any:
+    """``aten.lstm/gru/rnn_tanh/rnn_relu.input``: the input's features are read only by the columns of the
+    first layer's ``weight_ih`` (one per direction), so a zero feature goes with those columns, as a linear
+    layer's input does. The hidden units are not followed: the outputs are fresh values, and a labelled
+    initial state is blocked. A constant feature stays (two directions would need one bias fold each).
+    """
+    x = ctx.info(node.args[0])
+    hx, params = node.args[1], list(node.args[2])
+    num_layers, bidirectional = int(node.args[4]), bool(node.args[7])
+    for h in infos_of(hx, ctx):
+        ctx.block(h, f"{op_name(node)} hidden units are not pruned ({node.name})")
+    if x is None:
+        return _unknown(ctx, node)
+    fdim = x.ndim - 1
+    for d in list(x.labels):
+        if d != fdim:
+            ctx.block_ids(x.labels[d], f"{op_name(node)} over a channel-labelled time/batch dim ({node.name})")
+    xin = x.labels.get(fdim)
+    if xin is None:
+        return ctx.fresh_value(node)
+    dirs = 2 if bidirectional else 1
+    stride = len(params) // (num_layers * dirs)  # weight_ih, weight_hh[, bias_ih, bias_hh][, weight_hr]
+    first = [params[k * stride] for k in range(dirs)]
+    if not _needs_param(ctx, node, first[0], [xin]) or not all(ctx.param_name(w) is not None for w in first):
+        ctx.block_ids(xin, f"{op_name(node)} with a weight computed in the graph ({node.name})")
+        return ctx.fresh_value(node)
+    for w in first:
+        ctx.tie(w, 1, xin)
+    ctx.sink(x, fdim, None, f"{op_name(node)} {module_path(node) or node.name} has no single bias to absorb it")
+    return ctx.fresh_value(node)
