@@ -523,6 +523,52 @@ def test_recurrent_layers_drop_the_columns_of_dead_input_features(rnn, bidirecti
         assert small.rnn.weight_ih_l0_reverse.shape[1] == 14
 
 
+@pytest.mark.parametrize("kernel,removed", [(1, 2), (3, 0)])
+def test_conv_over_a_channel_labelled_length_maps_positions_when_its_kernel_is_one(kernel, removed):
+    """Token mixing by a Conv1d over the tokens, hidden channels as its length (CoaT aggregates its scales
+    so): with kernel 1 each hidden channel stays where it is, so dead ones go; a wider kernel mixes them."""
+
+    class Mix(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a = nn.Linear(6, 8, bias=False)
+            self.tok = nn.Conv1d(4, 4, kernel, padding=kernel // 2, bias=False)
+            self.head = nn.Linear(8, 3)
+
+        def forward(self, x):
+            return self.head(self.tok(self.a(x)).mean(1))
+
+    torch.manual_seed(0)
+    m = Mix().eval()
+    with torch.no_grad():
+        m.a.weight[[2, 7]] = 0.0
+    small = shrink_checked(m, torch.randn(3, 4, 6))
+    assert small.strfx_shrink["channels_removed"] == removed and sub(small, "head").in_features == 8 - removed
+
+
+def test_conv_over_a_labelled_length_turns_a_dead_position_into_its_bias():
+    """CoaT's aggregate: Conv1d(scales → 1, kernel 1) with a bias; a position dead at every scale outputs the
+    bias, a constant the next Linear absorbs."""
+
+    class Agg(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a, self.b = nn.Linear(6, 8, bias=False), nn.Linear(6, 8, bias=False)
+            self.agg, self.head = nn.Conv1d(2, 1, 1), nn.Linear(8, 3)
+
+        def forward(self, x):
+            return self.head(self.agg(torch.stack([self.a(x), self.b(x)], 1)).flatten(1))
+
+    torch.manual_seed(0)
+    m = Agg().eval()
+    with torch.no_grad():
+        m.a.weight[[1, 5]] = 0.0
+        m.b.weight[[1, 5, 6]] = 0.0  # 6 stays: alive at the other scale
+    small = shrink_checked(m, torch.randn(4, 6))
+    assert small.strfx_shrink["channels_removed"] == 2 and small.head.in_features == 6
+    assert small.strfx_shrink["max_error64"] < 1e-12
+
+
 def test_a_dimension_never_loses_every_channel():
     m = Chain().eval()
     kill_bn(m.a[1], list(range(8)))  # everything dead: one channel stays so the model keeps its shape

@@ -102,8 +102,13 @@ def _conv(ctx: Ctx, node: fx.Node) -> Any:
     transposed, g = _conv_args(node)
     n_sp = len(w_shape) - 2
     cdim = x.ndim - n_sp - 1
+    along: list[int] = []  # labelled spatial dims the conv maps position by position (CoaT's Conv1d over scales)
     for d in list(x.labels):
-        if d != cdim:
+        if d == cdim:
+            continue
+        if not transposed and d > cdim and _pointwise_along(node, w_shape, d - cdim - 1):
+            along.append(d)
+        else:
             ctx.block_ids(x.labels[d], f"convolution over a channel-labelled spatial dim ({node.name})")
     cin = x.shape[cdim]
     cout = shape[len(shape) - n_sp - 1]
@@ -112,7 +117,8 @@ def _conv(ctx: Ctx, node: fx.Node) -> Any:
     out_ids = ctx.out_ids(w_node, 0, cout) if not transposed else ctx.new(cout)
     xin = x.labels.get(cdim)
     in_zero = x.zero[cdim] if xin is not None else np.zeros(cin, dtype=bool)
-    if not _needs_param(ctx, node, w_node, [out_ids] + ([xin] if xin is not None else [])):
+    carried = [out_ids] + ([xin] if xin is not None else []) + [x.labels[d] for d in along]
+    if not _needs_param(ctx, node, w_node, carried):
         out = TInfo(shape)
         out.set(len(shape) - n_sp - 1, out_ids)
         return out
@@ -168,7 +174,39 @@ def _conv(ctx: Ctx, node: fx.Node) -> Any:
     ctx.writers.append(Writer(node, "conv", out_ids, params))
     out = TInfo(shape)
     out.set(len(shape) - n_sp - 1, out_ids, zero, const)
+    for d in along:
+        out.set(d, x.labels[d], *_positions_through(x, d, w, bias, cout))
     return out
+
+
+def _pointwise_along(node: fx.Node, w_shape: tuple[int, ...], j: int) -> bool:
+    """Whether spatial dim ``j`` of a (non-transposed) conv maps position p to position p: kernel 1, stride 1,
+    no padding there, so a labelled position can be cut from its input and output alike."""
+    def nth(v: Any) -> int:
+        if isinstance(v, (list, tuple)):
+            return int(v[j] if len(v) > j else v[0])
+        return int(v)
+
+    pad = _padding(node)
+    return w_shape[2 + j] == 1 and nth(arg(node, 3, "stride", 1)) == 1 and (isinstance(pad, str) or nth(pad) == 0)
+
+
+def _positions_through(x: TInfo, d: int, w: torch.Tensor | None, bias: torch.Tensor | None,
+                       cout: int) -> tuple[np.ndarray, np.ndarray]:
+    """Zero / constant positions of the output along a position-by-position dim ``d``.
+
+    A position whose input slice is the constant c (0 included) outputs ``c·Σw[o] + b[o]`` in every output
+    channel o: a constant only where that is one number for every o (no bias and c = 0 gives 0).
+    """
+    n = len(x.labels[d])
+    if w is None or cout == 0:
+        return np.zeros(n, dtype=bool), np.full(n, np.nan)
+    wsum = w.detach().to(torch.float64).flatten(1).sum(1).cpu().numpy()
+    c = x.const_of(d)
+    out = c[:, None] * wsum[None, :] + _values(bias, cout)[None, :]  # (positions, out channels), NaN: unknown
+    same = np.isfinite(c) & (out.max(1) == out.min(1))
+    const = np.where(same, out[:, 0], np.nan)
+    return same & (const == 0), const
 
 
 def _conv_shrink(s: Any, node: fx.Node) -> None:
