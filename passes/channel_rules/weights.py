@@ -384,7 +384,7 @@ def _rnn(ctx: Ctx, node: fx.Node) -> Any:
     dirs = 2 if bidirectional else 1
     stride = len(params) // (num_layers * dirs)  # weight_ih, weight_hh[, bias_ih, bias_hh][, weight_hr]
     first = [params[k * stride] for k in range(dirs)]
-    if not _needs_param(ctx, node, first[0], [xin]) or not all(ctx.param_name(w) is not None for w in first):
+    if not all(ctx.param_name(w) is not None for w in first):
         ctx.block_ids(xin, f"{op_name(node)} with a weight computed in the graph ({node.name})")
         return ctx.fresh_value(node)
     for w in first:
