@@ -163,7 +163,11 @@ class Ctx:
         self.folds: list[tuple[FoldSite, np.ndarray, np.ndarray, np.ndarray]] = []
         self.const_kept: list[tuple[np.ndarray, str]] = []  # constant channels a consumer cannot absorb
         self.bias_wanted: set[str] = set()  # weights whose layer could absorb constants if it had a bias
-        self.pins: list[tuple[TInfo, int, str]] = []  # parameter dims read by values strfx does not follow
+        self.pins: list[tuple[TInfo, int, str, fx.Node | None]] = []  # parameter dims read by values strfx does
+        # not follow; with a node: unless every use of that node's value is followed (see followed_everywhere)
+        self.followed: dict[fx.Node, set[fx.Node]] = {}  # a value computed from a parameter -> users following it
+        self.tie_sites: set[fx.Node] = set()  # the ops whose operand chain _tie_const followed to a parameter
+        self.early_users: dict[fx.Node, set[fx.Node]] = {}  # chain node -> its users analysed before it was tied
         self._consts: dict[fx.Node, Any] = {}
         self.preferred_axis: dict[fx.Node, int] = {}  # reshape → output dim to cut (attention heads)
 
@@ -235,7 +239,7 @@ class Ctx:
         else:
             info.set(dim, ids)
 
-    def pin(self, arg: Any, dim: int, reason: str) -> None:
+    def pin(self, arg: Any, dim: int, reason: str, unless_followed: fx.Node | None = None) -> None:
         """``dim`` of parameter ``arg`` is read by channels strfx does not follow: never cut it.
 
         A weight shared by two calls (one conv applied to the raw input and to a feature map) is
@@ -244,8 +248,19 @@ class Ctx:
         """
         info = self.info(arg)
         if info is not None and info.ndim:
-            self.pins.append((info, dim % info.ndim, reason))  # resolved after the walk: only a dim
+            self.pins.append((info, dim % info.ndim, reason, unless_followed))  # resolved after the walk: only a dim
             # another call labels is blocked (no extra group for a stem conv's input channels)
+
+    def followed_everywhere(self, node: fx.Node) -> bool:
+        """Whether every use of ``node``'s value follows its channels (``sigmoid(alpha)`` read only through
+        ``.view(4, -1, 1, 1)[k]`` by per-channel products). Users analysed after a chain tied ``node`` saw its
+        labels, and their rules follow or block them; each one analysed before must be a link of a followed
+        chain: the op that tied it, or a node followed everywhere itself."""
+        early = self.early_users.get(node)
+        if early is None:
+            return False
+        links = self.followed.get(node, set())
+        return all(u in links and (u in self.tie_sites or self.followed_everywhere(u)) for u in early)
 
     # --- facts --------------------------------------------------------------------------
     def new(self, n: int) -> np.ndarray:
@@ -507,8 +522,8 @@ def analyze_channels(gm: fx.GraphModule, keep_one: bool = True) -> ChannelAnalys
                 rule = unknown_rule
             ctx.values[node] = rule.analyze(ctx, node)
 
-    for info, dim, reason in ctx.pins:
-        if dim in info.labels:
+    for info, dim, reason, node in ctx.pins:
+        if dim in info.labels and not (node is not None and ctx.followed_everywhere(node)):
             ctx.block_ids(info.labels[dim], reason)
     roots = ctx.uf.roots()
     n_ids = len(roots)

@@ -569,6 +569,35 @@ def test_conv_over_a_labelled_length_turns_a_dead_position_into_its_bias():
     assert small.strfx_shrink["max_error64"] < 1e-12
 
 
+@pytest.mark.parametrize("also_summed", [False, True])
+def test_a_per_channel_factor_computed_element_by_element_from_a_parameter_is_cut_with_it(also_summed):
+    """timm EfficientViM: ``alpha = sigmoid(self.alpha).view(2, -1, 1, 1)``, ``y + alpha[0] * (f(y) - y)``: the
+    parameter's columns follow the channels through sigmoid, view and select, so the stream stays prunable —
+    unless the computed values are also read where channels are not followed (a sum over all of them)."""
+
+    class Junction(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a, self.c = conv_bn(3, 6), nn.Conv2d(6, 2, 1)
+            self.f = nn.Conv2d(6, 6, 3, padding=1, groups=6, bias=False)  # depthwise: a dead channel stays dead
+            self.alpha = nn.Parameter(torch.randn(2, 6))
+
+        def forward(self, x):
+            s = torch.sigmoid(self.alpha)
+            alpha = s.view(2, -1, 1, 1)
+            y = self.a(x)
+            y = y + alpha[0] * (self.f(y) - y)
+            out = self.c(y * alpha[1]).mean((2, 3))
+            return out + s.sum() if also_summed else out
+
+    m = Junction().eval()
+    kill_bn(m.a[1], [1, 4])
+    small = shrink_checked(m, torch.randn(2, 3, 5, 5))
+    removed = 0 if also_summed else 2
+    assert small.strfx_shrink["channels_removed"] == removed and small.strfx_shrink["max_error64"] < 1e-12
+    assert small.alpha.shape == (2, 6 - removed) and sub(small, "c").in_channels == 6 - removed
+
+
 def test_a_dimension_never_loses_every_channel():
     m = Chain().eval()
     kill_bn(m.a[1], list(range(8)))  # everything dead: one channel stays so the model keeps its shape
@@ -651,8 +680,9 @@ def test_var_std_over_space_keep_channels_and_over_channels_block(op):
 def test_layer_scale_reshaped_in_forward_is_cut_with_its_parameter(scale):
     """``x * gamma.reshape(1, -1, 1, 1)`` (timm's InceptionNeXt, MetaFormer): the ATen graph multiplies by a view
     of the parameter; the cut must reach the parameter itself, and the view's sizes (a hard-coded 8 is
-    rewritten in the cut graph, which is then the result). A scale computed from it (``gamma.exp()``)
-    cannot follow a cut: its channels are blocked, never mis-cut."""
+    rewritten in the cut graph, which is then the result). A scale computed from it element by element
+    (``gamma.exp()``) follows the cut too (a value also read where channels are not followed keeps them:
+    test_a_per_channel_factor_computed_element_by_element_from_a_parameter_is_cut_with_it)."""
 
     class Scaled(nn.Module):
         def __init__(self) -> None:
@@ -671,8 +701,7 @@ def test_layer_scale_reshaped_in_forward_is_cut_with_its_parameter(scale):
     kill_bn(m.a[1], [2, 7])
     small = shrink_checked(m, torch.randn(2, 3, 6, 6))
     rep = small.strfx_shrink
-    assert rep["channels_removed"] == (0 if scale == "computed" else 2)
+    assert rep["channels_removed"] == 2
     assert rep["result"] == ("exported" if scale == "view8" else "eager")
     if rep["result"] == "eager":
-        kept = 8 if scale == "computed" else 6
-        assert sub(small, "a.0").out_channels == kept and small.gamma.shape == (kept,)
+        assert sub(small, "a.0").out_channels == 6 and small.gamma.shape == (6,)

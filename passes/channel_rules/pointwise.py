@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any, Callable
 
 import numpy as np
@@ -66,12 +67,14 @@ def _pointwise(ctx: Ctx, node: fx.Node) -> Any:
     out = TInfo(shape)
     if not any(ctx.info(a) is not None and ctx.info(a).labels for _, a in operands):
         # constants combined with constants/inputs: nothing to follow (still unlabelled); a parameter
-        # used here must keep every index, whatever another use of it ties (a shared layer scale)
+        # used here must keep every index, whatever another use of it ties (a shared layer scale) — unless
+        # this is f(parameter) element by element and every use of it is followed (_tie_const's chains)
+        own = node if [a for _, a in operands] == [*node.all_input_nodes] and len(operands) == 1 else None
         for k, a in operands:
             if ctx.param_name(a) is not None:
                 for dd in range(ctx.info(a).ndim if ctx.info(a) is not None else 0):
                     if ctx.info(a).shape[dd] > 1:
-                        ctx.pin(a, dd, f"{short_name(node)} on values strfx does not follow ({node.name})")
+                        ctx.pin(a, dd, f"{short_name(node)} on values strfx does not follow ({node.name})", own)
         return out
     single_zero = {k: _zero_image(ctx, node, {k}) for k, _ in operands}
     all_zero = _zero_image(ctx, node, {k for k, _ in operands})
@@ -105,7 +108,7 @@ def _pointwise(ctx: Ctx, node: fx.Node) -> Any:
             continue
         for _, t, dd in labelled[1:]:
             ctx.uf.union_arrays(ids, t.labels[dd])
-        tied = [_tie_const(ctx, a, dd, ids) for _, a, dd in params]
+        tied = [_tie_const(ctx, a, dd, ids, node) for _, a, dd in params]
         if not all(tied):
             ctx.block_ids(ids, f"{op_name(node)} with a parameter computed in forward that strfx cannot cut ({node.name})")
             continue
@@ -137,43 +140,56 @@ _SHAPE_ONLY = {aten.view, aten._unsafe_view, aten.reshape, aten.unsqueeze, aten.
                aten._to_copy, aten.alias, aten.detach, aten.contiguous}
 
 
-def _tie_const(ctx: Ctx, a: fx.Node, dim: int, ids: np.ndarray) -> tuple[str, int] | None:
+def _tie_const(ctx: Ctx, a: fx.Node, dim: int, ids: np.ndarray, user: fx.Node) -> tuple[str, int] | None:
     """Label ``dim`` of the constant operand ``a`` with ``ids``, and the parameter it comes from.
 
     Only the parameter itself is cut, so a constant computed in ``forward`` can follow a cut only
-    when it is that parameter reshaped or broadcast (``gamma.view(1, -1, 1, 1)``, ``gamma[:, None,
-    None]``, ``cls_token.expand(B, -1, -1)``): then every node of the chain is labelled too (their
-    size arguments are rewritten). Returns (parameter name, its dim), or None when it cannot.
+    when it is that parameter reshaped, broadcast, indexed along another dim or mapped element by
+    element (``gamma.view(1, -1, 1, 1)``, ``gamma[:, None, None]``, ``cls_token.expand(B, -1, -1)``,
+    timm EfficientViM's ``sigmoid(alpha).view(4, -1, 1, 1)[0]``): then every node of the chain is
+    labelled too (their size arguments are rewritten), and each link is recorded as followed (an
+    element-wise node's pin on the parameter is lifted only if all its uses are). Returns (parameter
+    name, its dim), or None when it cannot.
     """
     chain: list[tuple[fx.Node, int]] = []
     node = a
     while isinstance(node, fx.Node) and node.op == "call_function":
         packet = getattr(node.target, "overloadpacket", None)
         src = node.args[0] if node.args else None
-        if packet not in _SHAPE_ONLY and packet is not aten.expand or not isinstance(src, fx.Node) \
-                or node.all_input_nodes != [src]:
+        elementwise = isinstance(node.target, torch._ops.OpOverload) and torch.Tag.pointwise in node.target.tags
+        if packet not in _SHAPE_ONLY and packet not in (aten.expand, aten.select) and not elementwise \
+                or not isinstance(src, fx.Node) or node.all_input_nodes != [src]:
             return None
         out_shape, in_shape = ctx.shape(node), ctx.shape(src)
         if out_shape is None or in_shape is None:
             return None
         chain.append((node, dim))
-        if packet is aten.expand:  # dims align on the right; a broadcast dim is not a channel dim
+        if packet is aten.select:  # another dim indexed away: the dims from it on move up by one
+            dim = dim + (dim >= int(node.args[1]) % len(in_shape))
+        elif elementwise and packet not in _SHAPE_ONLY:  # f(p) element by element: p's dims are the output's
+            if in_shape != out_shape:
+                return None
+        elif packet is aten.expand:  # dims align on the right; a broadcast dim is not a channel dim
             d_in = dim - (len(out_shape) - len(in_shape))
             if d_in < 0 or in_shape[d_in] != out_shape[dim]:
                 return None
             dim = d_in
-        elif in_shape != out_shape:
-            big_out = [i for i, n in enumerate(out_shape) if n != 1]
-            big_in = [i for i, n in enumerate(in_shape) if n != 1]
-            if big_out != [dim] or len(big_in) != 1 or in_shape[big_in[0]] != out_shape[dim]:
+        elif in_shape != out_shape:  # a reshape keeps a dim whole where as many elements come before it
+            before = math.prod(out_shape[:dim])
+            same = [i for i, n in enumerate(in_shape) if n == out_shape[dim] and math.prod(in_shape[:i]) == before]
+            if not same:
                 return None
-            dim = big_in[0]
+            dim = same[0]
         node = src
     if not isinstance(node, fx.Node) or node.op != "get_attr":
         return None
     ctx.tie(node, dim, ids)
     for n, d in chain:
+        ctx.early_users.setdefault(n, {u for u in n.users if u in ctx.values})
         ctx.tie(n, d, ids)
+    ctx.tie_sites.add(user)
+    for (n, _), later in zip(chain, [user] + [n for n, _ in chain]):
+        ctx.followed.setdefault(n, set()).add(later)
     return node.target, dim
 
 

@@ -51,7 +51,7 @@ def _cat(stack: bool) -> Callable[[Ctx, fx.Node], Any]:
             ids = labelled[0].labels[src]
             parts = [a for a, i in zip(seq, infos) if src not in i.labels]
             if parts:  # a parameter part (a class token) is cut with the channel
-                tied = [_tie_const(ctx, a, src, ids) for a in parts]
+                tied = [_tie_const(ctx, a, src, ids, node) for a in parts]
                 if not all(tied):
                     for i in labelled:
                         ctx.block_ids(i.labels[src], f"cat/stack with a part strfx cannot cut ({node.name})")
