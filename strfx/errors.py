@@ -7,6 +7,24 @@ shown only with ``--debug``.
 
 from __future__ import annotations
 
+import re
+
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
+
+
+def first_line(err: BaseException, limit: int = 300, innermost: bool = False) -> str:
+    """``Type: first line`` of an exception from a library, for a one-line report.
+
+    ``innermost`` follows ``raise ... from`` causes to the last one: wrappers such as the ONNX
+    exporter's ``ConversionError`` say only that a step failed, their cause says which op.
+    Terminal colour codes some libraries put in messages are dropped.
+    """
+    if innermost:
+        while err.__cause__ is not None:
+            err = err.__cause__
+    text = _ANSI.sub("", str(err)).strip()
+    return f"{type(err).__name__}: {text.splitlines()[0][:limit]}" if text else type(err).__name__
+
 
 class StrfxError(Exception):
     """A user-facing error: ``str(err)`` is the whole, one-line explanation."""
@@ -17,7 +35,7 @@ class ModelLoadError(StrfxError):
 
 
 class TraceError(StrfxError):
-    """torch.fx could not trace the model."""
+    """torch.export could not capture the model."""
 
 
 class ConfigError(StrfxError):

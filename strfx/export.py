@@ -48,7 +48,7 @@ from torch import nn
 from torch.utils._pytree import tree_leaves
 from strfx.flops import FlopCounterMode, parametrizations_precomputed
 
-from strfx.errors import ExportError, StrfxError, VerificationError
+from strfx.errors import ExportError, StrfxError, VerificationError, first_line
 from strfx.rundir import check_writable
 from strfx.verify import (TOLERANCE, InputSet, clone_inputs, compare_outputs, eval_mode, max_rel_error,
                           verification_inputs)
@@ -217,10 +217,6 @@ def measure_latency(fn: Callable[[], Any], repeats: int, warmup: int = 3) -> Lat
     return Latency(median_ms=statistics.median(times), p10_ms=q[0], p90_ms=q[-1], runs=len(times))
 
 
-def _first_line(err: BaseException) -> str:
-    text = str(err).strip()
-    return f"{type(err).__name__}: {text.splitlines()[0][:300]}" if text else type(err).__name__
-
 
 def _quiet() -> contextlib.AbstractContextManager[None]:
     """The exporters print progress and warn about every traced branch; strfx reports what matters."""
@@ -316,12 +312,12 @@ def _capture(model: nn.Module | torch.export.ExportedProgram, inputs: tuple[torc
                         ep = torch.export.export(module, inputs)
             return _Capture(program=ep, dynamic_dims=dims, input_names=names, notes=notes)
         except Exception as err:  # noqa: BLE001 - fall back to the static capture below
-            notes.append(f"static batch: torch.export could not make dim 0 dynamic ({_first_line(err)})")
+            notes.append(f"static batch: torch.export could not make dim 0 dynamic ({first_line(err)})")
     try:
         with _quiet():
             ep = torch.export.export(module, inputs)
     except Exception as err:  # noqa: BLE001
-        notes.append(f"torch.export could not capture the model ({_first_line(err)})")
+        notes.append(f"torch.export could not capture the model ({first_line(err)})")
         return _Capture(program=None, dynamic_dims={}, input_names=[f"input_{k}" for k in range(len(inputs))],
                         notes=notes)
     return _Capture(program=ep, dynamic_dims={}, input_names=[n.name for n in _user_placeholders(ep)], notes=notes)
@@ -424,11 +420,11 @@ def _verify_runs(run: Callable[[tuple[torch.Tensor, ...]], Any], module: nn.Modu
             with torch.no_grad():
                 expected = module(*[x.clone() for x in s.inputs])
         except Exception as err:  # noqa: BLE001
-            raise ExportError(f"the model itself fails on the {s.kind}: {_first_line(err)}") from err
+            raise ExportError(f"the model itself fails on the {s.kind}: {first_line(err)}") from err
         try:
             got = run(tuple(x.clone() for x in s.inputs))
         except Exception as err:  # noqa: BLE001 - a runtime that fails on an input the model takes
-            raise ExportMismatchError(f"{who} fails on the {s.kind}: {_first_line(err)}") from err
+            raise ExportMismatchError(f"{who} fails on the {s.kind}: {first_line(err)}") from err
         c = _ort_compare(got, expected) if flat else compare_outputs(got, expected)
         if not c.ok(TOLERANCE):
             what = c.reason if c.reason is not None else f"{c.leaf} differs, max relative error {c.error:.3g} > {TOLERANCE:g}"
@@ -443,7 +439,7 @@ def _check_onnx(path: Path) -> None:
     try:
         onnx.checker.check_model(str(path), full_check=False)
     except Exception as err:  # noqa: BLE001 - onnx raises ValidationError and others
-        raise ExportError(f"onnx.checker rejected the exported model: {_first_line(err)}") from err
+        raise ExportError(f"onnx.checker rejected the exported model: {first_line(err)}") from err
 
 
 def _set_metadata(path: Path, metadata: dict[str, str]) -> None:
@@ -487,7 +483,7 @@ def _write_onnx(module: nn.Module, cap: _Capture, inputs: tuple[torch.Tensor, ..
             failures.append(f"{exporter} exporter: {e}")
             continue
         except Exception as e:  # noqa: BLE001 - exporter and runtime failures are many kinds
-            failures.append(f"{exporter} exporter: {_first_line(e)}")
+            failures.append(f"{exporter} exporter: {first_line(e, innermost=True)}")
             continue
         return exporter, err, sess, [f"{f}; used the {exporter} exporter instead" for f in failures]
     mismatch = all(" differs from torch " in f or " fails on the " in f for f in failures)

@@ -35,7 +35,7 @@ from pydantic import BaseModel, Field
 from torch import nn
 from torch.nn.utils import parametrize
 
-from strfx.errors import StrfxError, VerificationError
+from strfx.errors import StrfxError, VerificationError, first_line
 from strfx.modules import STR_PARAMETRIZATIONS, STRShift, channel_carriers
 from strfx.passes.capture import as_inputs, capture, eval_mode
 from strfx.passes.channel_analysis import META_KEY, ChannelAnalysis, TInfo, analyze_channels
@@ -497,10 +497,6 @@ def _cut_eager(model: nn.Module, cuts: dict[str, dict[int, np.ndarray]],
     return None
 
 
-def _first_line(err: BaseException) -> str:
-    text = str(err).strip()
-    return f"{type(err).__name__}: {text.splitlines()[0] if text else ''}"
-
 
 def _cut_model(model: nn.Module, inputs: Sequence[Any], round_to: int = 1,
                dead: np.ndarray | None = None, uniform: bool = False) -> tuple[nn.Module, fx.GraphModule, ChannelAnalysis, str | None]:
@@ -519,7 +515,7 @@ def _cut_model(model: nn.Module, inputs: Sequence[Any], round_to: int = 1,
     except StrfxError:
         raise
     except Exception as err:  # noqa: BLE001 - a cut torch rejects is reported as a refusal, not a crash
-        raise VerificationError(f"shrinking failed while cutting the graph: {_first_line(err)}") from err
+        raise VerificationError(f"shrinking failed while cutting the graph: {first_line(err)}") from err
     for node in gm.graph.nodes:  # analysis facts are not part of the shrunk model
         node.meta.pop(META_KEY, None)
     # A plain GraphModule (the exported program's module refuses .train()/.eval()); the graph is the
@@ -598,7 +594,7 @@ def _float64_reference(model: nn.Module) -> nn.Module | str:
     try:
         return to_float64(copy.deepcopy(model))
     except Exception as err:  # noqa: BLE001
-        return f"float64 check skipped: the model cannot be copied to float64 ({_first_line(err)})"
+        return f"float64 check skipped: the model cannot be copied to float64 ({first_line(err)})"
 
 
 @torch.no_grad()
@@ -655,7 +651,7 @@ def shrink(model: nn.Module, example_inputs: Sequence[torch.Tensor] | torch.Tens
                 _factor_ranks(plain64, ranks)
             cand64 = plain64 if result is plain else gm64
         except Exception as err:  # noqa: BLE001 - e.g. a dtype baked into the model
-            notes.append(f"float64 check skipped: the model does not run in float64 ({_first_line(err)})")
+            notes.append(f"float64 check skipped: the model does not run in float64 ({first_line(err)})")
             ref64 = None
 
     def judge(candidate: nn.Module, candidate64: nn.Module | None) -> Any:
@@ -776,7 +772,7 @@ def _run_all(gm: fx.GraphModule, inputs: Sequence[Any]) -> tuple[dict[str, Any],
         Recorder(gm).run(*flat)
         return env, None
     except Exception as err:  # noqa: BLE001
-        return env, f"{current[0]} ({_first_line(err)})"
+        return env, f"{current[0]} ({first_line(err)})"
 
 
 def _cut(value: torch.Tensor, info: TInfo, analysis: ChannelAnalysis) -> torch.Tensor:

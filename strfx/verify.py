@@ -28,7 +28,7 @@ from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import keystr, tree_flatten_with_path, tree_map
 
-from strfx.errors import VerificationError
+from strfx.errors import VerificationError, first_line
 
 TOLERANCE = 1e-4  # float32: max relative error (strfx.api.TOLERANCE is the same number)
 TOLERANCE64 = 1e-9  # float64: an exact transformation agrees to ~1e-15; a wrong cut cannot hide below this
@@ -315,12 +315,8 @@ def _float64_copies(candidate: nn.Module, reference: nn.Module) -> tuple[nn.Modu
     try:
         return to_float64(copy.deepcopy(candidate)), to_float64(copy.deepcopy(reference))
     except Exception as err:  # noqa: BLE001 - a model that cannot be deep-copied or cast
-        return f"float64 check skipped: the models cannot be copied to float64 ({_first_line(err)})"
+        return f"float64 check skipped: the models cannot be copied to float64 ({first_line(err)})"
 
-
-def _first_line(err: BaseException) -> str:
-    text = str(err).strip()
-    return f"{type(err).__name__}: {text.splitlines()[0][:200]}" if text else type(err).__name__
 
 
 @dataclass
@@ -360,7 +356,7 @@ def _run_pair(candidate: nn.Module, reference: nn.Module, inputs: tuple[Any, ...
     try:
         actual = candidate(*clone_inputs(inputs))
     except Exception as err:  # noqa: BLE001
-        return _Run(failure=_first_line(err))
+        return _Run(failure=first_line(err))
     return _Run(comparison=compare_outputs(actual, expected))
 
 

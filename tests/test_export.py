@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import strfx
-from strfx.errors import OutputExistsError, VerificationError
+from strfx.errors import ExportError, OutputExistsError, VerificationError
 from strfx.loader import load_model
 from strfx.modules import channel_carriers
 from strfx.testing import kill_channels
@@ -305,3 +305,32 @@ def test_a_model_that_writes_into_its_input_exports_and_leaves_the_example_alone
     rep = strfx.export(model, tmp_path / "m.onnx", (x,), pt2_path=tmp_path / "m.pt2", reference=model, repeats=2)
     assert torch.equal(x, before)  # verification, timing and FLOP counting all ran on copies
     assert rep.onnx_max_error <= 1e-4 and rep.pt2_max_error == 0 and rep.reference_max_error == 0
+
+
+@torch.library.custom_op("strfx_test::twice", mutates_args=())
+def _twice(x: torch.Tensor) -> torch.Tensor:
+    return x * 2
+
+
+@_twice.register_fake
+def _(x: torch.Tensor) -> torch.Tensor:
+    return torch.empty_like(x)
+
+
+def test_an_op_no_exporter_knows_is_named_in_one_plain_line(tmp_path: Path) -> None:
+    """The dynamo exporter wraps the real cause (which op) in a generic, coloured ConversionError."""
+
+    class UsesCustomOp(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc = nn.Linear(4, 4)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return torch.ops.strfx_test.twice(self.fc(x))
+
+    with pytest.raises(ExportError) as err:
+        strfx.export(UsesCustomOp().eval(), tmp_path / "m.onnx", example_inputs=(torch.randn(2, 4),))
+    msg = str(err.value)
+    assert "\n" not in msg and "\x1b" not in msg, msg
+    assert "dynamo exporter:" in msg and "strfx_test.twice" in msg.split("torchscript exporter:")[0], msg
+    assert not list(tmp_path.iterdir())
