@@ -52,16 +52,38 @@ import strfx as _strfx  # noqa: E402
 _LIB_DIRS = tuple(os.path.dirname(p) + os.sep for p in (torch.__file__, __file__, _strfx.__file__))
 
 
-def _user_frame(err: BaseException) -> str:
-    """`` at file:line `code` `` of the user's code where capture failed, if torch.export says."""
-    frames = [f for f in traceback.extract_tb(err.__traceback__) if not f.filename.startswith(_LIB_DIRS)
-              and "<frozen" not in f.filename and "site-packages" not in f.filename]
+def _generated(filename: str) -> bool:
+    return filename.startswith("<")  # <string>, <frozen ...>, <eval_with_key>: no source to point at
+
+
+def _user_frame(err: BaseException, libraries: bool = False) -> str:
+    """`` at file:line `code` `` of the user's code where capture failed, if torch.export says.
+
+    With ``libraries``, a model from an installed package (HF transformers, timm) counts as the
+    user's code: only torch's and strfx's own frames are skipped.
+    """
+    def outside(f: traceback.FrameSummary) -> bool:
+        return not (f.filename.startswith(_LIB_DIRS) or _generated(f.filename)
+                    or (not libraries and "site-packages" in f.filename))
+
+    frames = [f for f in traceback.extract_tb(err.__traceback__) if outside(f)]
     if frames:
         f = frames[-1]
         return f" at {f.filename}:{f.lineno} `{(f.line or '').strip()}`"
     # torch.export's own messages quote the user's frame as 'File "x.py", line N'
-    found = [m for m in re.finditer(r'File "([^"]+)", line (\d+)', str(err)) if not m.group(1).startswith(_LIB_DIRS)]
+    found = [m for m in re.finditer(r'File "([^"]+)", line (\d+)', str(err))
+             if not m.group(1).startswith(_LIB_DIRS) and not _generated(m.group(1))]
     return f" at {found[-1].group(1)}:{found[-1].group(2)}" if found else ""
+
+
+def _eager_failure(model: nn.Module, inputs: tuple[Any, ...]) -> BaseException | None:
+    """Why the model itself fails on ``inputs`` (in eval mode, no grad), or None if it runs."""
+    try:
+        with eval_mode(model), torch.no_grad(), quiet():
+            model(*inputs)
+    except Exception as err:  # noqa: BLE001 - any failure of the user's forward
+        return err
+    return None
 
 
 def _first_line(err: BaseException) -> str:
@@ -75,7 +97,7 @@ def _first_line(err: BaseException) -> str:
 def quiet() -> Iterator[None]:
     """torch.export and the ONNX exporters log warnings, print progress and dump graphs while they work
     (and when they fail); a user gets strfx's one line instead."""
-    logging.disable(logging.WARNING)
+    logging.disable(logging.CRITICAL)
     try:
         with warnings.catch_warnings(), contextlib.redirect_stderr(io.StringIO()), \
                 contextlib.redirect_stdout(io.StringIO()):
@@ -83,6 +105,11 @@ def quiet() -> Iterator[None]:
             yield
     finally:
         logging.disable(logging.NOTSET)
+
+
+def _describe(inputs: tuple[Any, ...]) -> str:
+    return ", ".join(f"{str(x.dtype).removeprefix('torch.')}{list(x.shape)}" if isinstance(x, torch.Tensor)
+                     else type(x).__name__ for x in inputs)
 
 
 def as_inputs(example_inputs: Any) -> tuple[Any, ...]:
@@ -106,6 +133,12 @@ def export(model: nn.Module, example_inputs: Sequence[Any], config: CaptureConfi
             ep = torch.export.export(model, inputs, strict=config.strict, dynamic_shapes=shapes)
             return ep.run_decompositions({})
     except Exception as err:  # noqa: BLE001 - export raises many kinds; all become one clear line
+        eager = _eager_failure(model, inputs)
+        if eager is not None:  # not a capture problem: the model does not take these inputs
+            raise TraceError(
+                f"{type(model).__name__} fails on the example inputs{_user_frame(eager, libraries=True)}: "
+                f"{_first_line(eager)}; pass inputs the model's own forward accepts "
+                f"(given: {_describe(inputs)})") from err
         raise TraceError(
             f"torch.export cannot capture {type(model).__name__}{_user_frame(err)}: {_first_line(err)}; "
             "strfx needs a model torch.export can capture (no data-dependent Python control flow: use "

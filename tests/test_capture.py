@@ -99,6 +99,25 @@ def test_untraceable_model_is_one_line_naming_the_file():
     assert "test_capture.py" in str(info.value) and "\n" not in str(info.value)
 
 
+def test_inputs_the_model_cannot_take_are_named_not_blamed_on_capture(capfd):
+    """A model that fails eagerly on the example is not a capture problem: say so, quietly (torch logs the
+    failing meta kernel's traceback at ERROR level)."""
+    class Reads(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc = nn.Linear(4, 4)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.fc(x) * 2
+
+    with pytest.raises(TraceError) as info:
+        strfx.sparsify(Reads(), "structured", example_inputs=(torch.randn(2, 5),))
+    msg = str(info.value)
+    assert "Reads fails on the example inputs" in msg and "float32[2, 5]" in msg and "\n" not in msg, msg
+    assert "test_capture.py" in msg and "self.fc(x) * 2" in msg, msg  # the user's line, not torch's
+    assert "Traceback" not in capfd.readouterr().err
+
+
 # --- models written in ways an fx tracer could not normalise (issue: keyword args, computed dims, views)
 def conv_bn(cin: int, cout: int) -> nn.Sequential:
     return nn.Sequential(nn.Conv2d(cin, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout), nn.ReLU())
