@@ -29,6 +29,7 @@ import numpy as np
 import torch
 import torch.fx as fx
 from torch import nn
+from torch.fx.experimental.symbolic_shapes import free_unbacked_symbols
 
 from strfx.errors import StrfxError
 
@@ -180,12 +181,7 @@ class Ctx:
         return v if isinstance(v, TInfo) else None
 
     def shape(self, node: fx.Node) -> tuple[int, ...] | None:
-        val = node.meta.get("val")
-        shape = getattr(val, "shape", None)
-        try:
-            return tuple(int(s) for s in shape) if shape is not None else None
-        except (TypeError, ValueError):  # a symbolic size
-            return None
+        return static_shape(node.meta.get("val"))
 
     def fresh_value(self, node: fx.Node) -> Any:
         """Unlabelled TInfo(s) shaped like the node's recorded output (tuples kept as tuples)."""
@@ -308,6 +304,25 @@ class Ctx:
         return self.new(n)
 
 
+def static_shape(val: Any) -> tuple[int, ...] | None:
+    """``val.shape`` as ints, or None where a size is symbolic (a data-dependent ``nonzero`` / ``.tolist()``
+    size, which has no value to read: ``int()`` of it raises)."""
+    shape = getattr(val, "shape", None)
+    if shape is None or free_unbacked_symbols(shape):
+        return None
+    try:
+        return tuple(int(s) for s in shape)
+    except (TypeError, ValueError):
+        return None
+
+
+def data_dependent(node: fx.Node) -> bool:
+    """Whether ``node`` reads or makes a tensor whose size is only known at run time."""
+    vals = [node.meta.get("val")] + [a.meta.get("val") for a in node.all_input_nodes]
+    return any(isinstance(t, torch.Tensor) and free_unbacked_symbols(t.shape)
+               for v in vals for t in (v if isinstance(v, (tuple, list)) else (v,)))
+
+
 def _fetch(gm: nn.Module, target: str) -> Any:
     obj: Any = gm
     for part in target.split("."):
@@ -319,10 +334,8 @@ def _unlabelled(tm: Any) -> Any:
     if tm is None:
         return None
     if hasattr(tm, "shape") and hasattr(tm, "dtype"):
-        try:
-            return TInfo(tuple(int(s) for s in tm.shape))
-        except (TypeError, ValueError):  # symbolic sizes: not analysed
-            return None
+        shape = static_shape(tm)
+        return TInfo(shape) if shape is not None else None  # symbolic sizes: not analysed
     if isinstance(tm, (tuple, list)):
         return tuple(_unlabelled(t) for t in tm)
     if isinstance(tm, dict):
@@ -509,7 +522,7 @@ def _members(node: fx.Node, gm: fx.GraphModule) -> str:
 
 def analyze_channels(gm: fx.GraphModule, keep_one: bool = True) -> ChannelAnalysis:
     """Run the channel rules over a captured ``gm`` (shapes in ``node.meta["val"]``) and find dead channels."""
-    from strfx.passes.channel_rules import lookup, mark_head_splits, unknown_rule
+    from strfx.passes.channel_rules import data_dependent_rule, lookup, mark_head_splits, unknown_rule
 
     if not any("val" in n.meta for n in gm.graph.nodes):
         raise StrfxError("channel analysis needs the graph of strfx.passes.capture (shapes in node.meta['val'])")
@@ -517,9 +530,10 @@ def analyze_channels(gm: fx.GraphModule, keep_one: bool = True) -> ChannelAnalys
     ctx.preferred_axis = mark_head_splits(gm)
     with torch.no_grad():
         for node in gm.graph.nodes:
-            rule = lookup(node)
-            if rule is None:
-                rule = unknown_rule
+            if node.op == "call_function" and data_dependent(node):
+                rule = data_dependent_rule  # no rule can reason about a size it cannot read
+            else:
+                rule = lookup(node) or unknown_rule
             ctx.values[node] = rule.analyze(ctx, node)
 
     for info, dim, reason, node in ctx.pins:

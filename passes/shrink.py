@@ -25,7 +25,7 @@ import torch.fx as fx
 from torch import nn
 
 from strfx.errors import StrfxError
-from strfx.passes.channel_analysis import META_KEY, ChannelAnalysis, TInfo, _fetch, module_path
+from strfx.passes.channel_analysis import META_KEY, ChannelAnalysis, TInfo, _fetch, module_path, static_shape
 from strfx.passes.channel_rules import lookup
 
 
@@ -51,7 +51,7 @@ class ShrinkCtx:
 
     def shape(self, arg: Any) -> tuple[int, ...] | None:
         val = arg.meta.get("val") if isinstance(arg, fx.Node) else None
-        return tuple(int(s) for s in val.shape) if isinstance(val, torch.Tensor) else None
+        return static_shape(val) if isinstance(val, torch.Tensor) else None
 
     def out_value(self, node: fx.Node) -> Any:
         return node.meta.get(META_KEY)

@@ -705,3 +705,41 @@ def test_layer_scale_reshaped_in_forward_is_cut_with_its_parameter(scale):
     assert rep["result"] == ("exported" if scale == "view8" else "eager")
     if rep["result"] == "eager":
         assert sub(small, "a.0").out_channels == 6 and small.gamma.shape == (6,)
+
+
+class RoutedExperts(nn.Module):
+    """JetMoE-style experts after a plain MLP: tokens split by per-expert counts read with ``.tolist()``,
+    so each expert's input has a size only known at run time."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.proj, self.up, self.down = nn.Linear(8, 8), nn.Linear(8, 12), nn.Linear(12, 8)
+        self.gate = nn.Linear(8, 2, bias=False)
+        self.w1 = nn.Parameter(torch.randn(2, 16, 8))
+        self.w2 = nn.Parameter(torch.randn(2, 8, 16))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.proj(x)
+        h = h + self.down(torch.relu(self.up(h)))
+        expert = self.gate(h).argmax(-1)
+        counts = F.one_hot(expert, 2).sum(0).tolist()
+        parts = h.split(counts, dim=0)
+        y = torch.cat([F.linear(torch.relu(F.linear(p, self.w1[i])), self.w2[i]) for i, p in enumerate(parts)])
+        return h + y.sum(0)
+
+
+def test_data_dependent_sizes_block_what_they_touch_and_the_rest_is_cut():
+    """Rules read sizes; a size from ``.tolist()`` has none to read (it used to crash the split rule).
+    Such an op blocks its channels with a reason naming it; the MLP before it is still cut exactly."""
+    x = torch.randn(6, 8)
+    m = RoutedExperts().eval()
+    with torch.no_grad():
+        m.up.weight[[1, 4, 7]] = 0.0
+        m.up.bias[[1, 4, 7]] = -1.0  # relu(-1) = 0: dead hidden units
+    _, analysis = analyze(m, (x,))
+    assert any("data-dependent size" in r for g in analysis.groups for r in g.blocked_by), \
+        [g.blocked_by for g in analysis.groups]
+    hidden = [g for g in analysis.groups if g.channels == 12][0]
+    assert hidden.prunable and hidden.dead == 3
+    small = shrink_checked(m, x)
+    assert small.up.out_features == 9 and small.w1.shape == (2, 16, 8)

@@ -28,7 +28,9 @@ from typing import Any
 import torch
 import torch.fx as fx
 
-from strfx.passes.channel_rules._base import Rule, _blocking, _fresh, _no_value, _output, aten, unknown_rule
+from strfx.passes.channel_rules._base import (
+    Rule, _blocking, _fresh, _no_value, _output, aten, data_dependent_rule, unknown_rule
+)
 from strfx.passes.channel_rules.pointwise import _identity, _like, _new_tensor, _pointwise
 from strfx.passes.channel_rules.select import _cat, _getitem, _select, _slice, _split, _split_shrink, _unbind
 from strfx.passes.channel_rules.shapes import (
@@ -43,7 +45,7 @@ from strfx.passes.channel_rules.norms import (
     NORMS, _group_norm_shrink, _last_dims_norm, _last_dims_norm_shrink, _mean_shrink, _norm, _prelu
 )
 
-__all__ = ["RULES", "Rule", "lookup", "mark_head_splits", "unknown_rule"]
+__all__ = ["RULES", "Rule", "data_dependent_rule", "lookup", "mark_head_splits", "unknown_rule"]
 
 
 R_POINTWISE = Rule("pointwise", _pointwise)

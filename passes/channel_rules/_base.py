@@ -128,6 +128,16 @@ def _unknown(ctx: Ctx, node: fx.Node) -> Any:
 unknown_rule = Rule("unknown", _unknown)
 
 
+def _data_dependent(ctx: Ctx, node: fx.Node) -> Any:
+    name = op_name(node)
+    for i in infos_of((node.args, node.kwargs), ctx):
+        ctx.block(i, f"{name} with a data-dependent size ({node.name})")
+    return ctx.fresh_value(node)
+
+
+data_dependent_rule = Rule("data-dependent size", _data_dependent)
+
+
 def _fresh(ctx: Ctx, node: fx.Node) -> Any:
     return ctx.fresh_value(node)
 

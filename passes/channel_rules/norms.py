@@ -11,7 +11,7 @@ import numpy as np
 import torch
 import torch.fx as fx
 
-from strfx.passes.channel_analysis import Ctx, TInfo, Writer
+from strfx.passes.channel_analysis import Ctx, TInfo, Writer, static_shape
 from strfx.passes.channel_rules._base import _copy, _nz, _unknown, arg, aten, ndim_dim, op_name, short_name
 
 
@@ -48,7 +48,7 @@ def _norm(ctx: Ctx, node: fx.Node) -> Any:
     x = ctx.info(node.args[0])
     val = node.meta.get("val")
     multi = isinstance(val, (tuple, list))
-    shape = tuple(int(s) for s in (val[0] if multi else val).shape) if val is not None else None
+    shape = static_shape(val[0] if multi else val)
     if x is None or shape is None or shape != x.shape or x.ndim < 2:
         return _unknown(ctx, node)
     is_instance = node.target is aten.instance_norm.default

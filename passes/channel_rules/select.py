@@ -8,7 +8,7 @@ from typing import Any, Callable
 import numpy as np
 import torch.fx as fx
 
-from strfx.passes.channel_analysis import Ctx, TInfo, Writer
+from strfx.passes.channel_analysis import Ctx, TInfo, Writer, static_shape
 from strfx.passes.channel_rules._base import _nz_along, _per_index, _unknown, arg, aten, ndim_dim
 from strfx.passes.channel_rules.pointwise import _tie_const
 
@@ -81,7 +81,7 @@ def _split(ctx: Ctx, node: fx.Node) -> Any:
     outs = []
     start = 0
     for v in vals:
-        o = TInfo(tuple(int(s) for s in v.shape))
+        o = TInfo(static_shape(v))
         n = o.shape[dim]
         for d, ids in x.labels.items():
             if d == dim:
@@ -117,7 +117,7 @@ def _unbind(ctx: Ctx, node: fx.Node) -> Any:
         ctx.block_ids(x.labels[dim], f"unbind of a channel dim ({node.name})")
     outs = []
     for v in vals:
-        o = TInfo(tuple(int(s) for s in v.shape))
+        o = TInfo(static_shape(v))
         for d, ids in x.labels.items():
             if d != dim:
                 o.set(d - (d > dim), ids, x.zero[d])
