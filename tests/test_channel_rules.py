@@ -743,3 +743,27 @@ def test_data_dependent_sizes_block_what_they_touch_and_the_rest_is_cut():
     assert hidden.prunable and hidden.dead == 3
     small = shrink_checked(m, x)
     assert small.up.out_features == 9 and small.w1.shape == (2, 16, 8)
+
+
+class CatOntoEmpty(nn.Module):
+    """Appending to an empty 1-D tensor, as a key/value cache does on its first step (HF FlauBERT):
+    torch.cat skips 1-D empty tensors whatever the dim."""
+
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        self.dim = dim
+        self.a, self.b = conv_bn(3, 8), conv_bn(8, 6)
+        self.register_buffer("cache", torch.zeros(0))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = torch.cat([self.cache, self.a(x)], dim=self.dim)
+        return self.b(torch.cat([torch.tensor([]), y], dim=self.dim)).mean((2, 3))
+
+
+@pytest.mark.parametrize("dim", [1, 2])
+def test_cat_onto_an_empty_tensor_passes_channels_through(dim):
+    x = torch.randn(2, 3, 8, 8)
+    m = CatOntoEmpty(dim).eval()
+    kill_bn(m.a[1], [0, 5])
+    small = shrink_checked(m, x)
+    assert sub(small, "a.0").out_channels == 6 and sub(small, "b.0").in_channels == 6

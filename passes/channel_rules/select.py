@@ -19,6 +19,8 @@ def _cat(stack: bool) -> Callable[[Ctx, fx.Node], Any]:
         shape = ctx.shape(node)
         if not isinstance(seq, (list, tuple)) or shape is None:
             return _unknown(ctx, node)
+        if not stack and len(shape) > 1:  # torch.cat skips 1-D empty tensors (an empty cache to append to)
+            seq = [a for a in seq if not (isinstance(a, fx.Node) and ctx.shape(a) == (0,))]
         infos = [ctx.info(a) for a in seq]
         if any(i is None for i in infos):
             return _unknown(ctx, node)
