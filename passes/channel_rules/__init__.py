@@ -133,6 +133,14 @@ for _k, _names in ((1, ("max_pool1d", "avg_pool1d", "adaptive_avg_pool1d", "adap
 # rule still asks the op itself whether it maps zeros to zeros.
 for _op in (aten.hardswish,):
     RULES[_op] = R_POINTWISE
+# CompositeImplicit aliases of element-wise ops (``torch.multiply``, ``Tensor.negative``): torch.export keeps
+# them as called, untagged.
+for _name in ("multiply", "divide", "subtract", "true_divide", "floor_divide", "negative", "absolute", "arccos",
+              "arcsin", "arctan", "arctan2", "arctanh", "arccosh", "arcsinh", "clip", "fix", "greater",
+              "greater_equal", "less", "less_equal", "not_equal", "rsub", "float_power", "special_expit",
+              "special_erf", "special_erfc", "special_exp2", "special_expm1", "special_log1p", "special_round",
+              "special_sinc", "special_ndtr", "special_logit", "special_xlogy", "special_i0"):
+    RULES[getattr(aten, _name)] = R_POINTWISE
 for _op in (aten.lstm.input, aten.gru.input, aten.rnn_tanh.input, aten.rnn_relu.input):  # not the packed-sequence
     RULES[_op] = Rule("rnn", _rnn)  # overloads (``.data``), whose arguments differ
 RULES[aten.linalg_vector_norm] = Rule("vector_norm", _vector_norm)
