@@ -332,6 +332,19 @@ def _warm_up(tp: Any) -> None:
         tp.DependencyGraph().build_dependency(net, example_inputs=x, verbose=False)
 
 
+def _tp_build(tp: Any, model: Any, inputs: tuple[Any, ...]) -> None:
+    """Torch-Pruning's ``build_dependency``, leaving the model's hooks as they were: when the model's
+    forward raises inside it, it returns without removing the hooks it registered, and they would break
+    strfx's own runs on the same model afterwards."""
+    saved = [(m, dict(m._forward_hooks)) for m in model.modules()]
+    try:
+        tp.DependencyGraph().build_dependency(model, example_inputs=inputs, verbose=False)
+    finally:
+        for m, hooks in saved:
+            m._forward_hooks.clear()
+            m._forward_hooks.update(hooks)
+
+
 def _reason_kind(reason: str) -> str:
     return re.sub(r"\s*\([^()]*\)$", "", reason)
 
@@ -391,7 +404,7 @@ def run_model(set_name: str, name: str, row: dict[str, Any], onnx: bool) -> dict
     if tp is not None:
         try:
             t0 = time.perf_counter()
-            tp.DependencyGraph().build_dependency(model, example_inputs=inputs, verbose=False)
+            _tp_build(tp, model, inputs)
             row["tp_analysis_s"] = time.perf_counter() - t0
         except Exception as err:  # noqa: BLE001 - Torch-Pruning's failure is a result, not a crash
             row["tp_error"] = _first_line(err)
@@ -403,7 +416,7 @@ def run_model(set_name: str, name: str, row: dict[str, Any], onnx: bool) -> dict
             row["analysis_224_s"] = time.perf_counter() - t0
             if tp is not None and "tp_error" not in row:
                 t0 = time.perf_counter()
-                tp.DependencyGraph().build_dependency(model, example_inputs=x224, verbose=False)
+                _tp_build(tp, model, (x224,))
                 row["tp_analysis_224_s"] = time.perf_counter() - t0
         else:
             row["analysis_224_s"] = row["analysis_s"]
